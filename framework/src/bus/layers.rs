@@ -1,0 +1,304 @@
+//! The layers Keel ships: tracing, metrics, timeout, retry on conflict, validation, caching.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use futures::future::BoxFuture;
+use tracing::Instrument;
+
+use super::{Kind, Layer, Reply, Request, Service};
+use crate::error::{Error, Result};
+
+/// What a layer does around the service it wraps. Every shipped layer implements this and
+/// gets [`Layer`] for free.
+trait Around: Clone + Send + Sync + 'static {
+    fn around(
+        &self,
+        inner: Arc<dyn Service>,
+        request: Request,
+    ) -> BoxFuture<'static, Result<Reply>>;
+}
+
+struct Wrapped<L> {
+    layer: L,
+    inner: Arc<dyn Service>,
+}
+
+impl<L: Around> Service for Wrapped<L> {
+    fn call(&self, request: Request) -> BoxFuture<'static, Result<Reply>> {
+        self.layer.around(self.inner.clone(), request)
+    }
+}
+
+impl<L: Around> Layer for L {
+    fn layer(&self, inner: Arc<dyn Service>) -> Arc<dyn Service> {
+        Arc::new(Wrapped {
+            layer: self.clone(),
+            inner,
+        })
+    }
+}
+
+/// One `keel.dispatch` span per message, with its kind, type and correlation id; errors are
+/// logged at `warn` inside it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TraceLayer;
+
+impl Around for TraceLayer {
+    fn around(
+        &self,
+        inner: Arc<dyn Service>,
+        request: Request,
+    ) -> BoxFuture<'static, Result<Reply>> {
+        let span = tracing::info_span!(
+            "keel.dispatch",
+            kind = request.kind.as_str(),
+            r#type = request.type_name(),
+            correlation_id = ?request.metadata.correlation_id,
+        );
+        Box::pin(
+            async move {
+                let result = inner.call(request).await;
+                if let Err(e) = &result {
+                    tracing::warn!(error = %e, "dispatch failed");
+                }
+                result
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// Counters of one message type, as seen by a [`MetricsLayer`].
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct DispatchStats {
+    /// Dispatches.
+    pub count: u64,
+    /// Dispatches that ended in an error.
+    pub failures: u64,
+    /// Sum of dispatch latencies.
+    pub total_latency: Duration,
+}
+
+/// Counts dispatches, failures and latency per message type, both through the `metrics`
+/// facade (names in [`crate::metrics`]) and in a snapshot ([`MetricsLayer::snapshot`]).
+/// Clones share the counters: keep one to read them.
+#[derive(Clone, Debug, Default)]
+pub struct MetricsLayer {
+    stats: Arc<DashMap<&'static str, DispatchStats>>,
+}
+
+impl MetricsLayer {
+    /// A layer with empty counters.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The counters so far, by message type name.
+    pub fn snapshot(&self) -> HashMap<&'static str, DispatchStats> {
+        self.stats.iter().map(|e| (*e.key(), *e.value())).collect()
+    }
+}
+
+impl Around for MetricsLayer {
+    fn around(
+        &self,
+        inner: Arc<dyn Service>,
+        request: Request,
+    ) -> BoxFuture<'static, Result<Reply>> {
+        let stats = self.stats.clone();
+        Box::pin(async move {
+            let (kind, type_name) = (request.kind.as_str(), request.type_name());
+            let started = Instant::now();
+            let result = inner.call(request).await;
+            let elapsed = started.elapsed();
+            {
+                let mut entry = stats.entry(type_name).or_default();
+                entry.count += 1;
+                entry.failures += u64::from(result.is_err());
+                entry.total_latency += elapsed;
+            }
+            metrics::counter!(crate::metrics::DISPATCHED, "kind" => kind, "type" => type_name)
+                .increment(1);
+            if result.is_err() {
+                metrics::counter!(crate::metrics::DISPATCH_FAILURES, "kind" => kind, "type" => type_name)
+                    .increment(1);
+            }
+            metrics::histogram!(crate::metrics::DISPATCH_SECONDS, "kind" => kind, "type" => type_name)
+                .record(elapsed.as_secs_f64());
+            result
+        })
+    }
+}
+
+/// Fails a dispatch with [`Error::Timeout`] when it takes longer than the limit. The handler's
+/// future is dropped at that point.
+#[derive(Clone, Copy, Debug)]
+pub struct TimeoutLayer {
+    limit: Duration,
+}
+
+impl TimeoutLayer {
+    /// A layer with this limit per dispatch.
+    pub fn new(limit: Duration) -> Self {
+        TimeoutLayer { limit }
+    }
+}
+
+impl Around for TimeoutLayer {
+    fn around(
+        &self,
+        inner: Arc<dyn Service>,
+        request: Request,
+    ) -> BoxFuture<'static, Result<Reply>> {
+        let limit = self.limit;
+        Box::pin(async move {
+            let type_name = request.type_name();
+            match tokio::time::timeout(limit, inner.call(request)).await {
+                Ok(result) => result,
+                Err(_) => Err(Error::Timeout {
+                    operation: type_name.to_owned(),
+                    after: limit,
+                }),
+            }
+        })
+    }
+}
+
+/// Sends a command again when it fails with a version conflict, with exponential backoff.
+/// Only [`Error::Conflict`] is retried: a rejection or a timeout is final.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryLayer {
+    max_retries: u32,
+    backoff: Duration,
+}
+
+impl RetryLayer {
+    /// Up to `max_retries` more attempts, sleeping `backoff`, then twice that, and so on.
+    pub fn new(max_retries: u32, backoff: Duration) -> Self {
+        RetryLayer {
+            max_retries,
+            backoff,
+        }
+    }
+}
+
+impl Around for RetryLayer {
+    fn around(
+        &self,
+        inner: Arc<dyn Service>,
+        request: Request,
+    ) -> BoxFuture<'static, Result<Reply>> {
+        let this = *self;
+        Box::pin(async move {
+            let mut attempt = 0;
+            loop {
+                match inner.call(request.clone()).await {
+                    Err(e) if e.is_conflict() && attempt < this.max_retries => {
+                        attempt += 1;
+                        tracing::debug!(
+                            r#type = request.type_name(),
+                            attempt,
+                            "retrying after conflict"
+                        );
+                        tokio::time::sleep(this.backoff * 2u32.saturating_pow(attempt - 1)).await;
+                    }
+                    other => return other,
+                }
+            }
+        })
+    }
+}
+
+/// Refuses a message whose own `validate` fails, with [`Error::Invalid`], before any handler
+/// runs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ValidateLayer;
+
+impl Around for ValidateLayer {
+    fn around(
+        &self,
+        inner: Arc<dyn Service>,
+        request: Request,
+    ) -> BoxFuture<'static, Result<Reply>> {
+        match request.message.validate() {
+            Ok(()) => inner.call(request),
+            Err(reason) => {
+                let type_name = request.type_name();
+                Box::pin(async move { Err(Error::Invalid { type_name, reason }) })
+            }
+        }
+    }
+}
+
+type CacheKey = (std::any::TypeId, u64);
+
+/// Caches successful query results for a time to live, keyed by the query's type and value.
+/// Commands pass through untouched. At most `capacity` entries are kept; expired entries are
+/// dropped when the cache is full.
+#[derive(Clone, Debug)]
+pub struct CacheLayer {
+    ttl: Duration,
+    capacity: usize,
+    entries: Arc<Mutex<HashMap<CacheKey, (Instant, Reply)>>>,
+}
+
+impl CacheLayer {
+    /// A cache keeping results for `ttl`, at most 10,000 of them.
+    pub fn new(ttl: Duration) -> Self {
+        CacheLayer {
+            ttl,
+            capacity: 10_000,
+            entries: Arc::default(),
+        }
+    }
+
+    /// Sets how many results are kept at most.
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    /// Forgets every cached result (after a write that makes them stale, say).
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, (Instant, Reply)>> {
+        // A panic while holding this lock cannot leave the map inconsistent: use it anyway.
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Around for CacheLayer {
+    fn around(
+        &self,
+        inner: Arc<dyn Service>,
+        request: Request,
+    ) -> BoxFuture<'static, Result<Reply>> {
+        let key = match (request.kind, request.message.cache_key()) {
+            (Kind::Query, Some(hash)) => (request.message.as_any().type_id(), hash),
+            _ => return inner.call(request),
+        };
+        if let Some((at, reply)) = self.lock().get(&key) {
+            if at.elapsed() < self.ttl {
+                let reply = reply.clone();
+                return Box::pin(async move { Ok(reply) });
+            }
+        }
+        let this = self.clone();
+        Box::pin(async move {
+            let reply = inner.call(request).await?;
+            let mut entries = this.lock();
+            if entries.len() >= this.capacity {
+                entries.retain(|_, (at, _)| at.elapsed() < this.ttl);
+            }
+            if entries.len() < this.capacity {
+                entries.insert(key, (Instant::now(), reply.clone()));
+            }
+            Ok(reply)
+        })
+    }
+}

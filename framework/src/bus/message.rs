@@ -1,0 +1,131 @@
+//! Messages as the buses see them: typed [`Command`]s and [`Query`]s, erased into [`Request`]s
+//! for the layers.
+
+use std::any::Any;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use crate::event::Metadata;
+
+/// A request to change state, handled by exactly one handler.
+///
+/// `validate` is called by [`ValidateLayer`](super::ValidateLayer) before the handler runs.
+pub trait Command: Clone + Send + Sync + 'static {
+    /// What the handler returns.
+    type Output: Clone + Send + Sync + 'static;
+
+    /// Checks the command on its own (no state): `Err(reason)` refuses it.
+    fn validate(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// A request to read state, handled by exactly one handler. Queries are `Hash` so
+/// [`CacheLayer`](super::CacheLayer) can key results by them.
+pub trait Query: Clone + Hash + Send + Sync + 'static {
+    /// What the handler returns.
+    type Output: Clone + Send + Sync + 'static;
+
+    /// Checks the query on its own: `Err(reason)` refuses it.
+    fn validate(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Whether a request is a command or a query.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// A [`Command`].
+    Command,
+    /// A [`Query`].
+    Query,
+}
+
+impl Kind {
+    /// `"command"` or `"query"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Command => "command",
+            Kind::Query => "query",
+        }
+    }
+}
+
+/// A message in erased form, as layers see it.
+pub trait Message: Send + Sync + 'static {
+    /// The message type's short name (for errors, spans, metrics).
+    fn type_name(&self) -> &'static str;
+    /// The message's own validation.
+    fn validate(&self) -> Result<(), String>;
+    /// A key identifying equal queries (`None` for commands: never cached).
+    fn cache_key(&self) -> Option<u64>;
+    /// The typed message, for downcasting.
+    fn as_any(&self) -> &dyn Any;
+}
+
+pub(crate) struct CommandMessage<C>(pub C);
+pub(crate) struct QueryMessage<Q>(pub Q);
+
+impl<C: Command> Message for CommandMessage<C> {
+    fn type_name(&self) -> &'static str {
+        short_type_name::<C>()
+    }
+    fn validate(&self) -> Result<(), String> {
+        self.0.validate()
+    }
+    fn cache_key(&self) -> Option<u64> {
+        None
+    }
+    fn as_any(&self) -> &dyn Any {
+        &self.0
+    }
+}
+
+impl<Q: Query> Message for QueryMessage<Q> {
+    fn type_name(&self) -> &'static str {
+        short_type_name::<Q>()
+    }
+    fn validate(&self) -> Result<(), String> {
+        self.0.validate()
+    }
+    fn cache_key(&self) -> Option<u64> {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.0.hash(&mut hasher);
+        Some(hasher.finish())
+    }
+    fn as_any(&self) -> &dyn Any {
+        &self.0
+    }
+}
+
+/// One dispatch travelling through the layers. Cloning is cheap (the message is shared), which
+/// is what lets [`RetryLayer`](super::RetryLayer) send it again.
+#[derive(Clone)]
+pub struct Request {
+    /// Command or query.
+    pub kind: Kind,
+    /// The message.
+    pub message: Arc<dyn Message>,
+    /// Correlation, causation and user metadata given by the sender.
+    pub metadata: Metadata,
+}
+
+impl Request {
+    /// The message type's short name.
+    pub fn type_name(&self) -> &'static str {
+        self.message.type_name()
+    }
+}
+
+/// A handler's output in erased form; the bus downcasts it back to the message's `Output`.
+pub type Reply = Arc<dyn Any + Send + Sync>;
+
+/// The last path segment of a type's name, generics kept: `bank::Deposit` → `Deposit`.
+pub(crate) fn short_type_name<T: ?Sized>() -> &'static str {
+    let full = std::any::type_name::<T>();
+    let base = full.split('<').next().unwrap_or(full);
+    match base.rfind("::") {
+        Some(i) => &full[i + 2..],
+        None => full,
+    }
+}

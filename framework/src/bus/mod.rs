@@ -1,0 +1,304 @@
+//! The [`CommandBus`] and [`QueryBus`]: typed dispatch to one handler per message type, through
+//! composable [layers](Layer).
+//!
+//! A handler is registered for a message *type* (the type is the key, no strings), and
+//! `send`/`ask` return that handler's typed output. Between the caller and the handler sits a
+//! pipeline of layers, tower-style: each [`Layer`] wraps a [`Service`] and never knows what it
+//! wraps. Layers see every message in erased form ([`Request`]), so one layer serves all types.
+//!
+//! # Order
+//! Layers run in the order they are added: the first added is the outermost. With
+//! `.layer(TraceLayer).layer(TimeoutLayer::new(d))` the span covers the timeout; with the
+//! reverse order a timed-out dispatch would still end its span properly but the timeout would
+//! not include the span's bookkeeping. Put [`RetryLayer`] inside [`TimeoutLayer`] to bound the
+//! whole retried dispatch, outside it to give each attempt its own limit.
+//!
+//! ```
+//! use std::time::Duration;
+//! use keel::bus::{Command, CommandBus, MetricsLayer, TimeoutLayer, TraceLayer};
+//!
+//! #[derive(Clone, Debug)]
+//! struct Greet(String);
+//! impl Command for Greet { type Output = String; }
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> keel::Result<()> {
+//! let metrics = MetricsLayer::new();
+//! let bus = CommandBus::builder()
+//!     .layer(TraceLayer)
+//!     .layer(metrics.clone())
+//!     .layer(TimeoutLayer::new(Duration::from_secs(1)))
+//!     .command(|Greet(name), _meta| async move { Ok(format!("hello, {name}")) })?
+//!     .build();
+//! assert_eq!(bus.send(Greet("ada".into())).await?, "hello, ada");
+//! assert_eq!(metrics.snapshot()["Greet"].count, 1);
+//! # Ok(()) }
+//! ```
+
+mod layers;
+mod message;
+
+pub use layers::{
+    CacheLayer, DispatchStats, MetricsLayer, RetryLayer, TimeoutLayer, TraceLayer, ValidateLayer,
+};
+pub use message::{Command, Kind, Message, Query, Reply, Request};
+
+use message::{CommandMessage, QueryMessage};
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+
+use crate::error::{Error, Result};
+use crate::event::Metadata;
+
+/// One step of the dispatch pipeline: takes a [`Request`], eventually gives a [`Reply`].
+pub trait Service: Send + Sync + 'static {
+    /// Handles one request.
+    fn call(&self, request: Request) -> BoxFuture<'static, Result<Reply>>;
+}
+
+/// Wraps a [`Service`] in another; cross-cutting behaviour for every message type.
+pub trait Layer: Send + Sync + 'static {
+    /// The service that runs this layer's behaviour around `inner`.
+    fn layer(&self, inner: Arc<dyn Service>) -> Arc<dyn Service>;
+}
+
+/// A type-erased handler: calls the user's function with the typed message.
+struct Handler<M, F> {
+    f: F,
+    _message: std::marker::PhantomData<fn(M)>,
+}
+
+impl<M, F, Fut, O> Service for Handler<M, F>
+where
+    M: Clone + Send + Sync + 'static,
+    F: Fn(M, Metadata) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<O>> + Send + 'static,
+    O: Send + Sync + 'static,
+{
+    fn call(&self, request: Request) -> BoxFuture<'static, Result<Reply>> {
+        let type_name = request.type_name();
+        let Some(message) = request.message.as_any().downcast_ref::<M>() else {
+            // The router keys handlers by TypeId, so this is unreachable by construction;
+            // answer with an error rather than a panic all the same.
+            return Box::pin(async move { Err(Error::HandlerNotFound { type_name }) });
+        };
+        let message = message.clone();
+        // A handler can panic while building its future or while running it; both are caught.
+        let fut = match std::panic::catch_unwind(AssertUnwindSafe(|| {
+            (self.f)(message, request.metadata)
+        })) {
+            Ok(fut) => fut,
+            Err(panic) => {
+                let err = panicked(type_name, panic);
+                return Box::pin(async move { Err(err) });
+            }
+        };
+        Box::pin(async move {
+            match AssertUnwindSafe(fut).catch_unwind().await {
+                Ok(out) => out.map(|o| Arc::new(o) as Reply),
+                Err(panic) => Err(panicked(type_name, panic)),
+            }
+        })
+    }
+}
+
+fn panicked(type_name: &'static str, panic: Box<dyn Any + Send>) -> Error {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned());
+    Error::HandlerPanicked { type_name, message }
+}
+
+/// The innermost service: finds the handler by the message's type.
+struct Router {
+    handlers: HashMap<TypeId, Arc<dyn Service>>,
+}
+
+impl Service for Router {
+    fn call(&self, request: Request) -> BoxFuture<'static, Result<Reply>> {
+        match self.handlers.get(&request.message.as_any().type_id()) {
+            Some(handler) => handler.call(request),
+            None => {
+                let type_name = request.type_name();
+                Box::pin(async move { Err(Error::HandlerNotFound { type_name }) })
+            }
+        }
+    }
+}
+
+/// Handlers and layers being assembled; shared by both buses.
+struct Assembly {
+    handlers: HashMap<TypeId, Arc<dyn Service>>,
+    layers: Vec<Arc<dyn Layer>>,
+}
+
+impl Assembly {
+    fn new() -> Self {
+        Assembly {
+            handlers: HashMap::new(),
+            layers: Vec::new(),
+        }
+    }
+
+    fn register<M, F, Fut, O>(&mut self, f: F) -> Result<()>
+    where
+        M: Clone + Send + Sync + 'static,
+        F: Fn(M, Metadata) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O>> + Send + 'static,
+        O: Send + Sync + 'static,
+    {
+        let handler = Arc::new(Handler {
+            f,
+            _message: std::marker::PhantomData,
+        });
+        match self.handlers.entry(TypeId::of::<M>()) {
+            std::collections::hash_map::Entry::Occupied(_) => Err(Error::DuplicateHandler {
+                type_name: message::short_type_name::<M>(),
+            }),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(handler);
+                Ok(())
+            }
+        }
+    }
+
+    fn build(self) -> Arc<dyn Service> {
+        let router: Arc<dyn Service> = Arc::new(Router {
+            handlers: self.handlers,
+        });
+        self.layers
+            .iter()
+            .rev()
+            .fold(router, |inner, layer| layer.layer(inner))
+    }
+}
+
+async fn dispatch<O>(
+    pipeline: &Arc<dyn Service>,
+    kind: Kind,
+    message: Arc<dyn Message>,
+    metadata: Metadata,
+) -> Result<O>
+where
+    O: Clone + Send + Sync + 'static,
+{
+    let type_name = message.type_name();
+    let reply = pipeline
+        .call(Request {
+            kind,
+            message,
+            metadata,
+        })
+        .await?;
+    match reply.downcast::<O>() {
+        Ok(out) => Ok(Arc::try_unwrap(out).unwrap_or_else(|shared| (*shared).clone())),
+        // Only a layer that replaced the reply with another type gets here.
+        Err(_) => Err(Error::Encode {
+            what: format!("reply to `{type_name}`"),
+            reason: "a layer returned a reply of another type".to_owned(),
+        }),
+    }
+}
+
+macro_rules! bus {
+    ($bus:ident, $builder:ident, $trait:ident, $wrap:ident, $kind:expr, $register:ident, $send:ident, $send_with:ident, $doc:literal) => {
+        #[doc = $doc]
+        #[derive(Clone)]
+        pub struct $bus {
+            pipeline: Arc<dyn Service>,
+        }
+
+        #[doc = concat!("Assembles a [`", stringify!($bus), "`]: handlers and layers.")]
+        pub struct $builder {
+            assembly: Assembly,
+        }
+
+        impl $bus {
+            #[doc = concat!("A builder for a [`", stringify!($bus), "`].")]
+            pub fn builder() -> $builder {
+                $builder {
+                    assembly: Assembly::new(),
+                }
+            }
+
+            #[doc = "Dispatches `message` to its handler through the layers and returns the handler's output."]
+            pub async fn $send<M: $trait>(&self, message: M) -> Result<M::Output> {
+                dispatch(&self.pipeline, $kind, Arc::new($wrap(message)), Metadata::default()).await
+            }
+
+            #[doc = "Dispatches with metadata (correlation and causation ids) that the handler receives."]
+            pub async fn $send_with<M: $trait>(
+                &self,
+                message: M,
+                metadata: Metadata,
+            ) -> Result<M::Output> {
+                dispatch(&self.pipeline, $kind, Arc::new($wrap(message)), metadata).await
+            }
+        }
+
+        impl $builder {
+            #[doc = "Registers the handler of message type `M`; a second handler for the same type is [`Error::DuplicateHandler`]."]
+            pub fn $register<M, F, Fut>(mut self, handler: F) -> Result<Self>
+            where
+                M: $trait,
+                F: Fn(M, Metadata) -> Fut + Send + Sync + 'static,
+                Fut: Future<Output = Result<M::Output>> + Send + 'static,
+            {
+                self.assembly.register::<M, F, Fut, M::Output>(handler)?;
+                Ok(self)
+            }
+
+            #[doc = "Adds a layer; the first added runs outermost."]
+            pub fn layer(mut self, layer: impl Layer) -> Self {
+                self.assembly.layers.push(Arc::new(layer));
+                self
+            }
+
+            #[doc = "Adds a layer only when it is `Some`."]
+            pub fn option_layer(self, layer: Option<impl Layer>) -> Self {
+                match layer {
+                    Some(layer) => self.layer(layer),
+                    None => self,
+                }
+            }
+
+            #[doc = "The bus."]
+            pub fn build(self) -> $bus {
+                $bus {
+                    pipeline: self.assembly.build(),
+                }
+            }
+        }
+    };
+}
+
+bus!(
+    CommandBus,
+    CommandBusBuilder,
+    Command,
+    CommandMessage,
+    Kind::Command,
+    command,
+    send,
+    send_with,
+    "Dispatches commands to their handlers. Cloning is cheap."
+);
+bus!(
+    QueryBus,
+    QueryBusBuilder,
+    Query,
+    QueryMessage,
+    Kind::Query,
+    query,
+    ask,
+    ask_with,
+    "Dispatches queries to their handlers. Cloning is cheap."
+);

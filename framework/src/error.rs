@@ -1,0 +1,203 @@
+//! The one error type of `keel`, with variants that carry the context needed to act on them.
+
+use std::time::Duration;
+
+use crate::event::{ExpectedVersion, StreamId};
+
+/// A `Result` whose error defaults to [`enum@Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A boxed error from a store backend or a domain, kept as a source.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong in Keel.
+///
+/// Every variant names what was wrong: the stream and version of an event that would not
+/// decode, the command type without a handler, the expected and actual version of a conflict.
+/// Domain rejections travel as [`Error::Rejected`] and can be read back typed with
+/// [`Error::rejection`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Optimistic concurrency: the stream was not at the version the writer expected.
+    #[error("version conflict on stream `{stream}`: expected {expected}, stream is at {}", fmt_actual(*.actual))]
+    Conflict {
+        /// The stream written to.
+        stream: StreamId,
+        /// What the writer expected.
+        expected: ExpectedVersion,
+        /// The stream's version when the append was refused (`None`: no stream).
+        actual: Option<u64>,
+    },
+
+    /// The aggregate refused the command (its `handle` returned an error).
+    #[error("{aggregate} rejected the command: {source}")]
+    Rejected {
+        /// The aggregate type's name.
+        aggregate: &'static str,
+        /// The aggregate's own error, see [`Error::rejection`].
+        source: BoxError,
+    },
+
+    /// A stored event's type is not one the reading code knows.
+    #[error("unknown event type `{event_type}` at stream `{stream}` version {version}")]
+    UnknownEventType {
+        /// The stream holding the event.
+        stream: StreamId,
+        /// The event's version in its stream.
+        version: u64,
+        /// The stored type name.
+        event_type: String,
+    },
+
+    /// A stored event (or snapshot) did not decode into the current type.
+    #[error("cannot decode event `{event_type}` (schema v{schema_version}) at stream `{stream}` version {version}: {reason}")]
+    Decode {
+        /// The stream holding the event.
+        stream: StreamId,
+        /// The event's version in its stream.
+        version: u64,
+        /// The stored type name.
+        event_type: String,
+        /// The stored schema version.
+        schema_version: u32,
+        /// What the decoder said.
+        reason: String,
+    },
+
+    /// An upcaster failed to turn an old event into the current shape.
+    #[error("upcasting `{event_type}` from schema v{from_version} failed at stream `{stream}` version {version}: {reason}")]
+    Upcast {
+        /// The stream holding the event.
+        stream: StreamId,
+        /// The event's version in its stream.
+        version: u64,
+        /// The stored type name.
+        event_type: String,
+        /// The schema version the failing upcaster starts from.
+        from_version: u32,
+        /// What the upcaster said.
+        reason: String,
+    },
+
+    /// An event or command could not be encoded.
+    #[error("cannot encode {what}: {reason}")]
+    Encode {
+        /// What was being encoded (an event type, a snapshot, a command).
+        what: String,
+        /// What the encoder said.
+        reason: String,
+    },
+
+    /// No handler is registered for a command or query type.
+    #[error("no handler registered for `{type_name}`; register one with the bus builder's `command`/`query`")]
+    HandlerNotFound {
+        /// The message type's name.
+        type_name: &'static str,
+    },
+
+    /// A second handler was registered for the same message type.
+    #[error("a handler for `{type_name}` is already registered")]
+    DuplicateHandler {
+        /// The message type's name.
+        type_name: &'static str,
+    },
+
+    /// A handler panicked; the panic was caught and the bus stays usable.
+    #[error("handler for `{type_name}` panicked: {message}")]
+    HandlerPanicked {
+        /// The message type's name.
+        type_name: &'static str,
+        /// The panic payload, when it was a string.
+        message: String,
+    },
+
+    /// A message failed validation before reaching its handler.
+    #[error("`{type_name}` is invalid: {reason}")]
+    Invalid {
+        /// The message type's name.
+        type_name: &'static str,
+        /// Why it is invalid.
+        reason: String,
+    },
+
+    /// An operation did not finish in time.
+    #[error("`{operation}` timed out after {after:?}")]
+    Timeout {
+        /// What timed out (a message type, a store call).
+        operation: String,
+        /// The limit that was exceeded.
+        after: Duration,
+    },
+
+    /// An append whose outcome could not be established (the store lost contact mid-write
+    /// and could not read the outcome back). The events may or may not be stored.
+    #[error("outcome of append to `{stream}` is unknown: {reason}")]
+    UnknownOutcome {
+        /// The stream written to.
+        stream: StreamId,
+        /// Why the outcome could not be established.
+        reason: String,
+    },
+
+    /// A store backend failed (connection, server error, schema).
+    #[error("{store} store failed during {operation}: {source}")]
+    Store {
+        /// The store's name (`memory`, `scylla`, ...).
+        store: &'static str,
+        /// The operation that failed.
+        operation: String,
+        /// The backend's error.
+        source: BoxError,
+    },
+
+    /// Configuration was refused.
+    #[error("invalid configuration `{field}`: {reason}")]
+    Config {
+        /// The offending field.
+        field: String,
+        /// Why it was refused.
+        reason: String,
+    },
+}
+
+fn fmt_actual(actual: Option<u64>) -> String {
+    match actual {
+        Some(v) => format!("version {v}"),
+        None => "no stream".to_owned(),
+    }
+}
+
+impl Error {
+    /// A store failure, with the store's name and the operation.
+    pub fn store(
+        store: &'static str,
+        operation: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Error::Store {
+            store,
+            operation: operation.into(),
+            source: source.into(),
+        }
+    }
+
+    /// Whether this is an optimistic-concurrency conflict (worth retrying after a reload).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Conflict { .. })
+    }
+
+    /// The aggregate's own error, when the command was rejected with an error of type `E`.
+    ///
+    /// ```
+    /// # #[derive(Debug, thiserror::Error)] #[error("no funds")] struct NoFunds;
+    /// let err = keel::Error::Rejected { aggregate: "Account", source: Box::new(NoFunds) };
+    /// assert!(err.rejection::<NoFunds>().is_some());
+    /// ```
+    pub fn rejection<E: std::error::Error + 'static>(&self) -> Option<&E> {
+        match self {
+            Error::Rejected { source, .. } => source.downcast_ref::<E>(),
+            _ => None,
+        }
+    }
+}

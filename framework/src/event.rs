@@ -1,0 +1,282 @@
+//! Events as the domain sees them ([`DomainEvent`]) and as stores keep them
+//! ([`NewEvent`] going in, [`RecordedEvent`] coming out).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{de::DeserializeOwned, Serialize};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+
+/// A domain event: a fact, named in the past tense, that an aggregate emitted.
+///
+/// Events are usually one enum per aggregate, serialised with serde. The stored record keeps
+/// the [`event_type`](DomainEvent::event_type) beside the JSON so upcasters, projections and
+/// operators can tell events apart without decoding them.
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Clone, Debug, Serialize, Deserialize)]
+/// enum AccountEvent {
+///     Opened { owner: String },
+///     Deposited { amount: u64 },
+/// }
+///
+/// impl keel::DomainEvent for AccountEvent {
+///     fn event_type(&self) -> &'static str {
+///         match self {
+///             AccountEvent::Opened { .. } => "Opened",
+///             AccountEvent::Deposited { .. } => "Deposited",
+///         }
+///     }
+/// }
+/// ```
+pub trait DomainEvent: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
+    /// The stable name of this event's type. Keep it equal to the serde variant name: the
+    /// upcasting path rebuilds the serde representation from it.
+    fn event_type(&self) -> &'static str;
+
+    /// The schema version this code writes for this event's type (1 unless it changed shape).
+    fn schema_version(&self) -> u32 {
+        1
+    }
+}
+
+/// The identity of an event stream: `"<aggregate type>-<id>"` for aggregates.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamId(Arc<str>);
+
+impl StreamId {
+    /// A stream id from any string.
+    pub fn new(id: impl AsRef<str>) -> Self {
+        StreamId(Arc::from(id.as_ref()))
+    }
+
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", &*self.0)
+    }
+}
+
+impl From<&str> for StreamId {
+    fn from(s: &str) -> Self {
+        StreamId::new(s)
+    }
+}
+
+impl From<String> for StreamId {
+    fn from(s: String) -> Self {
+        StreamId(Arc::from(s))
+    }
+}
+
+/// What an appender believes about a stream's current version.
+///
+/// Versions count events: the first event of a stream has version 1, and a stream holding `n`
+/// events is "at version `n`".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpectedVersion {
+    /// No check: append after whatever is there.
+    Any,
+    /// The stream must not exist yet.
+    NoStream,
+    /// The stream must be exactly at this version (holding this many events).
+    Exact(u64),
+}
+
+impl ExpectedVersion {
+    /// Whether a stream currently at `actual` (`None`: no stream) satisfies this expectation.
+    pub fn accepts(self, actual: Option<u64>) -> bool {
+        match self {
+            ExpectedVersion::Any => true,
+            ExpectedVersion::NoStream => actual.is_none(),
+            ExpectedVersion::Exact(n) => actual.unwrap_or(0) == n,
+        }
+    }
+
+    /// The expectation matching a stream at `version` events (0: no stream yet).
+    pub fn from_version(version: u64) -> Self {
+        if version == 0 {
+            ExpectedVersion::NoStream
+        } else {
+            ExpectedVersion::Exact(version)
+        }
+    }
+}
+
+impl fmt::Display for ExpectedVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExpectedVersion::Any => f.write_str("any version"),
+            ExpectedVersion::NoStream => f.write_str("no stream"),
+            ExpectedVersion::Exact(n) => write!(f, "version {n}"),
+        }
+    }
+}
+
+/// Per-event metadata: who caused it, in which conversation, and free-form user data.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Metadata {
+    /// The conversation this event belongs to (a request, a saga), shared by everything it caused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<Uuid>,
+    /// The message (command or event) that directly caused this event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub causation_id: Option<Uuid>,
+    /// Free-form key/value data (user id, tenant, client ip ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub user: BTreeMap<String, String>,
+}
+
+impl Metadata {
+    /// Metadata with a correlation id.
+    pub fn correlated(correlation_id: Uuid) -> Self {
+        Metadata {
+            correlation_id: Some(correlation_id),
+            ..Metadata::default()
+        }
+    }
+
+    /// Sets the causation id.
+    pub fn caused_by(mut self, causation_id: Uuid) -> Self {
+        self.causation_id = Some(causation_id);
+        self
+    }
+
+    /// Adds a user key/value pair.
+    pub fn with(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.user.insert(key.into(), value.into());
+        self
+    }
+
+    /// Whether nothing is set.
+    pub fn is_empty(&self) -> bool {
+        self.correlation_id.is_none() && self.causation_id.is_none() && self.user.is_empty()
+    }
+}
+
+/// An event about to be appended: encoded, with a fresh id, not yet versioned.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewEvent {
+    /// Unique id of this event.
+    pub event_id: Uuid,
+    /// Stable type name.
+    pub event_type: Arc<str>,
+    /// Schema version of the payload.
+    pub schema_version: u32,
+    /// Encoded payload (JSON unless a codec says otherwise).
+    pub payload: Bytes,
+    /// Metadata.
+    pub metadata: Metadata,
+}
+
+impl NewEvent {
+    /// An event from raw parts, with a fresh id and empty metadata.
+    pub fn new(event_type: &str, schema_version: u32, payload: impl Into<Bytes>) -> Self {
+        NewEvent {
+            event_id: Uuid::new_v4(),
+            event_type: Arc::from(event_type),
+            schema_version,
+            payload: payload.into(),
+            metadata: Metadata::default(),
+        }
+    }
+
+    /// Encodes a domain event as JSON.
+    pub fn encode<E: DomainEvent>(event: &E, metadata: Metadata) -> Result<Self> {
+        let payload = serde_json::to_vec(event).map_err(|e| Error::Encode {
+            what: format!("event `{}`", event.event_type()),
+            reason: e.to_string(),
+        })?;
+        Ok(NewEvent {
+            event_id: Uuid::new_v4(),
+            event_type: Arc::from(event.event_type()),
+            schema_version: event.schema_version(),
+            payload: Bytes::from(payload),
+            metadata,
+        })
+    }
+
+    /// Sets the metadata.
+    pub fn with_metadata(mut self, metadata: Metadata) -> Self {
+        self.metadata = metadata;
+        self
+    }
+}
+
+/// An event as a store holds it: a [`NewEvent`] plus its place in its stream and in the feed.
+///
+/// Clones are cheap (shared strings and bytes).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RecordedEvent {
+    /// Unique id of this event.
+    pub event_id: Uuid,
+    /// The stream it belongs to.
+    pub stream: StreamId,
+    /// Its version in the stream (1-based).
+    pub version: u64,
+    /// Its position in the global feed (1-based), when read from the feed. Events read from a
+    /// stream carry it where the store knows it at that point (`None` otherwise).
+    pub position: Option<u64>,
+    /// When the store recorded it, in milliseconds since the Unix epoch.
+    pub recorded_at: i64,
+    /// Stable type name.
+    pub event_type: Arc<str>,
+    /// Schema version of the payload.
+    pub schema_version: u32,
+    /// Encoded payload.
+    pub payload: Bytes,
+    /// Metadata.
+    pub metadata: Arc<Metadata>,
+}
+
+impl RecordedEvent {
+    /// Records a new event at a version (and optionally a feed position), stamped now.
+    pub fn record(stream: StreamId, version: u64, position: Option<u64>, event: NewEvent) -> Self {
+        RecordedEvent {
+            event_id: event.event_id,
+            stream,
+            version,
+            position,
+            recorded_at: now_millis(),
+            event_type: event.event_type,
+            schema_version: event.schema_version,
+            payload: event.payload,
+            metadata: Arc::new(event.metadata),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The outcome of a successful append.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppendResult {
+    /// Version of the first appended event.
+    pub first_version: u64,
+    /// Version of the last appended event: the stream's version now.
+    pub last_version: u64,
+}

@@ -1,0 +1,95 @@
+//! # Keel
+//!
+//! CQRS and event sourcing for Rust, with ScyllaDB as the production store.
+//!
+//! Application code implements [`Aggregate`]s (commands in, events out, state rebuilt by
+//! applying events), loads and saves them through a [`Repository`], and dispatches commands
+//! and queries through the [`CommandBus`] and [`QueryBus`]. Everything is stored through the
+//! small traits of [`store`]; `keel-memory` implements them in memory and `keel-scylla` on
+//! ScyllaDB (or Cassandra 5).
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::Arc;
+//! use keel::{Aggregate, DomainEvent, Repository};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Default, Serialize, Deserialize)]
+//! struct Light { on: bool }
+//!
+//! #[derive(Clone, Serialize, Deserialize)]
+//! enum LightEvent { SwitchedOn, SwitchedOff }
+//!
+//! impl DomainEvent for LightEvent {
+//!     fn event_type(&self) -> &'static str {
+//!         match self { LightEvent::SwitchedOn => "SwitchedOn", LightEvent::SwitchedOff => "SwitchedOff" }
+//!     }
+//! }
+//!
+//! #[derive(Debug, thiserror::Error)]
+//! #[error("the light is already {0}")]
+//! struct Already(&'static str);
+//!
+//! impl Aggregate for Light {
+//!     const TYPE: &'static str = "light";
+//!     type Command = bool; // switch on (true) or off (false)
+//!     type Event = LightEvent;
+//!     type Error = Already;
+//!
+//!     fn handle(&self, on: bool) -> Result<Vec<LightEvent>, Already> {
+//!         match (self.on, on) {
+//!             (true, true) => Err(Already("on")),
+//!             (false, false) => Err(Already("off")),
+//!             (_, true) => Ok(vec![LightEvent::SwitchedOn]),
+//!             (_, false) => Ok(vec![LightEvent::SwitchedOff]),
+//!         }
+//!     }
+//!
+//!     fn apply(&mut self, event: &LightEvent) {
+//!         self.on = matches!(event, LightEvent::SwitchedOn);
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> keel::Result<()> {
+//! let lights = Repository::<Light>::new(Arc::new(keel_memory::MemoryStore::new()));
+//! lights.execute("hall", true).await?;
+//! let err = lights.execute("hall", true).await.unwrap_err();
+//! assert_eq!(err.to_string(), "light rejected the command: the light is already on");
+//! assert!(lights.load("hall").await?.state.on);
+//! # Ok(()) }
+//! ```
+//!
+//! # Features
+//! - `conformance`: the store [conformance suite](conformance), for store authors.
+//! - `test-util`: the [`testing::AggregateTest`] given/when/then fixture.
+#![deny(missing_docs)]
+
+pub mod aggregate;
+pub mod bus;
+pub mod error;
+pub mod event;
+pub mod metrics;
+pub mod repository;
+pub mod store;
+pub mod upcast;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+#[cfg(feature = "test-util")]
+pub mod testing;
+
+#[doc(hidden)]
+pub mod doc;
+
+pub use aggregate::Aggregate;
+pub use bus::{Command, CommandBus, Query, QueryBus};
+pub use error::{BoxError, Error, Result};
+pub use event::{
+    AppendResult, DomainEvent, ExpectedVersion, Metadata, NewEvent, RecordedEvent, StreamId,
+};
+pub use repository::{Executed, Loaded, Repository, RepositoryMetrics, SnapshotPolicy};
+pub use store::{
+    CheckpointStore, EventStore, EventStream, Lease, LeaseStore, Snapshot, SnapshotStore,
+};
+pub use upcast::Upcasters;

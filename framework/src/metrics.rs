@@ -1,0 +1,43 @@
+//! Metric names Keel records through the [`metrics`](https://docs.rs/metrics) facade.
+//!
+//! Install any recorder (Prometheus, StatsD, OpenTelemetry) and these appear; without one,
+//! recording costs next to nothing. Components also offer in-process snapshots
+//! ([`Repository::metrics`](crate::Repository::metrics),
+//! [`MetricsLayer::snapshot`](crate::bus::MetricsLayer::snapshot)).
+//!
+//! | name | kind | labels |
+//! |---|---|---|
+//! | `keel_dispatch_total` | counter | `kind` (command/query), `type` |
+//! | `keel_dispatch_failures_total` | counter | `kind`, `type` |
+//! | `keel_dispatch_seconds` | histogram | `kind`, `type` |
+//! | `keel_loads_total` | counter | `aggregate` |
+//! | `keel_events_replayed_total` | counter | `aggregate` |
+//! | `keel_load_seconds` | histogram | `aggregate` |
+//! | `keel_appends_total` | counter | `aggregate` |
+//! | `keel_events_per_append` | histogram | `aggregate` |
+//! | `keel_conflicts_total` | counter | `aggregate` |
+//! | `keel_retries_total` | counter | `aggregate` |
+//! | `keel_snapshots_total` | counter | `aggregate` |
+
+/// Commands and queries dispatched.
+pub const DISPATCHED: &str = "keel_dispatch_total";
+/// Commands and queries that ended in an error.
+pub const DISPATCH_FAILURES: &str = "keel_dispatch_failures_total";
+/// Dispatch latency.
+pub const DISPATCH_SECONDS: &str = "keel_dispatch_seconds";
+/// Aggregates loaded.
+pub const LOADS: &str = "keel_loads_total";
+/// Events applied while loading aggregates.
+pub const EVENTS_REPLAYED: &str = "keel_events_replayed_total";
+/// Aggregate load latency.
+pub const LOAD_SECONDS: &str = "keel_load_seconds";
+/// Successful appends.
+pub const APPENDS: &str = "keel_appends_total";
+/// Events per successful append.
+pub const EVENTS_PER_APPEND: &str = "keel_events_per_append";
+/// Appends refused for a version conflict.
+pub const CONFLICTS: &str = "keel_conflicts_total";
+/// Commands retried after a conflict.
+pub const RETRIES: &str = "keel_retries_total";
+/// Snapshots written.
+pub const SNAPSHOTS: &str = "keel_snapshots_total";

@@ -1,0 +1,414 @@
+//! The [`Repository`]: loads aggregates from their events (and snapshots) and stores the
+//! events their commands produce.
+
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use tracing::Instrument;
+
+use crate::aggregate::Aggregate;
+use crate::error::{Error, Result};
+use crate::event::{now_millis, AppendResult, ExpectedVersion, Metadata, NewEvent, StreamId};
+use crate::store::{EventStore, Snapshot, SnapshotStore};
+use crate::upcast::Upcasters;
+
+/// When the repository snapshots an aggregate. Off by default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SnapshotPolicy {
+    /// Never snapshot: every load replays the whole stream.
+    #[default]
+    Never,
+    /// Snapshot whenever a command takes the stream across a multiple of this many events.
+    Every(u64),
+}
+
+impl SnapshotPolicy {
+    /// Whether an append covering `first..=last` crosses a snapshot boundary.
+    fn due(self, first: u64, last: u64) -> bool {
+        match self {
+            SnapshotPolicy::Never => false,
+            SnapshotPolicy::Every(0) => false,
+            SnapshotPolicy::Every(n) => last / n > (first - 1) / n,
+        }
+    }
+}
+
+/// An aggregate's state and the stream version it reflects.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded<A> {
+    /// The state after every event up to `version`.
+    pub state: A,
+    /// The stream's version (0: no events yet).
+    pub version: u64,
+}
+
+/// What a successful [`Repository::execute`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Executed<E> {
+    /// The events the command produced (empty: nothing to do, nothing appended).
+    pub events: Vec<E>,
+    /// The stream's version after the append.
+    pub version: u64,
+}
+
+/// Counters of one repository, as a snapshot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RepositoryMetrics {
+    /// Aggregates loaded.
+    pub loads: u64,
+    /// Events applied while loading.
+    pub events_replayed: u64,
+    /// Loads that started from a snapshot.
+    pub snapshot_hits: u64,
+    /// Snapshots written.
+    pub snapshots_taken: u64,
+    /// Appends that succeeded.
+    pub appends: u64,
+    /// Appends refused for a version conflict.
+    pub conflicts: u64,
+    /// Commands retried after a conflict.
+    pub retries: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    loads: AtomicU64,
+    events_replayed: AtomicU64,
+    snapshot_hits: AtomicU64,
+    snapshots_taken: AtomicU64,
+    appends: AtomicU64,
+    conflicts: AtomicU64,
+    retries: AtomicU64,
+}
+
+/// Loads and saves aggregates of type `A` through an [`EventStore`].
+///
+/// Cloning is cheap; clones share the stores and the counters.
+///
+/// ```
+/// # use keel::doc::Counter;
+/// use keel::Repository;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> keel::Result<()> {
+/// let store = std::sync::Arc::new(keel_memory::MemoryStore::new());
+/// let counters = Repository::<Counter>::new(store);
+/// counters.execute("a", 2).await?;
+/// counters.execute("a", 3).await?;
+/// assert_eq!(counters.load("a").await?.state.value, 5);
+/// # Ok(()) }
+/// ```
+pub struct Repository<A: Aggregate> {
+    events: Arc<dyn EventStore>,
+    snapshots: Option<Arc<dyn SnapshotStore>>,
+    policy: SnapshotPolicy,
+    upcasters: Arc<Upcasters>,
+    max_retries: u32,
+    retry_backoff: Duration,
+    counters: Arc<Counters>,
+    _aggregate: PhantomData<fn() -> A>,
+}
+
+impl<A: Aggregate> Clone for Repository<A> {
+    fn clone(&self) -> Self {
+        Repository {
+            events: self.events.clone(),
+            snapshots: self.snapshots.clone(),
+            policy: self.policy,
+            upcasters: self.upcasters.clone(),
+            max_retries: self.max_retries,
+            retry_backoff: self.retry_backoff,
+            counters: self.counters.clone(),
+            _aggregate: PhantomData,
+        }
+    }
+}
+
+/// Configures a [`Repository`].
+pub struct RepositoryBuilder<A: Aggregate> {
+    repo: Repository<A>,
+}
+
+impl<A: Aggregate> RepositoryBuilder<A> {
+    /// Snapshots into `store` following `policy`.
+    pub fn snapshots(mut self, store: Arc<dyn SnapshotStore>, policy: SnapshotPolicy) -> Self {
+        self.repo.snapshots = Some(store);
+        self.repo.policy = policy;
+        self
+    }
+
+    /// Upcasts old event shapes on load.
+    pub fn upcasters(mut self, upcasters: Upcasters) -> Self {
+        self.repo.upcasters = Arc::new(upcasters);
+        self
+    }
+
+    /// How many times [`Repository::execute`] retries a command after a version conflict
+    /// (default 3), and the first backoff, doubled on each retry (default 1 ms).
+    pub fn retries(mut self, max_retries: u32, backoff: Duration) -> Self {
+        self.repo.max_retries = max_retries;
+        self.repo.retry_backoff = backoff;
+        self
+    }
+
+    /// The repository.
+    pub fn build(self) -> Repository<A> {
+        self.repo
+    }
+}
+
+impl<A: Aggregate> Repository<A> {
+    /// A repository on `events`, without snapshots, retrying conflicts 3 times.
+    pub fn new(events: Arc<dyn EventStore>) -> Self {
+        Repository {
+            events,
+            snapshots: None,
+            policy: SnapshotPolicy::Never,
+            upcasters: Arc::new(Upcasters::new()),
+            max_retries: 3,
+            retry_backoff: Duration::from_millis(1),
+            counters: Arc::default(),
+            _aggregate: PhantomData,
+        }
+    }
+
+    /// A builder for a repository on `events`.
+    pub fn builder(events: Arc<dyn EventStore>) -> RepositoryBuilder<A> {
+        RepositoryBuilder {
+            repo: Self::new(events),
+        }
+    }
+
+    /// The event store.
+    pub fn event_store(&self) -> &Arc<dyn EventStore> {
+        &self.events
+    }
+
+    /// Loads the aggregate `id`: its latest usable snapshot, then the events after it.
+    /// An aggregate with no events loads as `A::default()` at version 0.
+    pub async fn load(&self, id: &str) -> Result<Loaded<A>> {
+        let stream = A::stream_id(id);
+        let span = tracing::debug_span!("keel.load", aggregate = A::TYPE, stream = %stream);
+        self.load_stream(&stream).instrument(span).await
+    }
+
+    async fn load_stream(&self, stream: &StreamId) -> Result<Loaded<A>> {
+        let started = Instant::now();
+        let mut loaded = self.load_snapshot(stream).await;
+        if loaded.is_some() {
+            self.counters.snapshot_hits.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut loaded = loaded.take().unwrap_or_else(|| Loaded {
+            state: A::default(),
+            version: 0,
+        });
+        let mut events = self.events.read_stream(stream, loaded.version + 1);
+        let mut replayed = 0u64;
+        while let Some(recorded) = events.try_next().await? {
+            let event: A::Event = self.upcasters.decode(&recorded)?;
+            loaded.state.apply(&event);
+            loaded.version = recorded.version;
+            replayed += 1;
+        }
+        self.counters.loads.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .events_replayed
+            .fetch_add(replayed, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::LOADS, "aggregate" => A::TYPE).increment(1);
+        metrics::counter!(crate::metrics::EVENTS_REPLAYED, "aggregate" => A::TYPE)
+            .increment(replayed);
+        metrics::histogram!(crate::metrics::LOAD_SECONDS, "aggregate" => A::TYPE)
+            .record(started.elapsed().as_secs_f64());
+        Ok(loaded)
+    }
+
+    /// The latest snapshot, decoded; `None` when there is none or it is unusable (wrong
+    /// schema version, undecodable, store failure): the caller then replays from the start,
+    /// which is always correct.
+    async fn load_snapshot(&self, stream: &StreamId) -> Option<Loaded<A>> {
+        let store = self.snapshots.as_ref()?;
+        let snapshot = match store.load_snapshot(stream).await {
+            Ok(Some(s)) if s.schema_version == A::SNAPSHOT_VERSION => s,
+            Ok(_) => return None,
+            Err(e) => {
+                tracing::warn!(stream = %stream, error = %e, "snapshot load failed; replaying the stream");
+                return None;
+            }
+        };
+        match serde_json::from_slice(&snapshot.payload) {
+            Ok(state) => Some(Loaded {
+                state,
+                version: snapshot.version,
+            }),
+            Err(e) => {
+                tracing::warn!(stream = %stream, version = snapshot.version, error = %e,
+                    "snapshot does not decode; replaying the stream");
+                None
+            }
+        }
+    }
+
+    /// Appends `events` to aggregate `id`'s stream if it is at `expected`.
+    pub async fn save(
+        &self,
+        id: &str,
+        expected: ExpectedVersion,
+        events: &[A::Event],
+        metadata: &Metadata,
+    ) -> Result<AppendResult> {
+        let stream = A::stream_id(id);
+        self.append(&stream, expected, events, metadata).await
+    }
+
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: &[A::Event],
+        metadata: &Metadata,
+    ) -> Result<AppendResult> {
+        let encoded = events
+            .iter()
+            .map(|e| NewEvent::encode(e, metadata.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        let span = tracing::debug_span!("keel.append", stream = %stream, expected = %expected,
+            events = events.len(), correlation_id = ?metadata.correlation_id);
+        match self
+            .events
+            .append(stream, expected, encoded)
+            .instrument(span)
+            .await
+        {
+            Ok(r) => {
+                self.counters.appends.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(crate::metrics::APPENDS, "aggregate" => A::TYPE).increment(1);
+                metrics::histogram!(crate::metrics::EVENTS_PER_APPEND, "aggregate" => A::TYPE)
+                    .record(events.len() as f64);
+                Ok(r)
+            }
+            Err(e) => {
+                if e.is_conflict() {
+                    self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(crate::metrics::CONFLICTS, "aggregate" => A::TYPE)
+                        .increment(1);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Loads aggregate `id`, lets it handle `command`, and appends the events, retrying the
+    /// whole cycle on a version conflict up to the configured number of times.
+    ///
+    /// A refused command gives [`Error::Rejected`] holding the aggregate's error.
+    pub async fn execute(&self, id: &str, command: A::Command) -> Result<Executed<A::Event>>
+    where
+        A::Command: Clone,
+    {
+        self.execute_with(id, command, &Metadata::default()).await
+    }
+
+    /// [`execute`](Repository::execute) with metadata for the events (correlation and
+    /// causation ids, user data).
+    pub async fn execute_with(
+        &self,
+        id: &str,
+        command: A::Command,
+        metadata: &Metadata,
+    ) -> Result<Executed<A::Event>>
+    where
+        A::Command: Clone,
+    {
+        let stream = A::stream_id(id);
+        let mut attempt = 0;
+        loop {
+            match self.execute_once(&stream, command.clone(), metadata).await {
+                Err(e) if e.is_conflict() && attempt < self.max_retries => {
+                    attempt += 1;
+                    self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(crate::metrics::RETRIES, "aggregate" => A::TYPE).increment(1);
+                    tracing::debug!(stream = %stream, attempt, "conflict; reloading and retrying");
+                    tokio::time::sleep(self.retry_backoff * 2u32.saturating_pow(attempt - 1)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn execute_once(
+        &self,
+        stream: &StreamId,
+        command: A::Command,
+        metadata: &Metadata,
+    ) -> Result<Executed<A::Event>> {
+        let Loaded { mut state, version } = self.load_stream(stream).await?;
+        let events = state.handle(command).map_err(|e| Error::Rejected {
+            aggregate: A::TYPE,
+            source: Box::new(e),
+        })?;
+        if events.is_empty() {
+            return Ok(Executed { events, version });
+        }
+        let expected = ExpectedVersion::from_version(version);
+        let appended = self.append(stream, expected, &events, metadata).await?;
+        if self
+            .policy
+            .due(appended.first_version, appended.last_version)
+        {
+            for event in &events {
+                state.apply(event);
+            }
+            self.take_snapshot(stream, &state, appended.last_version)
+                .await;
+        }
+        Ok(Executed {
+            events,
+            version: appended.last_version,
+        })
+    }
+
+    /// Writes a snapshot; a failure is logged, never returned: the events are committed and a
+    /// missing snapshot only costs a longer replay.
+    async fn take_snapshot(&self, stream: &StreamId, state: &A, version: u64) {
+        let Some(store) = &self.snapshots else { return };
+        let payload = match serde_json::to_vec(state) {
+            Ok(p) => Bytes::from(p),
+            Err(e) => {
+                tracing::warn!(stream = %stream, error = %e, "snapshot does not encode; skipped");
+                return;
+            }
+        };
+        let snapshot = Snapshot {
+            stream: stream.clone(),
+            version,
+            schema_version: A::SNAPSHOT_VERSION,
+            payload,
+            taken_at: now_millis(),
+        };
+        match store.save_snapshot(snapshot).await {
+            Ok(()) => {
+                self.counters
+                    .snapshots_taken
+                    .fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(crate::metrics::SNAPSHOTS, "aggregate" => A::TYPE).increment(1);
+            }
+            Err(e) => tracing::warn!(stream = %stream, error = %e, "snapshot save failed"),
+        }
+    }
+
+    /// The counters so far.
+    pub fn metrics(&self) -> RepositoryMetrics {
+        let c = &self.counters;
+        RepositoryMetrics {
+            loads: c.loads.load(Ordering::Relaxed),
+            events_replayed: c.events_replayed.load(Ordering::Relaxed),
+            snapshot_hits: c.snapshot_hits.load(Ordering::Relaxed),
+            snapshots_taken: c.snapshots_taken.load(Ordering::Relaxed),
+            appends: c.appends.load(Ordering::Relaxed),
+            conflicts: c.conflicts.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! The store traits: what a backend implements to hold Keel's data.
+//!
+//! Each trait is small and object safe, so applications hold `Arc<dyn EventStore>` and pick
+//! the backend at start-up. `keel-memory` implements all of them on DashMap; `keel-scylla` on
+//! ScyllaDB (or Cassandra 5). Every implementation runs the same
+//! [conformance suite](crate::conformance) (feature `conformance`).
+//!
+//! | trait | holds | used by |
+//! |---|---|---|
+//! | [`EventStore`] | streams of events and the global feed | [`Repository`](crate::Repository), projections |
+//! | [`SnapshotStore`] | the latest state of an aggregate at a version | [`Repository`](crate::Repository) |
+//! | [`CheckpointStore`] | how far a feed consumer got | projections |
+//! | [`LeaseStore`] | who may run a singleton worker right now | projections, sagas |
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+use crate::error::Result;
+use crate::event::{AppendResult, ExpectedVersion, NewEvent, RecordedEvent, StreamId};
+
+/// A stream of recorded events, read lazily page by page; never a whole history in memory.
+pub type EventStream<'a> = BoxStream<'a, Result<RecordedEvent>>;
+
+/// Streams of events, each with a dense version sequence, plus a global feed of every event.
+///
+/// # Contract
+/// - [`append`](EventStore::append) is atomic: all events of one call are stored, or none.
+///   Versions continue the stream's sequence with no gap; a stream's first event is version 1.
+/// - The expected-version check is exact: of concurrent appenders expecting the same version,
+///   exactly one wins and the others get [`Error::Conflict`](crate::Error::Conflict).
+/// - The feed ([`read_all`](EventStore::read_all)) assigns every committed event exactly one
+///   dense position (1, 2, 3 ...) and keeps each stream's events in version order. A store may
+///   publish events to the feed shortly after the append returns (the ScyllaDB store does); it
+///   never publishes an event that was not committed, and never publishes one twice.
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Appends `events` to `stream` if the stream is at `expected`. An empty `events` checks
+    /// the expectation and appends nothing.
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult>;
+
+    /// The events of `stream` from version `from_version` (inclusive) on, in version order.
+    /// An unknown stream reads as empty.
+    fn read_stream<'a>(&'a self, stream: &'a StreamId, from_version: u64) -> EventStream<'a>;
+
+    /// The feed from `from_position` (inclusive) up to its current head; each event carries its
+    /// `position`. A consumer saves `last position + 1` as its checkpoint and resumes there.
+    fn read_all(&self, from_position: u64) -> EventStream<'_>;
+
+    /// The stream's current version (`None`: no such stream).
+    async fn stream_version(&self, stream: &StreamId) -> Result<Option<u64>>;
+
+    /// The position of the last event published to the feed (0: empty feed).
+    async fn feed_head(&self) -> Result<u64>;
+}
+
+/// An aggregate's encoded state at a version.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Snapshot {
+    /// The aggregate's stream.
+    pub stream: StreamId,
+    /// The stream version the state includes.
+    pub version: u64,
+    /// The state's schema version; a snapshot of another version is ignored on load.
+    pub schema_version: u32,
+    /// The encoded state.
+    pub payload: Bytes,
+    /// When it was taken, in milliseconds since the Unix epoch.
+    pub taken_at: i64,
+}
+
+/// Snapshots of aggregate state, so loading a long stream replays only its tail.
+#[async_trait]
+pub trait SnapshotStore: Send + Sync + 'static {
+    /// Stores a snapshot. Keeping a snapshot older than one already stored is allowed; loads
+    /// always see the highest version.
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()>;
+
+    /// The snapshot with the highest version for `stream`, if any.
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>>;
+}
+
+/// Feed positions saved by named consumers (projections).
+#[async_trait]
+pub trait CheckpointStore: Send + Sync + 'static {
+    /// The position `name` resumes from (`None`: never saved).
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<u64>>;
+
+    /// Saves the position `name` resumes from.
+    async fn save_checkpoint(&self, name: &str, position: u64) -> Result<()>;
+}
+
+/// A time-limited exclusive right to run the worker called `name`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// What the lease guards.
+    pub name: String,
+    /// Who holds it.
+    pub holder: String,
+    /// Incremented on every change of holder: a fencing token for the work done under it.
+    pub epoch: u64,
+    /// How long it lasts without renewal.
+    pub ttl: Duration,
+}
+
+/// Leases: at most one holder per name, expiring when not renewed.
+#[async_trait]
+pub trait LeaseStore: Send + Sync + 'static {
+    /// Takes the lease if it is free or expired (or already held by `holder`, which renews it).
+    /// `None`: somebody else holds it.
+    async fn acquire(&self, name: &str, holder: &str, ttl: Duration) -> Result<Option<Lease>>;
+
+    /// Extends a held lease by its ttl. `false`: it was lost (expired and taken, or released).
+    async fn renew(&self, lease: &Lease) -> Result<bool>;
+
+    /// Gives the lease up; only its holder can. `false`: it was not held by `lease.holder`.
+    async fn release(&self, lease: &Lease) -> Result<bool>;
+}

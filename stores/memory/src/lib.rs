@@ -1,0 +1,275 @@
+//! # keel-memory
+//!
+//! The embedded store of Keel: every store trait of `keel`, in memory, on DashMap. It is the
+//! default for examples, tests and single-process tools; nothing survives the process.
+//!
+//! Appends to one stream are serialised by that stream's map entry, so of concurrent appenders
+//! expecting the same version exactly one wins. The feed is appended under a short global lock
+//! taken while the stream entry is held, which gives every event one dense position and keeps
+//! each stream's events in version order in the feed. Events are published to the feed in the
+//! same step as the append: the feed never lags.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use keel::{EventStore, ExpectedVersion, NewEvent, StreamId};
+//! use futures::TryStreamExt;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> keel::Result<()> {
+//! let store = Arc::new(keel_memory::MemoryStore::new());
+//! let stream = StreamId::new("greeting-1");
+//! store.append(&stream, ExpectedVersion::NoStream, vec![NewEvent::new("Said", 1, &b"\"hi\""[..])]).await?;
+//! let events: Vec<_> = store.read_stream(&stream, 1).try_collect().await?;
+//! assert_eq!(events[0].version, 1);
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use futures::stream;
+use keel::{
+    AppendResult, CheckpointStore, Error, EventStore, EventStream, ExpectedVersion, Lease,
+    LeaseStore, NewEvent, RecordedEvent, Result, Snapshot, SnapshotStore, StreamId,
+};
+
+/// Events handed out per lock acquisition when reading.
+const PAGE: usize = 512;
+
+/// Every Keel store trait, in memory. Cloning shares the data.
+#[derive(Clone, Default)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    streams: DashMap<StreamId, Vec<RecordedEvent>>,
+    feed: RwLock<Vec<RecordedEvent>>,
+    snapshots: DashMap<StreamId, Snapshot>,
+    checkpoints: DashMap<String, u64>,
+    leases: Mutex<std::collections::HashMap<String, HeldLease>>,
+}
+
+struct HeldLease {
+    holder: String,
+    epoch: u64,
+    expires: Instant,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of events in the feed.
+    pub fn len(&self) -> usize {
+        read_lock(&self.inner.feed).len()
+    }
+
+    /// Whether the store holds no events.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn leases(&self) -> MutexGuard<'_, std::collections::HashMap<String, HeldLease>> {
+        self.inner.leases.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn read_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    // No code path panics while holding these locks with the data half-changed; a poisoned
+    // lock's data is therefore still consistent.
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Reads a growing vector page by page, taking the lock once per page.
+fn paged<'a, F>(from_index: usize, page: F) -> EventStream<'a>
+where
+    F: Fn(usize) -> Vec<RecordedEvent> + Send + Sync + 'a,
+{
+    let pages = stream::unfold(from_index, move |at| {
+        let events = page(at);
+        let next = at + events.len();
+        async move { (!events.is_empty()).then(|| (stream::iter(events.into_iter().map(Ok)), next)) }
+    });
+    Box::pin(futures::StreamExt::flatten(pages))
+}
+
+#[async_trait]
+impl EventStore for MemoryStore {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult> {
+        let mut entry = self.inner.streams.entry(stream.clone()).or_default();
+        let current = entry.len() as u64;
+        let actual = (current > 0).then_some(current);
+        if !expected.accepts(actual) {
+            let conflict = Error::Conflict {
+                stream: stream.clone(),
+                expected,
+                actual,
+            };
+            drop(entry);
+            // Don't leave an empty entry behind for a stream that was never written.
+            self.inner.streams.remove_if(stream, |_, v| v.is_empty());
+            return Err(conflict);
+        }
+        if events.is_empty() {
+            drop(entry);
+            self.inner.streams.remove_if(stream, |_, v| v.is_empty());
+            return Ok(AppendResult {
+                first_version: current + 1,
+                last_version: current,
+            });
+        }
+        let mut feed = write_lock(&self.inner.feed);
+        let first_position = feed.len() as u64 + 1;
+        let count = events.len() as u64;
+        for (i, event) in events.into_iter().enumerate() {
+            let recorded = RecordedEvent::record(
+                stream.clone(),
+                current + 1 + i as u64,
+                Some(first_position + i as u64),
+                event,
+            );
+            feed.push(recorded.clone());
+            entry.push(recorded);
+        }
+        Ok(AppendResult {
+            first_version: current + 1,
+            last_version: current + count,
+        })
+    }
+
+    fn read_stream<'a>(&'a self, stream: &'a StreamId, from_version: u64) -> EventStream<'a> {
+        let start = from_version.saturating_sub(1) as usize;
+        paged(start, move |at| match self.inner.streams.get(stream) {
+            Some(events) => events.iter().skip(at).take(PAGE).cloned().collect(),
+            None => Vec::new(),
+        })
+    }
+
+    fn read_all(&self, from_position: u64) -> EventStream<'_> {
+        let start = from_position.saturating_sub(1) as usize;
+        paged(start, move |at| {
+            let feed = read_lock(&self.inner.feed);
+            feed.iter().skip(at).take(PAGE).cloned().collect()
+        })
+    }
+
+    async fn stream_version(&self, stream: &StreamId) -> Result<Option<u64>> {
+        Ok(self
+            .inner
+            .streams
+            .get(stream)
+            .map(|events| events.len() as u64)
+            .filter(|&v| v > 0))
+    }
+
+    async fn feed_head(&self) -> Result<u64> {
+        Ok(self.len() as u64)
+    }
+}
+
+#[async_trait]
+impl SnapshotStore for MemoryStore {
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
+        let mut slot = self
+            .inner
+            .snapshots
+            .entry(snapshot.stream.clone())
+            .or_insert_with(|| snapshot.clone());
+        if snapshot.version >= slot.version {
+            *slot = snapshot;
+        }
+        Ok(())
+    }
+
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>> {
+        Ok(self.inner.snapshots.get(stream).map(|s| s.clone()))
+    }
+}
+
+#[async_trait]
+impl CheckpointStore for MemoryStore {
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<u64>> {
+        Ok(self.inner.checkpoints.get(name).map(|p| *p))
+    }
+
+    async fn save_checkpoint(&self, name: &str, position: u64) -> Result<()> {
+        self.inner.checkpoints.insert(name.to_owned(), position);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl LeaseStore for MemoryStore {
+    async fn acquire(&self, name: &str, holder: &str, ttl: Duration) -> Result<Option<Lease>> {
+        let mut leases = self.leases();
+        let now = Instant::now();
+        let epoch = match leases.get(name) {
+            Some(held) if held.holder == holder && held.expires > now => held.epoch,
+            Some(held) if held.expires > now => return Ok(None),
+            Some(held) => held.epoch + 1,
+            None => 1,
+        };
+        leases.insert(
+            name.to_owned(),
+            HeldLease {
+                holder: holder.to_owned(),
+                epoch,
+                expires: now + ttl,
+            },
+        );
+        Ok(Some(Lease {
+            name: name.to_owned(),
+            holder: holder.to_owned(),
+            epoch,
+            ttl,
+        }))
+    }
+
+    async fn renew(&self, lease: &Lease) -> Result<bool> {
+        let mut leases = self.leases();
+        let now = Instant::now();
+        match leases.get_mut(&lease.name) {
+            Some(held)
+                if held.holder == lease.holder
+                    && held.epoch == lease.epoch
+                    && held.expires > now =>
+            {
+                held.expires = now + lease.ttl;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<bool> {
+        let mut leases = self.leases();
+        match leases.get_mut(&lease.name) {
+            Some(held)
+                if held.holder == lease.holder
+                    && held.epoch == lease.epoch
+                    && held.expires > Instant::now() =>
+            {
+                // Keep the epoch so the next holder's is higher; mark the lease free.
+                held.holder.clear();
+                held.expires = Instant::now();
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+}
