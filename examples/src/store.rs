@@ -34,7 +34,22 @@ pub async fn from_args() -> Result<Stores, String> {
                 name: "memory",
             })
         }
-        "scylla" => Err("the ScyllaDB store is not built yet".into()),
+        "scylla" => {
+            let nodes =
+                std::env::var("KEEL_SCYLLA_NODES").unwrap_or_else(|_| "127.0.0.1:9042".into());
+            let store = keel_scylla::KeelScylla::builder()
+                .known_nodes(nodes.split(','))
+                .keyspace("keel_examples")
+                .build()
+                .await
+                .map_err(|e| format!("cannot open the ScyllaDB store at {nodes}: {e}"))?;
+            let store = Arc::new(store);
+            Ok(Stores {
+                events: store.clone(),
+                snapshots: store,
+                name: "scylla",
+            })
+        }
         other => Err(format!(
             "unknown store `{other}`: use `--store memory` or `--store scylla`"
         )),

@@ -34,7 +34,20 @@ use crate::store::{CheckpointStore, EventStore, LeaseStore, Snapshot, SnapshotSt
 /// How long feed cases wait for appended events to reach the feed.
 pub const FEED_WAIT: Duration = Duration::from_secs(20);
 
-/// Runs one case on a fresh multi-threaded runtime; used by [`conformance_tests!`](crate::conformance_tests).
+/// The runtime every case of a test binary runs on. One runtime for all cases lets a factory
+/// share one connection (a driver session is tied to the runtime that opened it).
+pub fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .enable_all()
+            .build()
+            .expect("a tokio runtime for the conformance suite")
+    })
+}
+
+/// Runs one case on the suite's [`runtime`]; used by [`conformance_tests!`](crate::conformance_tests).
 pub fn run<S, F, Fut, C, CFut>(factory: F, case: C)
 where
     F: FnOnce() -> Fut,
@@ -42,12 +55,7 @@ where
     C: FnOnce(Arc<S>) -> CFut,
     CFut: Future<Output = ()>,
 {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime for the conformance case");
-    runtime.block_on(async move {
+    runtime().block_on(async move {
         let store = factory().await;
         case(store).await;
     });

@@ -1,1 +1,444 @@
-//! placeholder
+//! # keel-scylla
+//!
+//! Keel's production store: every store trait of `keel` on ScyllaDB, through the `scylla`
+//! driver. It speaks only CQL that ScyllaDB and Apache Cassandra 5 both accept, and is tested
+//! against Cassandra 5.0 (see `docs/scylla.md` for the design and the differences).
+//!
+//! - **Events**: one partition per stream and bucket of `bucket_size` versions. An append is
+//!   one conditional batch (one Paxos round) guarded by a static `head` column, so the
+//!   expected-version check is exact. A timed-out append is resolved by reading back at SERIAL
+//!   consistency.
+//! - **Feed**: a leased feeder gives committed events dense positions and writes them to the
+//!   `feed` table; markers written before each append let it find events whose writer died
+//!   before telling anyone.
+//! - **Snapshots, checkpoints, leases**: one table each; leases are LWT + TTL with an epoch.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), keel_scylla::Error> {
+//! use keel_scylla::{KeelScylla, Replication};
+//!
+//! let store = KeelScylla::builder()
+//!     .known_node("127.0.0.1:9042")
+//!     .keyspace("shop")
+//!     .replication(Replication::Simple(1))
+//!     .build()
+//!     .await?;
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+mod error;
+mod events;
+mod feed;
+mod kv;
+mod schema;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::statement::prepared::PreparedStatement;
+use scylla::statement::{Consistency, SerialConsistency};
+
+pub use error::Error;
+pub use schema::{validate_identifier, Replication, SCHEMA_VERSION};
+
+/// Versions per event partition unless configured otherwise.
+pub const DEFAULT_BUCKET_SIZE: i64 = 10_000;
+/// Positions per feed partition unless configured otherwise.
+pub const DEFAULT_FEED_BUCKET_SIZE: i64 = 100_000;
+
+/// Counters of one store, as a snapshot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScyllaMetrics {
+    /// Appends committed.
+    pub appends: u64,
+    /// Appends refused for a version conflict.
+    pub conflicts: u64,
+    /// Appends whose outcome had to be read back (timeouts).
+    pub unknown_outcomes: u64,
+    /// Events this store's feeder published to the feed.
+    pub fed_events: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    appends: AtomicU64,
+    conflicts: AtomicU64,
+    unknown_outcomes: AtomicU64,
+    fed_events: AtomicU64,
+}
+
+/// Configures and opens a [`KeelScylla`].
+#[derive(Clone, Debug)]
+pub struct KeelScyllaBuilder {
+    nodes: Vec<String>,
+    session: Option<Arc<Session>>,
+    keyspace: String,
+    replication: Replication,
+    bucket_size: i64,
+    feed_bucket_size: i64,
+    append_timeout: Option<Duration>,
+    serial: SerialConsistency,
+    feeder: bool,
+    feeder_id: String,
+    feeder_lease_ttl: Duration,
+    feeder_interval: Duration,
+    settle_after: Duration,
+}
+
+impl Default for KeelScyllaBuilder {
+    fn default() -> Self {
+        KeelScyllaBuilder {
+            nodes: Vec::new(),
+            session: None,
+            keyspace: "keel".to_owned(),
+            replication: Replication::Simple(1),
+            bucket_size: DEFAULT_BUCKET_SIZE,
+            feed_bucket_size: DEFAULT_FEED_BUCKET_SIZE,
+            append_timeout: None,
+            serial: SerialConsistency::LocalSerial,
+            feeder: true,
+            feeder_id: uuid::Uuid::new_v4().to_string(),
+            feeder_lease_ttl: Duration::from_secs(10),
+            feeder_interval: Duration::from_millis(100),
+            settle_after: Duration::from_secs(15),
+        }
+    }
+}
+
+impl KeelScyllaBuilder {
+    /// A node to connect to, `host:port`.
+    pub fn known_node(mut self, node: impl Into<String>) -> Self {
+        self.nodes.push(node.into());
+        self
+    }
+
+    /// Several nodes to connect to.
+    pub fn known_nodes(mut self, nodes: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.nodes.extend(nodes.into_iter().map(Into::into));
+        self
+    }
+
+    /// An already open session (one per process is the driver's advice); nodes are then ignored.
+    pub fn session(mut self, session: Arc<Session>) -> Self {
+        self.session = Some(session);
+        self
+    }
+
+    /// The keyspace (default `keel`); one per tenant. Validated as a plain CQL identifier.
+    pub fn keyspace(mut self, keyspace: impl Into<String>) -> Self {
+        self.keyspace = keyspace.into();
+        self
+    }
+
+    /// Replication used when the keyspace is created (default `SimpleStrategy`, factor 1).
+    pub fn replication(mut self, replication: Replication) -> Self {
+        self.replication = replication;
+        self
+    }
+
+    /// Versions per event partition (default 10,000). Fixed when the keyspace is created.
+    /// An append never spans partitions: it lands in the bucket of its first version, which may
+    /// overflow by up to one append; appends larger than the bucket size are refused.
+    pub fn bucket_size(mut self, size: i64) -> Self {
+        self.bucket_size = size;
+        self
+    }
+
+    /// Positions per feed partition (default 100,000). Fixed when the keyspace is created.
+    pub fn feed_bucket_size(mut self, size: i64) -> Self {
+        self.feed_bucket_size = size;
+        self
+    }
+
+    /// Client-side timeout of the append's LWT (default: the driver's). On expiry the outcome
+    /// is read back at SERIAL consistency.
+    pub fn append_timeout(mut self, timeout: Duration) -> Self {
+        self.append_timeout = Some(timeout);
+        self
+    }
+
+    /// `Serial` for multi-data-centre linearisability; `LocalSerial` (default) otherwise.
+    pub fn serial_consistency(mut self, serial: SerialConsistency) -> Self {
+        self.serial = serial;
+        self
+    }
+
+    /// Whether this store runs a feeder (default yes). Exactly one feeder per keyspace works
+    /// at a time (a lease decides); turning it off suits short-lived tools.
+    pub fn feeder(mut self, enabled: bool) -> Self {
+        self.feeder = enabled;
+        self
+    }
+
+    /// The feeder lease's time to live (default 10 s): how long a dead feeder blocks the feed.
+    pub fn feeder_lease_ttl(mut self, ttl: Duration) -> Self {
+        self.feeder_lease_ttl = ttl;
+        self
+    }
+
+    /// How often the feeder scans for appends of other processes (default 100 ms).
+    pub fn feeder_interval(mut self, interval: Duration) -> Self {
+        self.feeder_interval = interval;
+        self
+    }
+
+    /// How long after an append's marker the feeder checks its stream once more (default 15 s;
+    /// keep it above the append timeout).
+    pub fn settle_after(mut self, after: Duration) -> Self {
+        self.settle_after = after;
+        self
+    }
+
+    /// Validates the settings, connects, creates the schema if missing, prepares every
+    /// statement, and starts the feeder.
+    pub async fn build(self) -> Result<KeelScylla, Error> {
+        validate_identifier("keyspace", &self.keyspace)?;
+        for (field, size) in [
+            ("bucket_size", self.bucket_size),
+            ("feed_bucket_size", self.feed_bucket_size),
+        ] {
+            if size < 1 {
+                return Err(Error::InvalidSetting {
+                    field,
+                    reason: format!("{size} is not a positive size"),
+                });
+            }
+        }
+        if self.feeder_lease_ttl < Duration::from_secs(1) {
+            return Err(Error::InvalidSetting {
+                field: "feeder_lease_ttl",
+                reason: "CQL TTLs are whole seconds: use at least 1 s".into(),
+            });
+        }
+        let session = match self.session.clone() {
+            Some(s) => s,
+            None => {
+                if self.nodes.is_empty() {
+                    return Err(Error::NoNodes);
+                }
+                let session = SessionBuilder::new()
+                    .known_nodes(&self.nodes)
+                    .connection_timeout(Duration::from_secs(5))
+                    .build()
+                    .await
+                    .map_err(|source| Error::Connect {
+                        nodes: self.nodes.clone(),
+                        source: Box::new(source),
+                    })?;
+                Arc::new(session)
+            }
+        };
+        schema::ensure(
+            &session,
+            &self.keyspace,
+            &self.replication,
+            self.bucket_size,
+            self.feed_bucket_size,
+        )
+        .await?;
+        let statements = Statements::prepare(&session, &self.keyspace, &self).await?;
+        let shared = Arc::new(Shared {
+            session,
+            keyspace: self.keyspace.clone(),
+            bucket_size: self.bucket_size,
+            feed_bucket_size: self.feed_bucket_size,
+            st: statements,
+            counters: Counters::default(),
+            wake: feed::Wake::default(),
+        });
+        let feeder = if self.feeder {
+            Some(feed::Feeder::start(
+                shared.clone(),
+                feed::FeederConfig {
+                    id: self.feeder_id.clone(),
+                    lease_ttl: self.feeder_lease_ttl,
+                    interval: self.feeder_interval,
+                    settle_after: self.settle_after,
+                },
+            ))
+        } else {
+            None
+        };
+        Ok(KeelScylla {
+            shared,
+            feeder: Arc::new(feeder),
+        })
+    }
+}
+
+/// Every Keel store trait on ScyllaDB / Cassandra. Cloning is cheap and shares the session
+/// and the feeder; the feeder stops when the last clone is dropped (call
+/// [`shutdown`](KeelScylla::shutdown) to also hand its lease over at once).
+#[derive(Clone)]
+pub struct KeelScylla {
+    shared: Arc<Shared>,
+    feeder: Arc<Option<feed::Feeder>>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) session: Arc<Session>,
+    pub(crate) keyspace: String,
+    pub(crate) bucket_size: i64,
+    pub(crate) feed_bucket_size: i64,
+    pub(crate) st: Statements,
+    pub(crate) counters: Counters,
+    pub(crate) wake: feed::Wake,
+}
+
+impl KeelScylla {
+    /// A builder; at least a node (or a session) is needed.
+    pub fn builder() -> KeelScyllaBuilder {
+        KeelScyllaBuilder::default()
+    }
+
+    /// The driver session, for a projection's own tables.
+    pub fn session(&self) -> &Arc<Session> {
+        &self.shared.session
+    }
+
+    /// The keyspace this store lives in.
+    pub fn keyspace(&self) -> &str {
+        &self.shared.keyspace
+    }
+
+    /// The counters so far.
+    pub fn metrics(&self) -> ScyllaMetrics {
+        let c = &self.shared.counters;
+        ScyllaMetrics {
+            appends: c.appends.load(Ordering::Relaxed),
+            conflicts: c.conflicts.load(Ordering::Relaxed),
+            unknown_outcomes: c.unknown_outcomes.load(Ordering::Relaxed),
+            fed_events: c.fed_events.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether this store's feeder currently holds the feeder lease.
+    pub fn is_feeding(&self) -> bool {
+        self.feeder.as_ref().as_ref().is_some_and(|f| f.is_leader())
+    }
+
+    /// Stops the feeder and releases its lease so another process takes over at once.
+    pub async fn shutdown(&self) {
+        if let Some(feeder) = self.feeder.as_ref() {
+            feeder.shutdown().await;
+        }
+    }
+}
+
+/// Every statement the store runs, prepared once at build.
+pub(crate) struct Statements {
+    pub(crate) head_cond: PreparedStatement,
+    pub(crate) head_new: PreparedStatement,
+    pub(crate) insert_event: PreparedStatement,
+    pub(crate) read_head: PreparedStatement,
+    pub(crate) read_head_serial: PreparedStatement,
+    pub(crate) read_events: PreparedStatement,
+    pub(crate) read_commit: PreparedStatement,
+    pub(crate) insert_marker: PreparedStatement,
+    pub(crate) scan_markers: PreparedStatement,
+    pub(crate) meta_init: PreparedStatement,
+    pub(crate) meta_read: PreparedStatement,
+    pub(crate) meta_allocate: PreparedStatement,
+    pub(crate) insert_feed: PreparedStatement,
+    pub(crate) read_feed: PreparedStatement,
+    pub(crate) insert_progress: PreparedStatement,
+    pub(crate) read_progress: PreparedStatement,
+    pub(crate) save_snapshot: PreparedStatement,
+    pub(crate) load_snapshot: PreparedStatement,
+    pub(crate) save_checkpoint: PreparedStatement,
+    pub(crate) load_checkpoint: PreparedStatement,
+    pub(crate) lease_init: PreparedStatement,
+    pub(crate) lease_read: PreparedStatement,
+    pub(crate) lease_take: PreparedStatement,
+    pub(crate) lease_bump: PreparedStatement,
+    pub(crate) lease_renew: PreparedStatement,
+    pub(crate) lease_release: PreparedStatement,
+    pub(crate) append_timeout: Option<Duration>,
+}
+
+impl Statements {
+    async fn prepare(session: &Session, ks: &str, cfg: &KeelScyllaBuilder) -> Result<Self, Error> {
+        let serial = cfg.serial;
+        let serial_read = match serial {
+            SerialConsistency::Serial => Consistency::Serial,
+            SerialConsistency::LocalSerial => Consistency::LocalSerial,
+        };
+        let prep = |cql: String| async move {
+            session
+                .prepare(cql.clone())
+                .await
+                .map_err(|e| Error::Schema {
+                    step: format!("prepare `{cql}`"),
+                    reason: e.to_string(),
+                })
+        };
+        let lwt = |mut s: PreparedStatement| {
+            s.set_serial_consistency(Some(serial));
+            s.set_is_idempotent(false);
+            s
+        };
+        let serial_select = |mut s: PreparedStatement| {
+            s.set_consistency(serial_read);
+            s
+        };
+        Ok(Statements {
+            head_cond: lwt(prep(format!("UPDATE {ks}.events SET head = ? WHERE stream = ? AND bucket = ? IF head = ?")).await?),
+            head_new: lwt(prep(format!("UPDATE {ks}.events SET head = ? WHERE stream = ? AND bucket = ? IF head = null")).await?),
+            insert_event: prep(format!(
+                "INSERT INTO {ks}.events (stream, bucket, version, event_id, event_type, schema_version, payload, metadata, recorded_at, commit_id) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            )).await?,
+            read_head: prep(format!("SELECT head FROM {ks}.events WHERE stream = ? AND bucket = ? LIMIT 1")).await?,
+            read_head_serial: serial_select(prep(format!("SELECT head FROM {ks}.events WHERE stream = ? AND bucket = ? LIMIT 1")).await?),
+            read_events: prep(format!(
+                "SELECT version, event_id, event_type, schema_version, payload, metadata, recorded_at \
+                 FROM {ks}.events WHERE stream = ? AND bucket = ? AND version >= ? LIMIT ?"
+            )).await?,
+            read_commit: serial_select(prep(format!(
+                "SELECT commit_id FROM {ks}.events WHERE stream = ? AND bucket = ? AND version = ?"
+            )).await?),
+            insert_marker: prep(format!(
+                "INSERT INTO {ks}.pending (minute, at, marker, stream) VALUES (?, ?, ?, ?) USING TTL 3600"
+            )).await?,
+            scan_markers: prep(format!("SELECT at, marker, stream FROM {ks}.pending WHERE minute = ? AND at >= ?")).await?,
+            meta_init: lwt(prep(format!("INSERT INTO {ks}.feed_meta (id, head) VALUES (0, 0) IF NOT EXISTS")).await?),
+            meta_read: serial_select(prep(format!("SELECT head, plan FROM {ks}.feed_meta WHERE id = 0")).await?),
+            meta_allocate: lwt(prep(format!("UPDATE {ks}.feed_meta SET head = ?, plan = ? WHERE id = 0 IF head = ?")).await?),
+            insert_feed: prep(format!(
+                "INSERT INTO {ks}.feed (bucket, position, stream, version, event_id, event_type, schema_version, payload, metadata, recorded_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            )).await?,
+            read_feed: prep(format!(
+                "SELECT position, stream, version, event_id, event_type, schema_version, payload, metadata, recorded_at \
+                 FROM {ks}.feed WHERE bucket = ? AND position >= ? LIMIT ?"
+            )).await?,
+            insert_progress: prep(format!("INSERT INTO {ks}.feed_progress (stream, version) VALUES (?, ?)")).await?,
+            read_progress: prep(format!("SELECT version FROM {ks}.feed_progress WHERE stream = ? LIMIT 1")).await?,
+            save_snapshot: prep(format!(
+                "INSERT INTO {ks}.snapshots (stream, version, schema_version, payload, taken_at) VALUES (?, ?, ?, ?, ?)"
+            )).await?,
+            load_snapshot: prep(format!(
+                "SELECT version, schema_version, payload, taken_at FROM {ks}.snapshots WHERE stream = ? LIMIT 1"
+            )).await?,
+            save_checkpoint: prep(format!(
+                "INSERT INTO {ks}.checkpoints (name, position, updated_at) VALUES (?, ?, ?)"
+            )).await?,
+            load_checkpoint: prep(format!("SELECT position FROM {ks}.checkpoints WHERE name = ?")).await?,
+            lease_init: lwt(prep(format!("INSERT INTO {ks}.leases (name, epoch) VALUES (?, 0) IF NOT EXISTS")).await?),
+            lease_read: serial_select(prep(format!("SELECT holder, epoch FROM {ks}.leases WHERE name = ?")).await?),
+            lease_take: lwt(prep(format!(
+                "UPDATE {ks}.leases USING TTL ? SET holder = ? WHERE name = ? IF holder = null AND epoch = ?"
+            )).await?),
+            lease_bump: prep(format!("UPDATE {ks}.leases SET epoch = ? WHERE name = ?")).await?,
+            lease_renew: lwt(prep(format!(
+                "UPDATE {ks}.leases USING TTL ? SET holder = ? WHERE name = ? IF holder = ? AND epoch = ?"
+            )).await?),
+            lease_release: lwt(prep(format!("DELETE holder FROM {ks}.leases WHERE name = ? IF holder = ? AND epoch = ?")).await?),
+            append_timeout: cfg.append_timeout,
+        })
+    }
+}

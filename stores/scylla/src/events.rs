@@ -1,0 +1,520 @@
+//! Streams: bucketed partitions, exact appends in one conditional batch, paged reads.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream;
+use keel::{
+    AppendResult, Error, EventStore, EventStream, ExpectedVersion, Metadata, NewEvent,
+    RecordedEvent, Result, StreamId,
+};
+use scylla::errors::ExecutionError;
+use scylla::serialize::row::{RowSerializationContext, SerializeRow};
+use scylla::serialize::writers::RowWriter;
+use scylla::serialize::SerializationError;
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::value::{CqlTimestamp, CqlValue, Row};
+use uuid::Uuid;
+
+use crate::error::{outcome_unknown, store_err};
+use crate::{KeelScylla, Shared};
+
+/// Rows fetched per page when reading a stream or the feed.
+pub(crate) const PAGE: i32 = 1_000;
+
+/// How many times an append whose outcome turned out "not committed" is tried again.
+const ATTEMPTS: usize = 3;
+
+/// One statement's values in the append batch: the head guard, then one insert per event.
+enum AppendRow<'a> {
+    Head(i64, &'a str, i64, i64),
+    HeadNew(i64, &'a str, i64),
+    #[allow(clippy::type_complexity)]
+    Event(
+        (
+            &'a str,
+            i64,
+            i64,
+            Uuid,
+            &'a str,
+            i32,
+            &'a [u8],
+            Option<Vec<u8>>,
+            CqlTimestamp,
+            Uuid,
+        ),
+    ),
+}
+
+impl SerializeRow for AppendRow<'_> {
+    fn serialize(
+        &self,
+        ctx: &RowSerializationContext<'_>,
+        writer: &mut RowWriter,
+    ) -> Result<(), SerializationError> {
+        match self {
+            AppendRow::Head(a, b, c, d) => (a, b, c, d).serialize(ctx, writer),
+            AppendRow::HeadNew(a, b, c) => (a, b, c).serialize(ctx, writer),
+            AppendRow::Event(values) => values.serialize(ctx, writer),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// The outcome of a conditional write: applied or not, and the current value of `head` when
+/// the server returned it.
+pub(crate) struct Lwt {
+    pub(crate) applied: bool,
+    pub(crate) columns: Vec<(String, Option<CqlValue>)>,
+}
+
+impl Lwt {
+    /// Reads `[applied]` from column 0 of the first row, whatever the rest of the shape (it
+    /// differs between ScyllaDB and Cassandra).
+    pub(crate) fn from_result(
+        result: scylla::response::query_result::QueryResult,
+    ) -> std::result::Result<Lwt, String> {
+        let rows = result.into_rows_result().map_err(|e| e.to_string())?;
+        let names: Vec<String> = rows
+            .column_specs()
+            .iter()
+            .map(|c| c.name().to_owned())
+            .collect();
+        let first = rows
+            .rows::<Row>()
+            .map_err(|e| e.to_string())?
+            .next()
+            .ok_or("a conditional write returned no row")?
+            .map_err(|e| e.to_string())?;
+        let applied = matches!(first.columns.first(), Some(Some(CqlValue::Boolean(true))));
+        Ok(Lwt {
+            applied,
+            columns: names.into_iter().zip(first.columns).collect(),
+        })
+    }
+
+    pub(crate) fn bigint(&self, name: &str) -> Option<i64> {
+        self.columns
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| match v {
+                Some(CqlValue::BigInt(i)) => Some(*i),
+                _ => None,
+            })
+    }
+}
+
+/// How one append attempt ended.
+enum Attempt {
+    /// Committed.
+    Applied,
+    /// The guard did not hold.
+    Conflict,
+    /// The target bucket does not exist yet: the fresh-bucket path applies.
+    FreshBucket,
+    /// The driver failed; the outcome may be unknown.
+    Failed(Box<ExecutionError>),
+}
+
+impl Shared {
+    fn bucket_of(&self, version: i64) -> i64 {
+        (version - 1).max(0) / self.bucket_size
+    }
+
+    async fn head(&self, stream: &str, bucket: i64, serial: bool) -> Result<Option<i64>> {
+        let st = if serial {
+            &self.st.read_head_serial
+        } else {
+            &self.st.read_head
+        };
+        let rows = self
+            .session
+            .execute_unpaged(st, (stream, bucket))
+            .await
+            .map_err(|e| store_err(format!("read head of `{stream}`"), e))?
+            .into_rows_result()
+            .map_err(|e| store_err(format!("read head of `{stream}`"), e))?;
+        let row = rows
+            .maybe_first_row::<(Option<i64>,)>()
+            .map_err(|e| store_err(format!("read head of `{stream}`"), e))?;
+        Ok(row.and_then(|(h,)| h))
+    }
+
+    /// The stream's version: follows the static heads from bucket 0 to the last bucket.
+    pub(crate) async fn current_version(&self, stream: &str) -> Result<Option<u64>> {
+        let Some(mut head) = self.head(stream, 0, false).await? else {
+            return Ok(None);
+        };
+        let mut bucket = 0;
+        loop {
+            let next = head / self.bucket_size;
+            if next == bucket {
+                return Ok(Some(head as u64));
+            }
+            match self.head(stream, next, false).await? {
+                Some(h) => {
+                    head = h;
+                    bucket = next;
+                }
+                None => return Ok(Some(head as u64)),
+            }
+        }
+    }
+
+    async fn write_marker(&self, stream: &str) -> Result<()> {
+        let now = keel::event::now_millis();
+        self.session
+            .execute_unpaged(
+                &self.st.insert_marker,
+                (now / 60_000, now, Uuid::new_v4(), stream),
+            )
+            .await
+            .map_err(|e| store_err(format!("write feed marker for `{stream}`"), e))?;
+        Ok(())
+    }
+
+    /// One conditional batch: the guard on the bucket's static head, then the events.
+    async fn try_append(
+        &self,
+        stream: &str,
+        bucket: i64,
+        expected: i64,
+        fresh: bool,
+        rows: &[AppendRow<'_>],
+        last: i64,
+    ) -> Result<Attempt> {
+        let mut batch = Batch::new(BatchType::Logged);
+        batch.set_serial_consistency(self.st.head_cond.get_serial_consistency());
+        batch.set_is_idempotent(false);
+        if let Some(t) = self.st.append_timeout {
+            batch.set_request_timeout(Some(t));
+        }
+        let guard = if fresh {
+            batch.append_statement(self.st.head_new.clone());
+            AppendRow::HeadNew(last, stream, bucket)
+        } else {
+            batch.append_statement(self.st.head_cond.clone());
+            AppendRow::Head(last, stream, bucket, expected)
+        };
+        for _ in rows {
+            batch.append_statement(self.st.insert_event.clone());
+        }
+        let values: Vec<&AppendRow<'_>> = std::iter::once(&guard).chain(rows.iter()).collect();
+        let result = match self.session.batch(&batch, values).await {
+            Ok(result) => result,
+            Err(e) => return Ok(Attempt::Failed(Box::new(e))),
+        };
+        let lwt = Lwt::from_result(result).map_err(|reason| {
+            store_err(
+                format!("append to `{stream}`"),
+                std::io::Error::other(reason),
+            )
+        })?;
+        Ok(if lwt.applied {
+            Attempt::Applied
+        } else if !fresh && lwt.bigint("head").is_none() {
+            Attempt::FreshBucket
+        } else {
+            Attempt::Conflict
+        })
+    }
+
+    /// Reads back, at SERIAL consistency, whether the append with `commit_id` is stored.
+    /// The SERIAL read also finishes or fences any proposal still in flight, so its answer is
+    /// final. `Some(true)`: ours; `Some(false)`: another writer's; `None`: nothing there.
+    async fn read_back(
+        &self,
+        stream: &str,
+        bucket: i64,
+        version: i64,
+        commit_id: Uuid,
+    ) -> Result<Option<bool>> {
+        let rows = self
+            .session
+            .execute_unpaged(&self.st.read_commit, (stream, bucket, version))
+            .await
+            .map_err(|e| Error::UnknownOutcome {
+                stream: StreamId::new(stream),
+                reason: format!("read-back failed: {e}"),
+            })?
+            .into_rows_result()
+            .map_err(|e| Error::UnknownOutcome {
+                stream: StreamId::new(stream),
+                reason: format!("read-back failed: {e}"),
+            })?;
+        let row = rows
+            .maybe_first_row::<(Option<Uuid>,)>()
+            .map_err(|e| Error::UnknownOutcome {
+                stream: StreamId::new(stream),
+                reason: format!("read-back failed: {e}"),
+            })?;
+        Ok(row.map(|(id,)| id == Some(commit_id)))
+    }
+
+    async fn conflict(&self, stream: &StreamId, expected: ExpectedVersion) -> Error {
+        self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("keel_scylla_conflicts_total").increment(1);
+        let actual = self.current_version(stream.as_str()).await.unwrap_or(None);
+        Error::Conflict {
+            stream: stream.clone(),
+            expected,
+            actual,
+        }
+    }
+
+    async fn append_exact(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        n: i64,
+        events: &[NewEvent],
+    ) -> Result<AppendResult> {
+        let s = stream.as_str();
+        let count = events.len() as i64;
+        let (first, last) = (n + 1, n + count);
+        let bucket = self.bucket_of(first);
+        let commit_id = Uuid::new_v4();
+        let now = CqlTimestamp(keel::event::now_millis());
+        let metadata: Vec<Option<Vec<u8>>> = events
+            .iter()
+            .map(|e| {
+                if e.metadata.is_empty() {
+                    Ok(None)
+                } else {
+                    serde_json::to_vec(&e.metadata).map(Some)
+                }
+            })
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| Error::Encode {
+                what: "event metadata".into(),
+                reason: e.to_string(),
+            })?;
+        let rows: Vec<AppendRow<'_>> = events
+            .iter()
+            .zip(metadata)
+            .enumerate()
+            .map(|(i, (e, meta))| {
+                AppendRow::Event((
+                    s,
+                    bucket,
+                    first + i as i64,
+                    e.event_id,
+                    &*e.event_type,
+                    e.schema_version as i32,
+                    &e.payload[..],
+                    meta,
+                    now,
+                    commit_id,
+                ))
+            })
+            .collect();
+        // A new stream, or the first append of a bucket whose predecessor is full, has no head
+        // to guard on; the fresh path checks the predecessor instead.
+        let mut fresh = n == 0 || (n % self.bucket_size == 0);
+        self.write_marker(s).await?;
+        for _ in 0..ATTEMPTS {
+            // The fresh path: the stream must end at version n in the previous bucket. Once that
+            // bucket's head reached n it cannot move any more (later versions belong here), so
+            // this check and the conditional create of this bucket together are exact.
+            if fresh && n > 0 && self.head(s, bucket - 1, true).await? != Some(n) {
+                return Err(self.conflict(stream, expected).await);
+            }
+            match self.try_append(s, bucket, n, fresh, &rows, last).await? {
+                Attempt::Applied => {
+                    self.counters.appends.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("keel_scylla_appends_total").increment(1);
+                    self.wake.notify(stream.clone());
+                    return Ok(AppendResult {
+                        first_version: first as u64,
+                        last_version: last as u64,
+                    });
+                }
+                Attempt::FreshBucket if n > 0 => fresh = true,
+                Attempt::FreshBucket | Attempt::Conflict => {
+                    return Err(self.conflict(stream, expected).await)
+                }
+                Attempt::Failed(e) if outcome_unknown(&e) => {
+                    self.counters
+                        .unknown_outcomes
+                        .fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("keel_scylla_unknown_outcomes_total").increment(1);
+                    tracing::warn!(stream = s, error = %e, "append outcome unknown; reading back at SERIAL");
+                    match self.read_back(s, bucket, first, commit_id).await? {
+                        Some(true) => {
+                            self.counters.appends.fetch_add(1, Ordering::Relaxed);
+                            self.wake.notify(stream.clone());
+                            return Ok(AppendResult {
+                                first_version: first as u64,
+                                last_version: last as u64,
+                            });
+                        }
+                        Some(false) => return Err(self.conflict(stream, expected).await),
+                        None => continue, // not committed, and now it never will be: try again
+                    }
+                }
+                Attempt::Failed(e) => return Err(store_err(format!("append to `{s}`"), *e)),
+            }
+        }
+        Err(Error::Timeout {
+            operation: format!("append to `{s}` (not committed after {ATTEMPTS} attempts)"),
+            after: self.st.append_timeout.unwrap_or_default() * ATTEMPTS as u32,
+        })
+    }
+
+    pub(crate) fn decode_row(
+        &self,
+        stream: &StreamId,
+        position: Option<u64>,
+        row: (i64, Uuid, String, i32, Bytes, Option<Vec<u8>>, CqlTimestamp),
+    ) -> Result<RecordedEvent> {
+        let (version, event_id, event_type, schema_version, payload, metadata, recorded_at) = row;
+        let metadata = match metadata {
+            None => Metadata::default(),
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::Decode {
+                stream: stream.clone(),
+                version: version as u64,
+                event_type: event_type.clone(),
+                schema_version: schema_version as u32,
+                reason: format!("metadata: {e}"),
+            })?,
+        };
+        Ok(RecordedEvent {
+            event_id,
+            stream: stream.clone(),
+            version: version as u64,
+            position,
+            recorded_at: recorded_at.0,
+            event_type: Arc::from(event_type),
+            schema_version: schema_version as u32,
+            payload,
+            metadata: Arc::new(metadata),
+        })
+    }
+
+    /// One page of a stream from `from` within `bucket`.
+    pub(crate) async fn read_page(
+        &self,
+        stream: &StreamId,
+        bucket: i64,
+        from: i64,
+        limit: i32,
+    ) -> Result<Vec<RecordedEvent>> {
+        let op = || format!("read stream `{stream}`");
+        let rows = self
+            .session
+            .execute_unpaged(&self.st.read_events, (stream.as_str(), bucket, from, limit))
+            .await
+            .map_err(|e| store_err(op(), e))?
+            .into_rows_result()
+            .map_err(|e| store_err(op(), e))?;
+        rows.rows::<(i64, Uuid, String, i32, Bytes, Option<Vec<u8>>, CqlTimestamp)>()
+            .map_err(|e| store_err(op(), e))?
+            .map(|row| self.decode_row(stream, None, row.map_err(|e| store_err(op(), e))?))
+            .collect()
+    }
+
+    /// The stream from version `from`, lazily, page by page and bucket by bucket. Version
+    /// `from` lives in its own bucket or, after an overflowing append, in the one before.
+    pub(crate) fn stream_from<'a>(&'a self, stream: &'a StreamId, from: u64) -> EventStream<'a> {
+        let from = from.max(1) as i64;
+        let start = (self.bucket_of(from) - 1).max(0);
+        let pages = stream::try_unfold(
+            (start, from, false),
+            move |(mut bucket, mut next, done)| async move {
+                if done {
+                    return Ok::<_, Error>(None);
+                }
+                loop {
+                    let page = self.read_page(stream, bucket, next, PAGE).await?;
+                    if page.is_empty() {
+                        if bucket >= self.bucket_of(next) {
+                            return Ok(None);
+                        }
+                        bucket += 1;
+                        continue;
+                    }
+                    next = page.last().map_or(next, |e| e.version as i64 + 1);
+                    if page.len() < PAGE as usize {
+                        bucket += 1;
+                    }
+                    let items = stream::iter(page.into_iter().map(Ok));
+                    return Ok(Some((items, (bucket, next, false))));
+                }
+            },
+        );
+        Box::pin(futures::TryStreamExt::try_flatten(pages))
+    }
+}
+
+#[async_trait]
+impl EventStore for KeelScylla {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult> {
+        let shared = &self.shared;
+        if events.len() as i64 > shared.bucket_size {
+            return Err(Error::Config {
+                field: "append".into(),
+                reason: format!(
+                    "{} events in one append to `{stream}` exceed the bucket size {}",
+                    events.len(),
+                    shared.bucket_size
+                ),
+            });
+        }
+        let span =
+            tracing::debug_span!("keel_scylla.append", stream = %stream, events = events.len());
+        let _enter = span.enter();
+        if events.is_empty() {
+            let actual = shared.current_version(stream.as_str()).await?;
+            if !expected.accepts(actual) {
+                return Err(shared.conflict(stream, expected).await);
+            }
+            let v = actual.unwrap_or(0);
+            return Ok(AppendResult {
+                first_version: v + 1,
+                last_version: v,
+            });
+        }
+        match expected {
+            ExpectedVersion::NoStream => shared.append_exact(stream, expected, 0, &events).await,
+            ExpectedVersion::Exact(n) => {
+                shared
+                    .append_exact(stream, expected, n as i64, &events)
+                    .await
+            }
+            ExpectedVersion::Any => loop {
+                // "Any" has no conflict to report: retry at the version just read.
+                let n = shared.current_version(stream.as_str()).await?.unwrap_or(0) as i64;
+                match shared.append_exact(stream, expected, n, &events).await {
+                    Err(e) if e.is_conflict() => tokio::task::yield_now().await,
+                    other => return other,
+                }
+            },
+        }
+    }
+
+    fn read_stream<'a>(&'a self, stream: &'a StreamId, from_version: u64) -> EventStream<'a> {
+        self.shared.stream_from(stream, from_version)
+    }
+
+    fn read_all(&self, from_position: u64) -> EventStream<'_> {
+        self.shared.feed_from(from_position)
+    }
+
+    async fn stream_version(&self, stream: &StreamId) -> Result<Option<u64>> {
+        self.shared.current_version(stream.as_str()).await
+    }
+
+    async fn feed_head(&self) -> Result<u64> {
+        self.shared.feed_head().await
+    }
+}

@@ -1,0 +1,602 @@
+//! The global feed: a leased feeder gives committed events dense positions.
+//!
+//! # How an event reaches the feed exactly once
+//! 1. Before its LWT, every append writes a marker `(minute, at, marker, stream)` to `pending`
+//!    (plain insert, one-hour TTL). The marker exists before the events can.
+//! 2. One feeder per keyspace holds the `keel.feeder` lease. It learns of streams to look at
+//!    from in-process wake-ups (fast path) and by scanning recent markers (appends of other
+//!    processes, and writers that died after their commit). Each marked stream is looked at
+//!    when the marker is first seen and once more after `settle_after`, by which time any
+//!    append behind the marker has committed or failed for good.
+//! 3. For each stream it reads the events after the stream's fed progress, then allocates
+//!    positions with one LWT on `feed_meta` (`IF head = <last known>`) that also stores the
+//!    plan (stream, versions, first position). Then it writes the feed rows and the progress
+//!    rows, both idempotent.
+//! 4. A feeder that finds a plan in `feed_meta` (its predecessor died mid-way) applies it
+//!    again before anything else; a feeder whose LWT fails (another feeder moved the head)
+//!    drops its caches and starts over from `feed_meta`. Positions are therefore allocated
+//!    once, and each event is planned once.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{stream, StreamExt, TryStreamExt};
+use keel::{Error, EventStream, Lease, RecordedEvent, Result, StreamId};
+use scylla::value::CqlTimestamp;
+use serde_json::json;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::error::{outcome_unknown, store_err};
+use crate::events::{Lwt, PAGE};
+use crate::Shared;
+
+/// The lease every feeder competes for.
+pub(crate) const FEEDER_LEASE: &str = "keel.feeder";
+/// Events planned in one allocation at most.
+const MAX_PLAN: usize = 2_000;
+/// How far back a new leader looks for markers: their time to live.
+const FULL_LOOKBACK_MS: i64 = 3_600_000;
+
+/// Streams appended to by this process since the feeder last looked.
+#[derive(Default)]
+pub(crate) struct Wake {
+    enabled: AtomicBool,
+    streams: Mutex<HashSet<StreamId>>,
+    notify: Notify,
+}
+
+impl Wake {
+    pub(crate) fn notify(&self, stream: StreamId) {
+        if self.enabled.load(Ordering::Relaxed) {
+            self.streams
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(stream);
+            self.notify.notify_one();
+        }
+    }
+
+    fn take(&self) -> HashSet<StreamId> {
+        std::mem::take(&mut *self.streams.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// A planned range: `stream` versions `first..=last` at positions from `position`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Range {
+    stream: String,
+    first: i64,
+    last: i64,
+    position: i64,
+}
+
+pub(crate) struct FeederConfig {
+    pub(crate) id: String,
+    pub(crate) lease_ttl: Duration,
+    pub(crate) interval: Duration,
+    pub(crate) settle_after: Duration,
+}
+
+/// The running feeder task of one store.
+pub(crate) struct Feeder {
+    task: tokio::task::JoinHandle<()>,
+    leader: Arc<AtomicBool>,
+    lease: Arc<Mutex<Option<Lease>>>,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Feeder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Feeder {
+    pub(crate) fn start(shared: Arc<Shared>, config: FeederConfig) -> Feeder {
+        shared.wake.enabled.store(true, Ordering::Relaxed);
+        let leader = Arc::new(AtomicBool::new(false));
+        let lease = Arc::new(Mutex::new(None));
+        let mut state = FeederState {
+            shared: shared.clone(),
+            config,
+            leader: leader.clone(),
+            lease: lease.clone(),
+            renewed: Instant::now(),
+            meta: None,
+            progress: HashMap::new(),
+            seen: HashMap::new(),
+            scanned_full: false,
+        };
+        let task = tokio::spawn(async move { state.run().await });
+        Feeder {
+            task,
+            leader,
+            lease,
+            shared,
+        }
+    }
+
+    pub(crate) fn is_leader(&self) -> bool {
+        self.leader.load(Ordering::Relaxed)
+    }
+
+    pub(crate) async fn shutdown(&self) {
+        self.task.abort();
+        let lease = self.lease.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.leader.store(false, Ordering::Relaxed);
+        if let Some(lease) = lease {
+            if let Err(e) = self.shared.release_lease(&lease).await {
+                tracing::warn!(error = %e, "feeder lease release failed; it expires by itself");
+            }
+        }
+    }
+}
+
+struct FeederState {
+    shared: Arc<Shared>,
+    config: FeederConfig,
+    leader: Arc<AtomicBool>,
+    lease: Arc<Mutex<Option<Lease>>>,
+    renewed: Instant,
+    /// The feed head as of the last successful read or allocation (`None`: read it again).
+    meta: Option<i64>,
+    /// Last fed version per stream, as far as this feeder knows.
+    progress: HashMap<String, i64>,
+    /// Markers seen: id -> (at, stream, rechecked after settling).
+    seen: HashMap<Uuid, (i64, String, bool)>,
+    scanned_full: bool,
+}
+
+impl FeederState {
+    async fn run(&mut self) {
+        loop {
+            if !self.hold_lease().await {
+                self.shared.wake.take();
+                let pause = (self.config.lease_ttl / 3).max(self.config.interval);
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+            let mut candidates: HashSet<String> = self
+                .shared
+                .wake
+                .take()
+                .into_iter()
+                .map(|s| s.as_str().to_owned())
+                .collect();
+            match self.scan_markers().await {
+                Ok(found) => candidates.extend(found),
+                Err(e) => tracing::warn!(error = %e, "feeder could not scan markers"),
+            }
+            if !candidates.is_empty() {
+                if let Err(e) = self.publish(candidates).await {
+                    tracing::warn!(error = %e, "feeder round failed; starting over from feed_meta");
+                    self.reset();
+                }
+            }
+            tokio::select! {
+                _ = self.shared.wake.notify.notified() => {}
+                _ = tokio::time::sleep(self.config.interval) => {}
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        self.meta = None;
+        self.progress.clear();
+    }
+
+    fn set_lease(&mut self, lease: Option<Lease>) {
+        self.leader.store(lease.is_some(), Ordering::Relaxed);
+        *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = lease;
+    }
+
+    /// Takes or renews the feeder lease; `true` while this feeder is the leader.
+    async fn hold_lease(&mut self) -> bool {
+        let current = self.lease.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match current {
+            Some(lease) if self.renewed.elapsed() < self.config.lease_ttl / 3 => {
+                let _ = lease;
+                true
+            }
+            Some(lease) => match self.shared.renew_lease(&lease).await {
+                Ok(true) => {
+                    self.renewed = Instant::now();
+                    true
+                }
+                Ok(false) | Err(_) => {
+                    tracing::warn!("feeder lost its lease");
+                    self.set_lease(None);
+                    self.reset();
+                    self.seen.clear();
+                    self.scanned_full = false;
+                    false
+                }
+            },
+            None => match self
+                .shared
+                .acquire_lease(FEEDER_LEASE, &self.config.id, self.config.lease_ttl)
+                .await
+            {
+                Ok(Some(lease)) => {
+                    tracing::info!(epoch = lease.epoch, "feeder took the lease");
+                    self.renewed = Instant::now();
+                    self.set_lease(Some(lease));
+                    self.reset();
+                    true
+                }
+                Ok(None) => false,
+                Err(e) => {
+                    tracing::debug!(error = %e, "feeder lease attempt failed");
+                    false
+                }
+            },
+        }
+    }
+
+    /// Streams whose markers are new, or have just settled.
+    async fn scan_markers(&mut self) -> Result<HashSet<String>> {
+        let now = keel::event::now_millis();
+        let settle = self.config.settle_after.as_millis() as i64;
+        let lookback = if self.scanned_full {
+            settle + 5_000
+        } else {
+            FULL_LOOKBACK_MS
+        };
+        let since = now - lookback;
+        let mut found = HashSet::new();
+        for minute in (since / 60_000)..=(now / 60_000) {
+            let rows = self
+                .shared
+                .session
+                .execute_unpaged(&self.shared.st.scan_markers, (minute, since))
+                .await
+                .map_err(|e| store_err("scan feed markers", e))?
+                .into_rows_result()
+                .map_err(|e| store_err("scan feed markers", e))?;
+            for row in rows
+                .rows::<(i64, Uuid, String)>()
+                .map_err(|e| store_err("scan feed markers", e))?
+            {
+                let (at, marker, stream) = row.map_err(|e| store_err("scan feed markers", e))?;
+                self.seen.entry(marker).or_insert_with(|| {
+                    found.insert(stream.clone());
+                    (at, stream, false)
+                });
+            }
+        }
+        self.scanned_full = true;
+        for (at, stream, settled) in self.seen.values_mut() {
+            if !*settled && *at <= now - settle {
+                *settled = true;
+                found.insert(stream.clone());
+            }
+        }
+        self.seen
+            .retain(|_, (at, _, settled)| !*settled || *at > now - settle - 60_000);
+        Ok(found)
+    }
+
+    async fn progress_of(&mut self, stream: &str) -> Result<i64> {
+        if let Some(v) = self.progress.get(stream) {
+            return Ok(*v);
+        }
+        let rows = self
+            .shared
+            .session
+            .execute_unpaged(&self.shared.st.read_progress, (stream,))
+            .await
+            .map_err(|e| store_err(format!("read feed progress of `{stream}`"), e))?
+            .into_rows_result()
+            .map_err(|e| store_err(format!("read feed progress of `{stream}`"), e))?;
+        let v = rows
+            .maybe_first_row::<(i64,)>()
+            .map_err(|e| store_err(format!("read feed progress of `{stream}`"), e))?
+            .map_or(0, |(v,)| v);
+        self.progress.insert(stream.to_owned(), v);
+        Ok(v)
+    }
+
+    /// The feed head from `feed_meta`, after finishing any plan left there.
+    async fn load_meta(&mut self) -> Result<i64> {
+        if let Some(head) = self.meta {
+            return Ok(head);
+        }
+        let (head, plan) = match self.shared.read_meta().await? {
+            Some(meta) => meta,
+            None => {
+                self.shared
+                    .session
+                    .execute_unpaged(&self.shared.st.meta_init, ())
+                    .await
+                    .map_err(|e| store_err("create feed_meta", e))?;
+                self.shared.read_meta().await?.unwrap_or((0, Vec::new()))
+            }
+        };
+        if !plan.is_empty() {
+            let events = self.read_plan_events(&plan).await?;
+            self.write_plan(&plan, &events).await?;
+        }
+        self.meta = Some(head);
+        Ok(head)
+    }
+
+    async fn read_plan_events(&self, plan: &[Range]) -> Result<Vec<Vec<RecordedEvent>>> {
+        let mut all = Vec::with_capacity(plan.len());
+        for range in plan {
+            let stream = StreamId::new(&range.stream);
+            let events: Vec<RecordedEvent> = self
+                .shared
+                .stream_from(&stream, range.first as u64)
+                .take_while(|e| {
+                    futures::future::ready(
+                        e.as_ref().map_or(true, |e| e.version as i64 <= range.last),
+                    )
+                })
+                .try_collect()
+                .await?;
+            if events.len() as i64 != range.last - range.first + 1 {
+                return Err(store_err(
+                    "replay feed plan",
+                    std::io::Error::other(format!(
+                        "stream `{}` lacks versions {}..={}",
+                        range.stream, range.first, range.last
+                    )),
+                ));
+            }
+            all.push(events);
+        }
+        Ok(all)
+    }
+
+    /// Writes the feed rows and progress of a plan. Idempotent: the same plan always writes
+    /// the same rows.
+    async fn write_plan(&mut self, plan: &[Range], events: &[Vec<RecordedEvent>]) -> Result<()> {
+        let rows: Vec<(i64, RecordedEvent)> = plan
+            .iter()
+            .zip(events)
+            .flat_map(|(range, events)| {
+                events
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, e)| (range.position + i as i64, e.clone()))
+            })
+            .collect();
+        let writer = self.shared.clone();
+        stream::iter(rows)
+            .map(move |(position, e)| {
+                let shared = writer.clone();
+                async move { shared.write_feed_row(position, &e).await }
+            })
+            .buffer_unordered(32)
+            .try_collect::<Vec<()>>()
+            .await?;
+        let shared = &self.shared;
+        for range in plan {
+            shared
+                .session
+                .execute_unpaged(&shared.st.insert_progress, (&range.stream, range.last))
+                .await
+                .map_err(|e| store_err(format!("record feed progress of `{}`", range.stream), e))?;
+            self.progress.insert(range.stream.clone(), range.last);
+        }
+        let fed: usize = events.iter().map(Vec::len).sum();
+        shared
+            .counters
+            .fed_events
+            .fetch_add(fed as u64, Ordering::Relaxed);
+        metrics::counter!("keel_scylla_fed_events_total").increment(fed as u64);
+        Ok(())
+    }
+
+    async fn publish(&mut self, candidates: HashSet<String>) -> Result<()> {
+        let head = self.load_meta().await?;
+        let mut plan = Vec::new();
+        let mut events = Vec::new();
+        let mut next = head + 1;
+        let mut planned = 0usize;
+        let mut candidates: Vec<String> = candidates.into_iter().collect();
+        candidates.sort();
+        for stream in candidates {
+            if planned >= MAX_PLAN {
+                // The rest waits for the next round; wake ourselves so it comes soon.
+                self.shared.wake.notify(StreamId::new(&stream));
+                continue;
+            }
+            let fed = self.progress_of(&stream).await?;
+            let id = StreamId::new(&stream);
+            let new: Vec<RecordedEvent> = self
+                .shared
+                .stream_from(&id, fed as u64 + 1)
+                .take(MAX_PLAN - planned)
+                .try_collect()
+                .await?;
+            if new.is_empty() {
+                continue;
+            }
+            if new.len() == MAX_PLAN - planned {
+                self.shared.wake.notify(id);
+            }
+            let last = new.last().map_or(fed, |e| e.version as i64);
+            plan.push(Range {
+                stream,
+                first: fed + 1,
+                last,
+                position: next,
+            });
+            next += new.len() as i64;
+            planned += new.len();
+            events.push(new);
+        }
+        if plan.is_empty() {
+            return Ok(());
+        }
+        let new_head = next - 1;
+        let blob = serde_json::to_vec(&json!(plan)).map_err(|e| Error::Encode {
+            what: "feed plan".into(),
+            reason: e.to_string(),
+        })?;
+        let allocated = match self
+            .shared
+            .session
+            .execute_unpaged(&self.shared.st.meta_allocate, (new_head, &blob, head))
+            .await
+        {
+            Ok(result) => {
+                Lwt::from_result(result)
+                    .map_err(|r| store_err("allocate feed positions", std::io::Error::other(r)))?
+                    .applied
+            }
+            Err(e) if outcome_unknown(&e) => {
+                // Read back: if the head and plan are ours, the allocation went through.
+                matches!(self.shared.read_meta().await?, Some((h, p)) if h == new_head && p == plan)
+            }
+            Err(e) => return Err(store_err("allocate feed positions", e)),
+        };
+        if !allocated {
+            // Another feeder moved the head: start over from what it left.
+            self.reset();
+            return Ok(());
+        }
+        self.meta = Some(new_head);
+        self.write_plan(&plan, &events).await
+    }
+}
+
+impl Shared {
+    fn feed_bucket(&self, position: i64) -> i64 {
+        position / self.feed_bucket_size
+    }
+
+    async fn read_meta(&self) -> Result<Option<(i64, Vec<Range>)>> {
+        let rows = self
+            .session
+            .execute_unpaged(&self.st.meta_read, ())
+            .await
+            .map_err(|e| store_err("read feed_meta", e))?
+            .into_rows_result()
+            .map_err(|e| store_err("read feed_meta", e))?;
+        let Some((head, plan)) = rows
+            .maybe_first_row::<(Option<i64>, Option<Vec<u8>>)>()
+            .map_err(|e| store_err("read feed_meta", e))?
+        else {
+            return Ok(None);
+        };
+        let plan = match plan {
+            Some(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|e| store_err("decode feed plan", e))?
+            }
+            None => Vec::new(),
+        };
+        Ok(Some((head.unwrap_or(0), plan)))
+    }
+
+    async fn write_feed_row(&self, position: i64, e: &RecordedEvent) -> Result<()> {
+        let metadata = if e.metadata.is_empty() {
+            None
+        } else {
+            Some(
+                serde_json::to_vec(&*e.metadata).map_err(|err| Error::Encode {
+                    what: "event metadata".into(),
+                    reason: err.to_string(),
+                })?,
+            )
+        };
+        self.session
+            .execute_unpaged(
+                &self.st.insert_feed,
+                (
+                    self.feed_bucket(position),
+                    position,
+                    e.stream.as_str(),
+                    e.version as i64,
+                    e.event_id,
+                    &*e.event_type,
+                    e.schema_version as i32,
+                    &e.payload[..],
+                    metadata,
+                    CqlTimestamp(e.recorded_at),
+                ),
+            )
+            .await
+            .map_err(|err| store_err(format!("write feed position {position}"), err))?;
+        Ok(())
+    }
+
+    /// The head of the feed: the last allocated position.
+    pub(crate) async fn feed_head(&self) -> Result<u64> {
+        Ok(self.read_meta().await?.map_or(0, |(h, _)| h.max(0) as u64))
+    }
+
+    async fn feed_page(&self, from: i64) -> Result<Vec<RecordedEvent>> {
+        let rows = self
+            .session
+            .execute_unpaged(&self.st.read_feed, (self.feed_bucket(from), from, PAGE))
+            .await
+            .map_err(|e| store_err("read feed", e))?
+            .into_rows_result()
+            .map_err(|e| store_err("read feed", e))?;
+        let mut page = Vec::new();
+        type FeedRow = (
+            i64,
+            String,
+            i64,
+            uuid::Uuid,
+            String,
+            i32,
+            Bytes,
+            Option<Vec<u8>>,
+            CqlTimestamp,
+        );
+        let typed = rows
+            .rows::<FeedRow>()
+            .map_err(|e| store_err("read feed", e))?;
+        for (expected, row) in (from..).zip(typed) {
+            let (
+                position,
+                stream,
+                version,
+                event_id,
+                event_type,
+                schema_version,
+                payload,
+                metadata,
+                at,
+            ) = row.map_err(|e| store_err("read feed", e))?;
+            if position != expected {
+                break; // allocated but not written yet: the feed ends here for now
+            }
+            let stream = StreamId::from(stream);
+            page.push(self.decode_row(
+                &stream,
+                Some(position as u64),
+                (
+                    version,
+                    event_id,
+                    event_type,
+                    schema_version,
+                    payload,
+                    metadata,
+                    at,
+                ),
+            )?);
+        }
+        Ok(page)
+    }
+
+    /// The feed from `from`, page by page, up to the first position not written yet.
+    pub(crate) fn feed_from(&self, from: u64) -> EventStream<'_> {
+        let pages = stream::try_unfold(from.max(1) as i64, move |next| async move {
+            let page = self.feed_page(next).await?;
+            if page.is_empty() {
+                return Ok::<_, Error>(None);
+            }
+            let after = next + page.len() as i64;
+            Ok(Some((stream::iter(page.into_iter().map(Ok)), after)))
+        });
+        Box::pin(pages.try_flatten())
+    }
+}

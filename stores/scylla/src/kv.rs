@@ -1,0 +1,223 @@
+//! Snapshots, checkpoints and leases: one small table each.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use keel::{CheckpointStore, Lease, LeaseStore, Result, Snapshot, SnapshotStore, StreamId};
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::value::CqlTimestamp;
+
+use crate::error::store_err;
+use crate::events::Lwt;
+use crate::{KeelScylla, Shared};
+
+fn lwt_err(op: &str, reason: String) -> keel::Error {
+    store_err(op.to_owned(), std::io::Error::other(reason))
+}
+
+/// A lease TTL in whole seconds (CQL TTLs are seconds), rounded up, at least 1.
+fn ttl_secs(ttl: Duration) -> i32 {
+    ttl.as_secs_f64().ceil().clamp(1.0, i32::MAX as f64) as i32
+}
+
+impl Shared {
+    async fn read_lease(&self, name: &str) -> Result<Option<(Option<String>, i64)>> {
+        let rows = self
+            .session
+            .execute_unpaged(&self.st.lease_read, (name,))
+            .await
+            .map_err(|e| store_err(format!("read lease `{name}`"), e))?
+            .into_rows_result()
+            .map_err(|e| store_err(format!("read lease `{name}`"), e))?;
+        let row = rows
+            .maybe_first_row::<(Option<String>, Option<i64>)>()
+            .map_err(|e| store_err(format!("read lease `{name}`"), e))?;
+        Ok(row.map(|(holder, epoch)| (holder, epoch.unwrap_or(0))))
+    }
+
+    pub(crate) async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Option<Lease>> {
+        let op = format!("acquire lease `{name}`");
+        // Every write to `leases` is conditional (LWT and plain writes must not mix on a row).
+        let (current, epoch) = match self.read_lease(name).await? {
+            Some(found) => found,
+            None => {
+                self.session
+                    .execute_unpaged(&self.st.lease_init, (name,))
+                    .await
+                    .map_err(|e| store_err(op.clone(), e))?;
+                self.read_lease(name).await?.unwrap_or((None, 0))
+            }
+        };
+        let lease = |epoch: i64| Lease {
+            name: name.to_owned(),
+            holder: holder.to_owned(),
+            epoch: epoch as u64,
+            ttl,
+        };
+        match current {
+            Some(h) if h == holder => {
+                let l = lease(epoch);
+                Ok(self.renew_lease(&l).await?.then_some(l))
+            }
+            Some(_) => Ok(None),
+            None => {
+                // Take it and bump the epoch in one conditional batch: the holder cell expires
+                // with the TTL, the epoch stays, so the next holder's epoch is always higher.
+                let mut batch = Batch::new(BatchType::Logged);
+                batch.append_statement(self.st.lease_take.clone());
+                batch.append_statement(self.st.lease_bump.clone());
+                batch.set_serial_consistency(self.st.lease_take.get_serial_consistency());
+                let result = self
+                    .session
+                    .batch(
+                        &batch,
+                        ((ttl_secs(ttl), holder, name, epoch), (epoch + 1, name)),
+                    )
+                    .await
+                    .map_err(|e| store_err(op.clone(), e))?;
+                let applied = Lwt::from_result(result)
+                    .map_err(|r| lwt_err(&op, r))?
+                    .applied;
+                Ok(applied.then(|| lease(epoch + 1)))
+            }
+        }
+    }
+
+    pub(crate) async fn renew_lease(&self, lease: &Lease) -> Result<bool> {
+        let op = format!("renew lease `{}`", lease.name);
+        let result = self
+            .session
+            .execute_unpaged(
+                &self.st.lease_renew,
+                (
+                    ttl_secs(lease.ttl),
+                    &lease.holder,
+                    &lease.name,
+                    &lease.holder,
+                    lease.epoch as i64,
+                ),
+            )
+            .await
+            .map_err(|e| store_err(op.clone(), e))?;
+        Ok(Lwt::from_result(result)
+            .map_err(|r| lwt_err(&op, r))?
+            .applied)
+    }
+
+    pub(crate) async fn release_lease(&self, lease: &Lease) -> Result<bool> {
+        let op = format!("release lease `{}`", lease.name);
+        let result = self
+            .session
+            .execute_unpaged(
+                &self.st.lease_release,
+                (&lease.name, &lease.holder, lease.epoch as i64),
+            )
+            .await
+            .map_err(|e| store_err(op.clone(), e))?;
+        Ok(Lwt::from_result(result)
+            .map_err(|r| lwt_err(&op, r))?
+            .applied)
+    }
+}
+
+#[async_trait]
+impl LeaseStore for KeelScylla {
+    async fn acquire(&self, name: &str, holder: &str, ttl: Duration) -> Result<Option<Lease>> {
+        self.shared.acquire_lease(name, holder, ttl).await
+    }
+
+    async fn renew(&self, lease: &Lease) -> Result<bool> {
+        self.shared.renew_lease(lease).await
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<bool> {
+        self.shared.release_lease(lease).await
+    }
+}
+
+#[async_trait]
+impl SnapshotStore for KeelScylla {
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
+        // Snapshots are derivable data: plain writes, one row per version, newest first.
+        self.shared
+            .session
+            .execute_unpaged(
+                &self.shared.st.save_snapshot,
+                (
+                    snapshot.stream.as_str(),
+                    snapshot.version as i64,
+                    snapshot.schema_version as i32,
+                    &snapshot.payload[..],
+                    CqlTimestamp(snapshot.taken_at),
+                ),
+            )
+            .await
+            .map_err(|e| store_err(format!("save snapshot of `{}`", snapshot.stream), e))?;
+        Ok(())
+    }
+
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>> {
+        let op = || format!("load snapshot of `{stream}`");
+        let rows = self
+            .shared
+            .session
+            .execute_unpaged(&self.shared.st.load_snapshot, (stream.as_str(),))
+            .await
+            .map_err(|e| store_err(op(), e))?
+            .into_rows_result()
+            .map_err(|e| store_err(op(), e))?;
+        let row = rows
+            .maybe_first_row::<(i64, i32, Bytes, CqlTimestamp)>()
+            .map_err(|e| store_err(op(), e))?;
+        Ok(
+            row.map(|(version, schema_version, payload, taken_at)| Snapshot {
+                stream: stream.clone(),
+                version: version as u64,
+                schema_version: schema_version as u32,
+                payload,
+                taken_at: taken_at.0,
+            }),
+        )
+    }
+}
+
+#[async_trait]
+impl CheckpointStore for KeelScylla {
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<u64>> {
+        let op = || format!("load checkpoint `{name}`");
+        let rows = self
+            .shared
+            .session
+            .execute_unpaged(&self.shared.st.load_checkpoint, (name,))
+            .await
+            .map_err(|e| store_err(op(), e))?
+            .into_rows_result()
+            .map_err(|e| store_err(op(), e))?;
+        let row = rows
+            .maybe_first_row::<(Option<i64>,)>()
+            .map_err(|e| store_err(op(), e))?;
+        Ok(row.and_then(|(p,)| p).map(|p| p as u64))
+    }
+
+    async fn save_checkpoint(&self, name: &str, position: u64) -> Result<()> {
+        self.shared
+            .session
+            .execute_unpaged(
+                &self.shared.st.save_checkpoint,
+                (
+                    name,
+                    position as i64,
+                    CqlTimestamp(keel::event::now_millis()),
+                ),
+            )
+            .await
+            .map_err(|e| store_err(format!("save checkpoint `{name}`"), e))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,281 @@
+//! Identifier validation and the schema: created idempotently, versioned, checked on start.
+
+use scylla::client::session::Session;
+
+use crate::error::Error;
+
+/// The schema version this code creates and expects. Bump it with a migration step in
+/// [`ensure`] when a table changes.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// Checks a user-supplied name against the plain CQL identifier rule Keel allows: a lowercase
+/// letter, then lowercase letters, digits or `_`, 48 characters at most. Names are never
+/// quoted, so anything else (quotes, dots, spaces, semicolons) is refused before any CQL is
+/// built with it.
+pub fn validate_identifier(what: &'static str, name: &str) -> Result<(), Error> {
+    let refuse = |reason| {
+        Err(Error::InvalidIdentifier {
+            what,
+            name: name.to_owned(),
+            reason,
+        })
+    };
+    let mut chars = name.chars();
+    match chars.next() {
+        None => return refuse("it is empty"),
+        Some(c) if !c.is_ascii_lowercase() => {
+            return refuse("it must start with a lowercase letter")
+        }
+        Some(_) => {}
+    }
+    if name.len() > 48 {
+        return refuse("it is longer than 48 characters");
+    }
+    if !chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+        return refuse("it may hold only lowercase letters, digits and `_`");
+    }
+    Ok(())
+}
+
+/// The replication of a new keyspace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Replication {
+    /// `SimpleStrategy` with this replication factor (tests, single data centre).
+    Simple(u32),
+    /// `NetworkTopologyStrategy` with a replication factor per data centre.
+    NetworkTopology(Vec<(String, u32)>),
+}
+
+impl Replication {
+    pub(crate) fn to_cql(&self) -> Result<String, Error> {
+        match self {
+            Replication::Simple(rf) => Ok(format!(
+                "{{'class': 'SimpleStrategy', 'replication_factor': {rf}}}"
+            )),
+            Replication::NetworkTopology(dcs) => {
+                let mut parts = vec!["'class': 'NetworkTopologyStrategy'".to_owned()];
+                for (dc, rf) in dcs {
+                    // Data-centre names are quoted strings in CQL; allow the usual characters only.
+                    if dc.is_empty()
+                        || !dc
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                    {
+                        return Err(Error::InvalidSetting {
+                            field: "replication",
+                            reason: format!("data-centre name `{dc}` may hold only letters, digits, `_` and `-`"),
+                        });
+                    }
+                    parts.push(format!("'{dc}': {rf}"));
+                }
+                Ok(format!("{{{}}}", parts.join(", ")))
+            }
+        }
+    }
+}
+
+/// Whether the server is ScyllaDB (which has `system.scylla_local`) rather than Cassandra.
+pub(crate) async fn is_scylla(session: &Session) -> bool {
+    session
+        .query_unpaged("SELECT key FROM system.scylla_local LIMIT 1", ())
+        .await
+        .is_ok()
+}
+
+/// The tables of one keyspace. `{ks}` is replaced by the validated keyspace name.
+const TABLES: &[(&str, &str)] = &[
+    (
+        "events",
+        "CREATE TABLE IF NOT EXISTS {ks}.events (
+            stream text, bucket bigint, version bigint,
+            head bigint STATIC,
+            event_id uuid, event_type text, schema_version int,
+            payload blob, metadata blob, recorded_at timestamp, commit_id uuid,
+            PRIMARY KEY ((stream, bucket), version)
+        ) WITH CLUSTERING ORDER BY (version ASC)",
+    ),
+    (
+        "pending",
+        "CREATE TABLE IF NOT EXISTS {ks}.pending (
+            minute bigint, at bigint, marker uuid, stream text,
+            PRIMARY KEY ((minute), at, marker)
+        ) WITH CLUSTERING ORDER BY (at ASC, marker ASC)",
+    ),
+    (
+        "feed",
+        "CREATE TABLE IF NOT EXISTS {ks}.feed (
+            bucket bigint, position bigint,
+            stream text, version bigint,
+            event_id uuid, event_type text, schema_version int,
+            payload blob, metadata blob, recorded_at timestamp,
+            PRIMARY KEY ((bucket), position)
+        ) WITH CLUSTERING ORDER BY (position ASC)",
+    ),
+    (
+        "feed_meta",
+        "CREATE TABLE IF NOT EXISTS {ks}.feed_meta (
+            id int PRIMARY KEY, head bigint, plan blob
+        )",
+    ),
+    (
+        "feed_progress",
+        "CREATE TABLE IF NOT EXISTS {ks}.feed_progress (
+            stream text, version bigint,
+            PRIMARY KEY ((stream), version)
+        ) WITH CLUSTERING ORDER BY (version DESC)",
+    ),
+    (
+        "snapshots",
+        "CREATE TABLE IF NOT EXISTS {ks}.snapshots (
+            stream text, version bigint, schema_version int, payload blob, taken_at timestamp,
+            PRIMARY KEY ((stream), version)
+        ) WITH CLUSTERING ORDER BY (version DESC)",
+    ),
+    (
+        "checkpoints",
+        "CREATE TABLE IF NOT EXISTS {ks}.checkpoints (
+            name text PRIMARY KEY, position bigint, updated_at timestamp
+        )",
+    ),
+    (
+        "leases",
+        "CREATE TABLE IF NOT EXISTS {ks}.leases (
+            name text PRIMARY KEY, holder text, epoch bigint
+        )",
+    ),
+    (
+        "keel_schema",
+        "CREATE TABLE IF NOT EXISTS {ks}.keel_schema (
+            id int PRIMARY KEY, version int, bucket_size bigint, feed_bucket_size bigint
+        )",
+    ),
+];
+
+/// Creates the keyspace and tables if missing, records the schema version and the bucket
+/// sizes, and refuses to run against a keyspace created with other bucket sizes (rows would be
+/// looked for in the wrong partitions).
+pub(crate) async fn ensure(
+    session: &Session,
+    keyspace: &str,
+    replication: &Replication,
+    bucket_size: i64,
+    feed_bucket_size: i64,
+) -> Result<(), Error> {
+    let schema = |step: &str| {
+        let step = step.to_owned();
+        move |e: scylla::errors::ExecutionError| Error::Schema {
+            step: step.clone(),
+            reason: e.to_string(),
+        }
+    };
+    // ScyllaDB keyspaces default to tablets in recent releases, and LWT needs vnodes there.
+    let tablets = if is_scylla(session).await {
+        " AND tablets = {'enabled': false}"
+    } else {
+        ""
+    };
+    session
+        .query_unpaged(
+            format!(
+                "CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {}{tablets}",
+                replication.to_cql()?
+            ),
+            (),
+        )
+        .await
+        .map_err(schema("create keyspace"))?;
+    for (name, cql) in TABLES {
+        session
+            .query_unpaged(cql.replace("{ks}", keyspace), ())
+            .await
+            .map_err(schema(&format!("create table {name}")))?;
+    }
+    // Record the version and sizes once; every later start compares against them.
+    let insert = format!(
+        "INSERT INTO {keyspace}.keel_schema (id, version, bucket_size, feed_bucket_size) \
+         VALUES (0, ?, ?, ?) IF NOT EXISTS"
+    );
+    session
+        .query_unpaged(insert, (SCHEMA_VERSION, bucket_size, feed_bucket_size))
+        .await
+        .map_err(schema("record schema version"))?;
+    let mut read = scylla::statement::unprepared::Statement::new(format!(
+        "SELECT version, bucket_size, feed_bucket_size FROM {keyspace}.keel_schema WHERE id = 0"
+    ));
+    read.set_consistency(scylla::statement::Consistency::Serial);
+    let row = session
+        .query_unpaged(read, ())
+        .await
+        .map_err(schema("read schema version"))?
+        .into_rows_result()
+        .map_err(|e| Error::Schema {
+            step: "read schema version".into(),
+            reason: e.to_string(),
+        })?
+        .maybe_first_row::<(i32, i64, i64)>()
+        .map_err(|e| Error::Schema {
+            step: "read schema version".into(),
+            reason: e.to_string(),
+        })?;
+    let Some((version, stored_bucket, stored_feed_bucket)) = row else {
+        return Err(Error::Schema {
+            step: "read schema version".into(),
+            reason: "the version row is missing right after it was written".into(),
+        });
+    };
+    if version > SCHEMA_VERSION {
+        return Err(Error::Schema {
+            step: "check schema version".into(),
+            reason: format!("keyspace `{keyspace}` has schema v{version}, newer than this keel-scylla (v{SCHEMA_VERSION}): upgrade keel-scylla"),
+        });
+    }
+    if (stored_bucket, stored_feed_bucket) != (bucket_size, feed_bucket_size) {
+        return Err(Error::Schema {
+            step: "check bucket sizes".into(),
+            reason: format!(
+                "keyspace `{keyspace}` was created with bucket_size {stored_bucket} and feed_bucket_size {stored_feed_bucket}; \
+                 this store was configured with {bucket_size} and {feed_bucket_size}. Bucket sizes cannot change once data exists"
+            ),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_follow_the_plain_cql_rule() {
+        assert!(validate_identifier("keyspace", "tenant_42").is_ok());
+        for bad in [
+            "",
+            "Tenant",
+            "1abc",
+            "a-b",
+            "a b",
+            "ks; DROP KEYSPACE x",
+            "x\"y",
+            "ks.t",
+        ] {
+            assert!(
+                validate_identifier("keyspace", bad).is_err(),
+                "{bad:?} must be refused"
+            );
+        }
+        assert!(validate_identifier("keyspace", &"a".repeat(49)).is_err());
+        assert!(validate_identifier("keyspace", &"a".repeat(48)).is_ok());
+    }
+
+    #[test]
+    fn replication_renders_and_refuses_odd_dc_names() {
+        assert_eq!(
+            Replication::Simple(3).to_cql().unwrap(),
+            "{'class': 'SimpleStrategy', 'replication_factor': 3}"
+        );
+        let nts = Replication::NetworkTopology(vec![("dc1".into(), 3)]);
+        assert!(nts.to_cql().unwrap().contains("'dc1': 3"));
+        let bad = Replication::NetworkTopology(vec![("dc1'} AND x = {'".into(), 3)]);
+        assert!(bad.to_cql().is_err());
+    }
+}
