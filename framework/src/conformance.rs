@@ -3,7 +3,7 @@
 //! A store crate runs it from its tests with [`conformance_tests!`](crate::conformance_tests),
 //! naming a section and an async factory that returns the store under test:
 //!
-//! ```ignore
+//! ```text
 //! keel::conformance_tests!(events, || async { std::sync::Arc::new(MyStore::connect().await) });
 //! keel::conformance_tests!(snapshots, || async { std::sync::Arc::new(MyStore::connect().await) });
 //! ```

@@ -18,7 +18,7 @@
 //! #[derive(Default, Serialize, Deserialize)]
 //! struct Light { on: bool }
 //!
-//! #[derive(Clone, Serialize, Deserialize)]
+//! #[derive(Clone, Debug, Serialize, Deserialize)]
 //! enum LightEvent { SwitchedOn, SwitchedOff }
 //!
 //! impl DomainEvent for LightEvent {

@@ -13,7 +13,7 @@
 //! let upcasters = Upcasters::new().register("Deposited", 1, |mut body| {
 //!     let amt = body.get("amt").cloned().ok_or("missing `amt`")?;
 //!     body["amount"] = amt;
-//!     Ok(body)
+//!     Ok::<_, &str>(body)
 //! });
 //! assert!(upcasters.handles("Deposited", 1));
 //! ```

@@ -4,6 +4,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::time::Instant as CacheInstant;
+
 use dashmap::DashMap;
 use futures::future::BoxFuture;
 use tracing::Instrument;
@@ -242,7 +244,7 @@ type CacheKey = (std::any::TypeId, u64);
 pub struct CacheLayer {
     ttl: Duration,
     capacity: usize,
-    entries: Arc<Mutex<HashMap<CacheKey, (Instant, Reply)>>>,
+    entries: Arc<Mutex<HashMap<CacheKey, (CacheInstant, Reply)>>>,
 }
 
 impl CacheLayer {
@@ -266,7 +268,7 @@ impl CacheLayer {
         self.lock().clear();
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, (Instant, Reply)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, (CacheInstant, Reply)>> {
         // A panic while holding this lock cannot leave the map inconsistent: use it anyway.
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -296,7 +298,7 @@ impl Around for CacheLayer {
                 entries.retain(|_, (at, _)| at.elapsed() < this.ttl);
             }
             if entries.len() < this.capacity {
-                entries.insert(key, (Instant::now(), reply.clone()));
+                entries.insert(key, (CacheInstant::now(), reply.clone()));
             }
             Ok(reply)
         })

@@ -1,0 +1,269 @@
+//! The command and query buses: typed dispatch, registration errors, and every layer.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel::bus::{
+    CacheLayer, Command, CommandBus, MetricsLayer, Query, QueryBus, RetryLayer, TimeoutLayer,
+    TraceLayer, ValidateLayer,
+};
+use keel::{Error, ExpectedVersion, Metadata, StreamId};
+
+#[derive(Clone, Debug)]
+struct Add(u32, u32);
+impl Command for Add {
+    type Output = u32;
+}
+
+#[derive(Clone, Debug)]
+struct Named(String);
+impl Command for Named {
+    type Output = ();
+    fn validate(&self) -> Result<(), String> {
+        if self.0.is_empty() {
+            return Err("name is empty".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Explode;
+impl Command for Explode {
+    type Output = ();
+}
+
+#[derive(Clone, Debug)]
+struct Slow;
+impl Command for Slow {
+    type Output = ();
+}
+
+#[derive(Clone, Debug, Hash)]
+struct Square(u64);
+impl Query for Square {
+    type Output = u64;
+}
+
+fn conflict() -> Error {
+    Error::Conflict {
+        stream: StreamId::new("s-1"),
+        expected: ExpectedVersion::Exact(1),
+        actual: Some(2),
+    }
+}
+
+#[tokio::test]
+async fn send_returns_the_handlers_typed_output() {
+    let bus = CommandBus::builder()
+        .command(|Add(a, b), _| async move { Ok(a + b) })
+        .unwrap()
+        .build();
+    assert_eq!(bus.send(Add(2, 3)).await.unwrap(), 5);
+}
+
+#[tokio::test]
+async fn missing_handler_names_the_type() {
+    let bus = CommandBus::builder().build();
+    match bus.send(Add(1, 1)).await {
+        Err(Error::HandlerNotFound { type_name }) => assert_eq!(type_name, "Add"),
+        other => panic!("expected HandlerNotFound, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn second_registration_for_a_type_is_refused() {
+    let result = CommandBus::builder()
+        .command(|Add(a, b), _| async move { Ok(a + b) })
+        .unwrap()
+        .command(|Add(a, _), _| async move { Ok(a) });
+    match result {
+        Err(Error::DuplicateHandler { type_name }) => assert_eq!(type_name, "Add"),
+        Err(other) => panic!("expected DuplicateHandler, got {other:?}"),
+        Ok(_) => panic!("a second handler for Add was accepted"),
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_handler_is_a_typed_error_and_the_bus_survives() {
+    let bus = CommandBus::builder()
+        .command(|_: Explode, _| async move {
+            panic!("boom");
+        })
+        .unwrap()
+        .command(|Add(a, b), _| async move { Ok(a + b) })
+        .unwrap()
+        .build();
+    match bus.send(Explode).await {
+        Err(Error::HandlerPanicked { type_name, message }) => {
+            assert_eq!((type_name, message.as_str()), ("Explode", "boom"));
+        }
+        other => panic!("expected HandlerPanicked, got {other:?}"),
+    }
+    assert_eq!(bus.send(Add(1, 2)).await.unwrap(), 3, "the bus still works");
+}
+
+#[tokio::test]
+async fn validation_refuses_before_the_handler_runs() {
+    let ran = Arc::new(AtomicU32::new(0));
+    let counter = ran.clone();
+    let bus = CommandBus::builder()
+        .layer(ValidateLayer)
+        .command(move |_: Named, _| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async move { Ok(()) }
+        })
+        .unwrap()
+        .build();
+    match bus.send(Named(String::new())).await {
+        Err(Error::Invalid { type_name, reason }) => {
+            assert_eq!((type_name, reason.as_str()), ("Named", "name is empty"))
+        }
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    assert_eq!(ran.load(Ordering::SeqCst), 0);
+    bus.send(Named("ada".into())).await.unwrap();
+    assert_eq!(ran.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn timeout_fails_a_slow_handler_with_the_limit() {
+    let bus = CommandBus::builder()
+        .layer(TimeoutLayer::new(Duration::from_millis(50)))
+        .command(|_: Slow, _| async move {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            Ok(())
+        })
+        .unwrap()
+        .build();
+    match bus.send(Slow).await {
+        Err(Error::Timeout { operation, after }) => {
+            assert_eq!(
+                (operation.as_str(), after),
+                ("Slow", Duration::from_millis(50))
+            );
+        }
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_resends_on_conflict_only_and_gives_up_after_the_limit() {
+    let attempts = Arc::new(AtomicU32::new(0));
+    let seen = attempts.clone();
+    // Conflicts twice, then succeeds.
+    let bus = CommandBus::builder()
+        .layer(RetryLayer::new(3, Duration::from_millis(1)))
+        .command(move |Add(a, b), _| {
+            let n = seen.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n < 2 {
+                    Err(conflict())
+                } else {
+                    Ok(a + b)
+                }
+            }
+        })
+        .unwrap()
+        .build();
+    assert_eq!(bus.send(Add(1, 1)).await.unwrap(), 2);
+    assert_eq!(attempts.load(Ordering::SeqCst), 3);
+
+    let always = Arc::new(AtomicU32::new(0));
+    let seen = always.clone();
+    let bus = CommandBus::builder()
+        .layer(RetryLayer::new(2, Duration::from_millis(1)))
+        .command(move |_: Add, _| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            async move { Err::<u32, _>(conflict()) }
+        })
+        .unwrap()
+        .command(|_: Explode, _| async move {
+            Err(Error::Invalid {
+                type_name: "Explode",
+                reason: "no".into(),
+            })
+        })
+        .unwrap()
+        .build();
+    assert!(bus.send(Add(1, 1)).await.unwrap_err().is_conflict());
+    assert_eq!(always.load(Ordering::SeqCst), 3, "one try and two retries");
+    assert!(
+        matches!(bus.send(Explode).await, Err(Error::Invalid { .. })),
+        "other errors are not retried"
+    );
+}
+
+#[tokio::test]
+async fn metrics_count_dispatches_and_failures_per_type() {
+    let metrics = MetricsLayer::new();
+    let bus = CommandBus::builder()
+        .layer(TraceLayer)
+        .layer(metrics.clone())
+        .command(|Add(a, b), _| async move { Ok(a + b) })
+        .unwrap()
+        .command(|_: Explode, _| async move {
+            Err(Error::Invalid {
+                type_name: "Explode",
+                reason: "no".into(),
+            })
+        })
+        .unwrap()
+        .build();
+    bus.send(Add(1, 1)).await.unwrap();
+    bus.send(Add(1, 2)).await.unwrap();
+    bus.send(Explode).await.unwrap_err();
+    let snapshot = metrics.snapshot();
+    assert_eq!((snapshot["Add"].count, snapshot["Add"].failures), (2, 0));
+    assert_eq!(
+        (snapshot["Explode"].count, snapshot["Explode"].failures),
+        (1, 1)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn cache_serves_equal_queries_until_the_ttl_passes() {
+    let calls = Arc::new(AtomicU32::new(0));
+    let seen = calls.clone();
+    let bus = QueryBus::builder()
+        .layer(CacheLayer::new(Duration::from_secs(5)))
+        .query(move |Square(n), _| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            async move { Ok(n * n) }
+        })
+        .unwrap()
+        .build();
+    assert_eq!(bus.ask(Square(3)).await.unwrap(), 9);
+    assert_eq!(bus.ask(Square(3)).await.unwrap(), 9);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the second ask was served from the cache"
+    );
+    assert_eq!(bus.ask(Square(4)).await.unwrap(), 16);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "another query value is another entry"
+    );
+    tokio::time::advance(Duration::from_secs(6)).await;
+    assert_eq!(bus.ask(Square(3)).await.unwrap(), 9);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "expired entries are fetched again"
+    );
+}
+
+#[tokio::test]
+async fn handlers_receive_the_senders_metadata() {
+    let bus = CommandBus::builder()
+        .command(|_: Add, meta: Metadata| async move {
+            Ok(meta.user.get("user").map_or(0, |u| u.len() as u32))
+        })
+        .unwrap()
+        .build();
+    let meta = Metadata::correlated(uuid::Uuid::new_v4()).with("user", "ada");
+    assert_eq!(bus.send_with(Add(0, 0), meta).await.unwrap(), 3);
+}

@@ -1,0 +1,277 @@
+//! The repository: loading, conflicts and retries, snapshots, upcasting.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use keel::doc::{Counter, CounterEvent, ZeroIncrement};
+use keel::{
+    Aggregate, DomainEvent, Error, EventStore, ExpectedVersion, Metadata, NewEvent, Repository,
+    SnapshotPolicy, Upcasters,
+};
+use keel_memory::MemoryStore;
+use serde::{Deserialize, Serialize};
+
+#[tokio::test]
+async fn an_unknown_aggregate_loads_as_default_at_version_zero() {
+    let repo = Repository::<Counter>::new(Arc::new(MemoryStore::new()));
+    let loaded = repo.load("nobody").await.unwrap();
+    assert_eq!((loaded.state, loaded.version), (Counter::default(), 0));
+}
+
+#[tokio::test]
+async fn a_rejected_command_appends_nothing_and_keeps_the_domain_error() {
+    let store = Arc::new(MemoryStore::new());
+    let repo = Repository::<Counter>::new(store.clone());
+    repo.execute("c", 1).await.unwrap();
+    let err = repo.execute("c", 0).await.unwrap_err();
+    assert_eq!(err.rejection::<ZeroIncrement>(), Some(&ZeroIncrement));
+    assert_eq!(
+        store
+            .stream_version(&Counter::stream_id("c"))
+            .await
+            .unwrap(),
+        Some(1)
+    );
+}
+
+#[tokio::test]
+async fn execute_retries_a_conflict_and_counts_it() {
+    let store = Arc::new(MemoryStore::new());
+    let repo = Repository::<Counter>::builder(store.clone())
+        .retries(5, Duration::from_millis(1))
+        .build();
+    // Many concurrent commands on one aggregate: each conflict is retried, none is lost.
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let repo = repo.clone();
+            tokio::spawn(async move { repo.execute("hot", 1).await })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        if t.await.unwrap().is_ok() {
+            ok += 1;
+        }
+    }
+    let loaded = repo.load("hot").await.unwrap();
+    assert_eq!(
+        loaded.state.value, ok,
+        "every successful command counted once"
+    );
+    let m = repo.metrics();
+    assert_eq!(m.appends, ok);
+    assert_eq!(
+        m.conflicts,
+        m.retries + (16 - ok),
+        "every conflict was retried or reported"
+    );
+}
+
+#[tokio::test]
+async fn a_conflict_beyond_the_retry_limit_is_returned() {
+    let store = Arc::new(MemoryStore::new());
+    let repo = Repository::<Counter>::builder(store.clone())
+        .retries(0, Duration::ZERO)
+        .build();
+    repo.execute("c", 1).await.unwrap();
+    // A save with a stale expectation is refused with the exact versions.
+    let stale = repo
+        .save(
+            "c",
+            ExpectedVersion::NoStream,
+            &[CounterEvent::Incremented { by: 1 }],
+            &Metadata::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            stale,
+            Error::Conflict {
+                actual: Some(1),
+                ..
+            }
+        ),
+        "{stale:?}"
+    );
+    assert_eq!(repo.metrics().conflicts, 1);
+}
+
+#[tokio::test]
+async fn metadata_given_to_execute_lands_on_every_event() {
+    let store = Arc::new(MemoryStore::new());
+    let repo = Repository::<Counter>::new(store.clone());
+    let correlation = uuid::Uuid::new_v4();
+    repo.execute_with("m", 4, &Metadata::correlated(correlation))
+        .await
+        .unwrap();
+    let events: Vec<_> = store
+        .read_stream(&Counter::stream_id("m"), 1)
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(events[0].metadata.correlation_id, Some(correlation));
+}
+
+#[tokio::test]
+async fn snapshot_policy_is_off_by_default() {
+    let store = Arc::new(MemoryStore::new());
+    let repo = Repository::<Counter>::builder(store.clone())
+        .snapshots(store.clone(), SnapshotPolicy::default())
+        .build();
+    for _ in 0..30 {
+        repo.execute("s", 1).await.unwrap();
+    }
+    assert_eq!(repo.metrics().snapshots_taken, 0);
+}
+
+#[tokio::test]
+async fn a_snapshot_of_another_schema_version_is_ignored() {
+    #[derive(Default, Serialize, Deserialize, Debug, PartialEq)]
+    struct CounterV2 {
+        value: u64,
+    }
+    impl Aggregate for CounterV2 {
+        const TYPE: &'static str = "counter";
+        const SNAPSHOT_VERSION: u32 = 2;
+        type Command = u64;
+        type Event = CounterEvent;
+        type Error = ZeroIncrement;
+        fn handle(&self, by: u64) -> Result<Vec<CounterEvent>, ZeroIncrement> {
+            Ok(vec![CounterEvent::Incremented { by }])
+        }
+        fn apply(&mut self, CounterEvent::Incremented { by }: &CounterEvent) {
+            self.value += by;
+        }
+    }
+    let store = Arc::new(MemoryStore::new());
+    let v1 = Repository::<Counter>::builder(store.clone())
+        .snapshots(store.clone(), SnapshotPolicy::Every(2))
+        .build();
+    for _ in 0..4 {
+        v1.execute("x", 1).await.unwrap();
+    }
+    assert_eq!(v1.metrics().snapshots_taken, 2);
+    let v2 = Repository::<CounterV2>::builder(store.clone())
+        .snapshots(store.clone(), SnapshotPolicy::Every(2))
+        .build();
+    let loaded = v2.load("x").await.unwrap();
+    assert_eq!(loaded.state.value, 4);
+    assert_eq!(
+        v2.metrics().snapshot_hits,
+        0,
+        "the v1 snapshot was not used"
+    );
+    assert_eq!(v2.metrics().events_replayed, 4);
+}
+
+/// v2 of an event: `amount` was called `amt` in v1, and v1 had no currency.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+enum WalletEvent {
+    Paid { amount: u64, currency: String },
+}
+
+impl DomainEvent for WalletEvent {
+    fn event_type(&self) -> &'static str {
+        "Paid"
+    }
+    fn schema_version(&self) -> u32 {
+        3
+    }
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct Wallet {
+    paid: Vec<(u64, String)>,
+}
+
+impl Aggregate for Wallet {
+    const TYPE: &'static str = "wallet";
+    type Command = ();
+    type Event = WalletEvent;
+    type Error = std::convert::Infallible;
+    fn handle(&self, _: ()) -> Result<Vec<WalletEvent>, Self::Error> {
+        Ok(vec![])
+    }
+    fn apply(&mut self, WalletEvent::Paid { amount, currency }: &WalletEvent) {
+        self.paid.push((*amount, currency.clone()));
+    }
+}
+
+fn upcasters() -> Upcasters {
+    Upcasters::new()
+        .register("Paid", 1, |mut body| {
+            let amt = body.get("amt").cloned().ok_or("v1 `Paid` without `amt`")?;
+            body["amount"] = amt;
+            Ok::<_, &str>(body)
+        })
+        .register("Paid", 2, |mut body| {
+            body["currency"] = "EUR".into();
+            Ok::<_, &str>(body)
+        })
+}
+
+#[tokio::test]
+async fn old_events_are_upcast_through_the_chain_before_decoding() {
+    let store = Arc::new(MemoryStore::new());
+    let stream = Wallet::stream_id("w");
+    let v1 = NewEvent::new("Paid", 1, &br#"{"Paid":{"amt":5}}"#[..]);
+    let v2 = NewEvent::new("Paid", 2, &br#"{"Paid":{"amount":7}}"#[..]);
+    let v3 = NewEvent::encode(
+        &WalletEvent::Paid {
+            amount: 9,
+            currency: "USD".into(),
+        },
+        Metadata::default(),
+    )
+    .unwrap();
+    store
+        .append(&stream, ExpectedVersion::NoStream, vec![v1, v2, v3])
+        .await
+        .unwrap();
+    let repo = Repository::<Wallet>::builder(store.clone())
+        .upcasters(upcasters())
+        .build();
+    let wallet = repo.load("w").await.unwrap().state;
+    assert_eq!(
+        wallet.paid,
+        vec![(5, "EUR".into()), (7, "EUR".into()), (9, "USD".into())]
+    );
+}
+
+#[tokio::test]
+async fn a_failing_upcaster_names_the_event_and_its_version() {
+    let store = Arc::new(MemoryStore::new());
+    let stream = Wallet::stream_id("bad");
+    store
+        .append(
+            &stream,
+            ExpectedVersion::NoStream,
+            vec![NewEvent::new("Paid", 1, &br#"{"Paid":{"oops":1}}"#[..])],
+        )
+        .await
+        .unwrap();
+    let repo = Repository::<Wallet>::builder(store.clone())
+        .upcasters(upcasters())
+        .build();
+    match repo.load("bad").await {
+        Err(Error::Upcast {
+            stream: s,
+            version,
+            event_type,
+            from_version,
+            reason,
+        }) => {
+            assert_eq!(
+                (s, version, event_type.as_str(), from_version),
+                (stream, 1, "Paid", 1)
+            );
+            assert!(reason.contains("without `amt`"), "{reason}");
+        }
+        other => panic!(
+            "expected an upcast error, got {:?}",
+            other.map(|l| l.version)
+        ),
+    }
+}
