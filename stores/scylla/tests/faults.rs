@@ -1,0 +1,357 @@
+//! keel-scylla under faults and at its edges, on a real CQL node: bucket boundaries, a writer
+//! that dies before the feed hears of its events, a feeder that dies mid-plan, timed-out
+//! LWTs, payloads that no longer decode.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use keel::{Error, EventStore, ExpectedVersion, NewEvent, RecordedEvent, Repository, StreamId};
+use keel_scylla::KeelScylla;
+
+fn events(n: usize) -> Vec<NewEvent> {
+    (0..n)
+        .map(|i| {
+            NewEvent::new(
+                "Incremented",
+                1,
+                format!("{{\"Incremented\":{{\"by\":{}}}}}", i + 1).into_bytes(),
+            )
+        })
+        .collect()
+}
+
+async fn read(store: &KeelScylla, stream: &StreamId) -> Vec<RecordedEvent> {
+    store.read_stream(stream, 1).try_collect().await.unwrap()
+}
+
+fn assert_dense(events: &[RecordedEvent]) {
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e.version, i as u64 + 1, "versions are dense");
+    }
+    let ids: HashSet<_> = events.iter().map(|e| e.event_id).collect();
+    assert_eq!(ids.len(), events.len(), "no event stored twice");
+}
+
+/// Waits until the feed from `from` holds `count` events of `streams`.
+async fn feed_of(
+    store: &KeelScylla,
+    from: u64,
+    streams: &HashSet<StreamId>,
+    count: usize,
+    wait: Duration,
+) -> Vec<RecordedEvent> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let seen: Vec<RecordedEvent> = store
+            .read_all(from)
+            .try_filter(|e| futures::future::ready(streams.contains(&e.stream)))
+            .try_collect()
+            .await
+            .unwrap();
+        if seen.len() >= count || Instant::now() > deadline {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn appends_cross_bucket_boundaries_exactly() {
+    // bucket_size 500 (common::builder): versions 1..=500 in bucket 0, unless an append
+    // overflows it.
+    let store = common::open(common::builder(&common::fresh_keyspace("keel_bucket"))).await;
+    let stream = StreamId::new("acct-overflow");
+    store
+        .append(&stream, ExpectedVersion::NoStream, events(400))
+        .await
+        .unwrap();
+    // Starts in bucket 0 at 401 and overflows it up to 700.
+    let r = store
+        .append(&stream, ExpectedVersion::Exact(400), events(300))
+        .await
+        .unwrap();
+    assert_eq!((r.first_version, r.last_version), (401, 700));
+    // Version 701 belongs to bucket 1, which does not exist yet: the fresh path checks bucket 0.
+    assert!(store
+        .append(&stream, ExpectedVersion::Exact(699), events(1))
+        .await
+        .unwrap_err()
+        .is_conflict());
+    assert!(store
+        .append(&stream, ExpectedVersion::Exact(701), events(1))
+        .await
+        .unwrap_err()
+        .is_conflict());
+    assert!(store
+        .append(&stream, ExpectedVersion::Exact(1000), events(1))
+        .await
+        .unwrap_err()
+        .is_conflict());
+    store
+        .append(&stream, ExpectedVersion::Exact(700), events(300))
+        .await
+        .unwrap();
+    // Exactly at a boundary (1000 = 2 * 500): version 1001 opens bucket 2.
+    store
+        .append(&stream, ExpectedVersion::Exact(1000), events(2))
+        .await
+        .unwrap();
+    assert_eq!(store.stream_version(&stream).await.unwrap(), Some(1002));
+    let all = read(&store, &stream).await;
+    assert_eq!(all.len(), 1002);
+    assert_dense(&all);
+    let tail: Vec<RecordedEvent> = store.read_stream(&stream, 650).try_collect().await.unwrap();
+    assert_eq!(
+        tail.first().map(|e| e.version),
+        Some(650),
+        "a version in an overflowed bucket is found"
+    );
+    assert_eq!(tail.len(), 1002 - 649);
+    // Too many events for one partition is refused before anything is written.
+    match store
+        .append(&stream, ExpectedVersion::Exact(1002), events(501))
+        .await
+    {
+        Err(Error::Config { reason, .. }) => {
+            assert!(reason.contains("bucket size 500"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_appenders_at_a_bucket_boundary_have_one_winner() {
+    let store = Arc::new(common::open(common::builder(&common::fresh_keyspace("keel_race"))).await);
+    let stream = StreamId::new("acct-boundary");
+    store
+        .append(&stream, ExpectedVersion::NoStream, events(500))
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let (store, stream) = (store.clone(), stream.clone());
+            tokio::spawn(async move {
+                store
+                    .append(&stream, ExpectedVersion::Exact(500), events(3))
+                    .await
+            })
+        })
+        .collect();
+    let mut wins = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => wins += 1,
+            Err(e) => assert!(e.is_conflict(), "only conflicts may fail: {e}"),
+        }
+    }
+    assert_eq!(wins, 1);
+    let all = read(&store, &stream).await;
+    assert_eq!(all.len(), 503);
+    assert_dense(&all);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_of_a_writer_that_died_before_the_feed_heard_reach_the_feed_once() {
+    let keyspace = common::fresh_keyspace("keel_dead");
+    // The writer has no feeder and is gone after its appends: only its markers remain.
+    let writer = common::open(common::builder(&keyspace).feeder(false)).await;
+    let streams: Vec<StreamId> = (0..5)
+        .map(|i| StreamId::new(format!("order-{i}")))
+        .collect();
+    for s in &streams {
+        writer
+            .append(s, ExpectedVersion::NoStream, events(3))
+            .await
+            .unwrap();
+        writer
+            .append(s, ExpectedVersion::Exact(3), events(2))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        writer
+            .read_all(1)
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap()
+            .len(),
+        0,
+        "nothing fed yet"
+    );
+    drop(writer);
+    // A new process with a feeder finds the markers and publishes every event once.
+    let feeder = common::open(common::builder(&keyspace)).await;
+    let wanted: HashSet<StreamId> = streams.iter().cloned().collect();
+    let fed = feed_of(&feeder, 1, &wanted, 25, Duration::from_secs(20)).await;
+    assert_eq!(fed.len(), 25, "every committed event reached the feed");
+    let ids: HashSet<_> = fed.iter().map(|e| e.event_id).collect();
+    assert_eq!(ids.len(), 25, "none twice");
+    for s in &streams {
+        let versions: Vec<u64> = fed
+            .iter()
+            .filter(|e| &e.stream == s)
+            .map(|e| e.version)
+            .collect();
+        assert_eq!(versions, vec![1, 2, 3, 4, 5], "per-stream order");
+    }
+    // Give the feeder more rounds: nothing is published again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let again: Vec<RecordedEvent> = feeder.read_all(1).try_collect().await.unwrap();
+    assert_eq!(again.len(), 25);
+    assert_eq!(feeder.metrics().fed_events, 25);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_feeder_that_dies_mid_plan_is_finished_by_the_next() {
+    let keyspace = common::fresh_keyspace("keel_plan");
+    let writer = common::open(common::builder(&keyspace).feeder(false)).await;
+    let stream = StreamId::new("cart-1");
+    writer
+        .append(&stream, ExpectedVersion::NoStream, events(4))
+        .await
+        .unwrap();
+    // A feeder allocated positions 1..=4 for the stream and died before writing any feed row.
+    let plan = serde_json::json!([{ "stream": "cart-1", "first": 1, "last": 4, "position": 1 }]);
+    let session = writer.session();
+    session
+        .query_unpaged(
+            format!(
+                "INSERT INTO {keyspace}.feed_meta (id, head, plan) VALUES (0, 4, ?) IF NOT EXISTS"
+            ),
+            (serde_json::to_vec(&plan).unwrap(),),
+        )
+        .await
+        .unwrap();
+    let feeder = common::open(common::builder(&keyspace)).await;
+    writer
+        .append(&stream, ExpectedVersion::Exact(4), events(1))
+        .await
+        .unwrap();
+    let wanted: HashSet<StreamId> = [stream.clone()].into();
+    let fed = feed_of(&feeder, 1, &wanted, 5, Duration::from_secs(20)).await;
+    let positions: Vec<(u64, u64)> = fed
+        .iter()
+        .map(|e| (e.position.unwrap(), e.version))
+        .collect();
+    assert_eq!(
+        positions,
+        vec![(1, 1), (2, 2), (3, 3), (4, 4), (5, 5)],
+        "the plan's positions kept, the rest after"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn timed_out_appends_are_resolved_by_reading_back() {
+    let keyspace = common::fresh_keyspace("keel_lwt");
+    // A 1 ms client timeout: nearly every LWT outlives it, so its outcome must be read back.
+    let store = Arc::new(
+        common::open(common::builder(&keyspace).append_timeout(Duration::from_millis(1))).await,
+    );
+    let stream = StreamId::new("acct-timeouts");
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (store, stream) = (store.clone(), stream.clone());
+            tokio::spawn(async move {
+                let mut committed = Vec::new();
+                let mut unsure = Vec::new();
+                for _ in 0..10 {
+                    let event = events(1).remove(0);
+                    let id = event.event_id;
+                    let at = store.stream_version(&stream).await.unwrap().unwrap_or(0);
+                    match store
+                        .append(&stream, ExpectedVersion::from_version(at), vec![event])
+                        .await
+                    {
+                        Ok(_) => committed.push(id),
+                        Err(e) if e.is_conflict() => {}
+                        Err(Error::Timeout { .. }) | Err(Error::UnknownOutcome { .. }) => {
+                            unsure.push(id)
+                        }
+                        Err(e) => panic!("unexpected error: {e}"),
+                    }
+                }
+                (committed, unsure)
+            })
+        })
+        .collect();
+    let mut committed = HashSet::new();
+    for t in tasks {
+        let (ok, _unsure) = t.await.unwrap();
+        committed.extend(ok);
+    }
+    let all = read(&store, &stream).await;
+    assert_dense(&all);
+    let stored: HashSet<_> = all.iter().map(|e| e.event_id).collect();
+    assert!(
+        committed.is_subset(&stored),
+        "every reported success is stored"
+    );
+    assert!(!committed.is_empty(), "some appends succeeded");
+    assert!(
+        store.metrics().unknown_outcomes > 0,
+        "the timeout was actually hit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn undecodable_metadata_is_a_typed_error_naming_the_event() {
+    let keyspace = common::fresh_keyspace("keel_corrupt");
+    let store = Arc::new(common::open(common::builder(&keyspace)).await);
+    let repo = Repository::<keel::doc::Counter>::new(store.clone());
+    repo.execute("c1", 2).await.unwrap();
+    repo.execute("c1", 3).await.unwrap();
+    // Somebody damaged the stored metadata of version 2.
+    store
+        .session()
+        .query_unpaged(
+            format!("UPDATE {keyspace}.events SET metadata = 0xdeadbeef WHERE stream = 'counter-c1' AND bucket = 0 AND version = 2"),
+            (),
+        )
+        .await
+        .unwrap();
+    match repo.load("c1").await {
+        Err(Error::Decode {
+            stream,
+            version,
+            event_type,
+            ..
+        }) => {
+            assert_eq!(
+                (stream.as_str(), version, event_type.as_str()),
+                ("counter-c1", 2, "Incremented")
+            );
+        }
+        other => panic!("expected a decode error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn feeder_lease_moves_to_the_next_store_on_shutdown() {
+    let keyspace = common::fresh_keyspace("keel_lead");
+    let first = common::open(common::builder(&keyspace)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !first.is_feeding() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(first.is_feeding(), "the only store leads");
+    let second = common::open(common::builder(&keyspace)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!second.is_feeding(), "one feeder at a time");
+    first.shutdown().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !second.is_feeding() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(second.is_feeding(), "the second store took over");
+    let stream = StreamId::new("after-handover");
+    second
+        .append(&stream, ExpectedVersion::NoStream, events(2))
+        .await
+        .unwrap();
+    let fed = feed_of(&second, 1, &[stream].into(), 2, Duration::from_secs(10)).await;
+    assert_eq!(fed.len(), 2);
+}

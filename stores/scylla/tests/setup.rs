@@ -1,0 +1,143 @@
+//! Building the store: identifier checks, idempotent schema, locked bucket sizes, tenants.
+
+mod common;
+
+use futures::TryStreamExt;
+use keel::{EventStore, ExpectedVersion, NewEvent, StreamId};
+use keel_scylla::{Error, KeelScylla};
+
+#[tokio::test]
+async fn injection_attempts_in_names_are_refused_before_any_cql() {
+    for bad in [
+        "keel; DROP KEYSPACE system_auth",
+        "x' OR '1'='1",
+        "Tenant",
+        "a.b",
+        "",
+    ] {
+        // No node is given: if the name reached the connection step we would see NoNodes.
+        match KeelScylla::builder().keyspace(bad).build().await {
+            Err(Error::InvalidIdentifier { what, name, .. }) => {
+                assert_eq!((what, name.as_str()), ("keyspace", bad))
+            }
+            Err(other) => panic!("{bad:?}: expected InvalidIdentifier, got {other}"),
+            Ok(_) => panic!("{bad:?} was accepted"),
+        }
+    }
+    let err = KeelScylla::builder()
+        .keyspace("keel; drop")
+        .build()
+        .await
+        .err()
+        .unwrap();
+    let as_keel: keel::Error = err.into();
+    assert!(
+        matches!(as_keel, keel::Error::Config { ref field, .. } if field == "keyspace"),
+        "{as_keel}"
+    );
+}
+
+#[tokio::test]
+async fn missing_nodes_and_bad_settings_are_named() {
+    assert!(matches!(
+        KeelScylla::builder().build().await,
+        Err(Error::NoNodes)
+    ));
+    match KeelScylla::builder()
+        .known_node("127.0.0.1:9042")
+        .bucket_size(0)
+        .build()
+        .await
+    {
+        Err(Error::InvalidSetting { field, .. }) => assert_eq!(field, "bucket_size"),
+        other => panic!("expected InvalidSetting, got {:?}", other.err()),
+    }
+}
+
+#[tokio::test]
+async fn building_twice_on_one_keyspace_is_idempotent_and_keeps_data() {
+    let keyspace = common::fresh_keyspace("keel_idem");
+    let stream = StreamId::new("s-1");
+    {
+        let store = common::open(common::builder(&keyspace).feeder(false)).await;
+        store
+            .append(
+                &stream,
+                ExpectedVersion::NoStream,
+                vec![NewEvent::new("E", 1, &b"{}"[..])],
+            )
+            .await
+            .unwrap();
+    }
+    let again = common::open(common::builder(&keyspace).feeder(false)).await;
+    let events: Vec<_> = again.read_stream(&stream, 1).try_collect().await.unwrap();
+    assert_eq!(events.len(), 1);
+    let (version,): (i32,) = again
+        .session()
+        .query_unpaged(
+            format!("SELECT version FROM {keyspace}.keel_schema WHERE id = 0"),
+            (),
+        )
+        .await
+        .unwrap()
+        .into_rows_result()
+        .unwrap()
+        .single_row()
+        .unwrap();
+    assert_eq!(
+        version,
+        keel_scylla::SCHEMA_VERSION,
+        "the schema version is recorded"
+    );
+}
+
+#[tokio::test]
+async fn a_keyspace_refuses_other_bucket_sizes() {
+    let keyspace = common::fresh_keyspace("keel_lock");
+    drop(common::open(common::builder(&keyspace).feeder(false)).await);
+    match common::builder(&keyspace)
+        .feeder(false)
+        .bucket_size(1_000)
+        .build()
+        .await
+    {
+        Err(Error::Schema { reason, .. }) => {
+            assert!(reason.contains("bucket_size 500"), "{reason}")
+        }
+        Err(other) => panic!("expected a schema error, got {other}"),
+        Ok(_) => panic!("a different bucket size was accepted"),
+    }
+}
+
+#[tokio::test]
+async fn tenants_in_separate_keyspaces_do_not_see_each_other() {
+    let (a, b) = (
+        common::fresh_keyspace("keel_tenant"),
+        common::fresh_keyspace("keel_tenant"),
+    );
+    let tenant_a = common::open(common::builder(&a).feeder(false)).await;
+    let tenant_b = common::open(common::builder(&b).feeder(false)).await;
+    let stream = StreamId::new("account-1");
+    tenant_a
+        .append(
+            &stream,
+            ExpectedVersion::NoStream,
+            vec![NewEvent::new("E", 1, &b"{}"[..])],
+        )
+        .await
+        .unwrap();
+    assert_eq!(tenant_b.stream_version(&stream).await.unwrap(), None);
+    tenant_b
+        .append(
+            &stream,
+            ExpectedVersion::NoStream,
+            vec![
+                NewEvent::new("E", 1, &b"{}"[..]),
+                NewEvent::new("E", 1, &b"{}"[..]),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(tenant_a.stream_version(&stream).await.unwrap(), Some(1));
+    assert_eq!(tenant_b.stream_version(&stream).await.unwrap(), Some(2));
+}
