@@ -25,7 +25,7 @@ use crate::{KeelScylla, Shared};
 pub(crate) const PAGE: i32 = 1_000;
 
 /// How many times an append whose outcome turned out "not committed" is tried again.
-const ATTEMPTS: usize = 3;
+pub(crate) const ATTEMPTS: usize = 3;
 
 /// One statement's values in the append batch: the head guard, then one insert per event.
 enum AppendRow<'a> {
@@ -166,7 +166,21 @@ impl Shared {
         }
     }
 
+    /// Writes the feed marker for an append about to happen. When this process runs the
+    /// leading feeder (which hears of the append directly), a marker this process wrote for the
+    /// stream recently is reused, as long as the feeder's recheck of that marker still comes
+    /// after this append has finished: the marker then only has to cover a crash.
     async fn write_marker(&self, stream: &str) -> Result<()> {
+        let started = std::time::Instant::now();
+        if self.wake.leading.load(Ordering::Relaxed) {
+            let markers = self.markers.lock().unwrap_or_else(|p| p.into_inner());
+            if markers
+                .get(stream)
+                .is_some_and(|at| at.elapsed() < self.marker_reuse)
+            {
+                return Ok(());
+            }
+        }
         let now = keel::event::now_millis();
         self.session
             .execute_unpaged(
@@ -175,6 +189,12 @@ impl Shared {
             )
             .await
             .map_err(|e| store_err(format!("write feed marker for `{stream}`"), e))?;
+        let mut markers = self.markers.lock().unwrap_or_else(|p| p.into_inner());
+        if markers.len() > 100_000 {
+            let reuse = self.marker_reuse;
+            markers.retain(|_, at| at.elapsed() < reuse);
+        }
+        markers.insert(stream.to_owned(), started);
         Ok(())
     }
 
@@ -191,9 +211,7 @@ impl Shared {
         let mut batch = Batch::new(BatchType::Logged);
         batch.set_serial_consistency(self.st.head_cond.get_serial_consistency());
         batch.set_is_idempotent(false);
-        if let Some(t) = self.st.append_timeout {
-            batch.set_request_timeout(Some(t));
-        }
+        batch.set_request_timeout(Some(self.st.append_timeout));
         let guard = if fresh {
             batch.append_statement(self.st.head_new.clone());
             AppendRow::HeadNew(last, stream, bucket)
@@ -362,7 +380,7 @@ impl Shared {
         }
         Err(Error::Timeout {
             operation: format!("append to `{s}` (not committed after {ATTEMPTS} attempts)"),
-            after: self.st.append_timeout.unwrap_or_default() * ATTEMPTS as u32,
+            after: self.st.append_timeout * ATTEMPTS as u32,
         })
     }
 

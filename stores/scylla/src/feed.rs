@@ -45,6 +45,8 @@ const FULL_LOOKBACK_MS: i64 = 3_600_000;
 #[derive(Default)]
 pub(crate) struct Wake {
     enabled: AtomicBool,
+    /// Whether this process's feeder holds the lease (its appends are fed without markers).
+    pub(crate) leading: AtomicBool,
     streams: Mutex<HashSet<StreamId>>,
     notify: Notify,
 }
@@ -79,6 +81,7 @@ pub(crate) struct FeederConfig {
     pub(crate) lease_ttl: Duration,
     pub(crate) interval: Duration,
     pub(crate) settle_after: Duration,
+    pub(crate) gather: Duration,
 }
 
 /// The running feeder task of one store.
@@ -128,6 +131,7 @@ impl Feeder {
         self.task.abort();
         let lease = self.lease.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.leader.store(false, Ordering::Relaxed);
+        self.shared.wake.leading.store(false, Ordering::Relaxed);
         if let Some(lease) = lease {
             if let Err(e) = self.shared.release_lease(&lease).await {
                 tracing::warn!(error = %e, "feeder lease release failed; it expires by itself");
@@ -178,7 +182,10 @@ impl FeederState {
                 }
             }
             tokio::select! {
-                _ = self.shared.wake.notify.notified() => {}
+                _ = self.shared.wake.notify.notified() => {
+                    // Let a burst of appends gather so one allocation covers them all.
+                    tokio::time::sleep(self.config.gather).await;
+                }
                 _ = tokio::time::sleep(self.config.interval) => {}
             }
         }
@@ -191,6 +198,10 @@ impl FeederState {
 
     fn set_lease(&mut self, lease: Option<Lease>) {
         self.leader.store(lease.is_some(), Ordering::Relaxed);
+        self.shared
+            .wake
+            .leading
+            .store(lease.is_some(), Ordering::Relaxed);
         *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = lease;
     }
 

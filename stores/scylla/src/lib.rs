@@ -80,13 +80,14 @@ pub struct KeelScyllaBuilder {
     replication: Replication,
     bucket_size: i64,
     feed_bucket_size: i64,
-    append_timeout: Option<Duration>,
+    append_timeout: Duration,
     serial: SerialConsistency,
     feeder: bool,
     feeder_id: String,
     feeder_lease_ttl: Duration,
     feeder_interval: Duration,
     settle_after: Duration,
+    feeder_gather: Duration,
 }
 
 impl Default for KeelScyllaBuilder {
@@ -98,13 +99,14 @@ impl Default for KeelScyllaBuilder {
             replication: Replication::Simple(1),
             bucket_size: DEFAULT_BUCKET_SIZE,
             feed_bucket_size: DEFAULT_FEED_BUCKET_SIZE,
-            append_timeout: None,
+            append_timeout: Duration::from_secs(5),
             serial: SerialConsistency::LocalSerial,
             feeder: true,
             feeder_id: uuid::Uuid::new_v4().to_string(),
             feeder_lease_ttl: Duration::from_secs(10),
             feeder_interval: Duration::from_millis(100),
-            settle_after: Duration::from_secs(15),
+            settle_after: Duration::from_secs(60),
+            feeder_gather: Duration::from_millis(20),
         }
     }
 }
@@ -154,10 +156,10 @@ impl KeelScyllaBuilder {
         self
     }
 
-    /// Client-side timeout of the append's LWT (default: the driver's). On expiry the outcome
-    /// is read back at SERIAL consistency.
+    /// Client-side timeout of the append's LWT (default 5 s). On expiry the outcome is read
+    /// back at SERIAL consistency.
     pub fn append_timeout(mut self, timeout: Duration) -> Self {
-        self.append_timeout = Some(timeout);
+        self.append_timeout = timeout;
         self
     }
 
@@ -186,8 +188,18 @@ impl KeelScyllaBuilder {
         self
     }
 
-    /// How long after an append's marker the feeder checks its stream once more (default 15 s;
-    /// keep it above the append timeout).
+    /// How long the feeder waits after hearing of an append before publishing (default 20 ms),
+    /// so that one position allocation covers a burst of appends. It adds that much to the
+    /// feed's latency and saves one LWT per append under load.
+    pub fn feeder_gather(mut self, gather: Duration) -> Self {
+        self.feeder_gather = gather;
+        self
+    }
+
+    /// How long after an append's marker the feeder checks its stream once more (default 60 s).
+    /// It must exceed the longest an append can take (3 attempts of `append_timeout` plus their
+    /// read-backs); within what is left, appends to a stream reuse its last marker instead of
+    /// writing a new one (see `docs/scylla.md`).
     pub fn settle_after(mut self, after: Duration) -> Self {
         self.settle_after = after;
         self
@@ -208,6 +220,22 @@ impl KeelScyllaBuilder {
                 });
             }
         }
+        let longest_append = self.append_timeout * 2 * events::ATTEMPTS as u32;
+        if self.settle_after <= longest_append {
+            return Err(Error::InvalidSetting {
+                field: "settle_after",
+                reason: format!(
+                    "{:?} must exceed the longest an append can take ({longest_append:?} with append_timeout {:?})",
+                    self.settle_after, self.append_timeout
+                ),
+            });
+        }
+        // An append reusing a marker written at T commits by T + reuse + longest_append, which
+        // stays before the feeder's recheck at T + settle_after, with 5 s for clock skew.
+        let marker_reuse = self
+            .settle_after
+            .saturating_sub(longest_append + Duration::from_secs(5))
+            / 2;
         if self.feeder_lease_ttl < Duration::from_secs(1) {
             return Err(Error::InvalidSetting {
                 field: "feeder_lease_ttl",
@@ -249,6 +277,8 @@ impl KeelScyllaBuilder {
             st: statements,
             counters: Counters::default(),
             wake: feed::Wake::default(),
+            markers: std::sync::Mutex::new(std::collections::HashMap::new()),
+            marker_reuse,
         });
         let feeder = if self.feeder {
             Some(feed::Feeder::start(
@@ -258,6 +288,7 @@ impl KeelScyllaBuilder {
                     lease_ttl: self.feeder_lease_ttl,
                     interval: self.feeder_interval,
                     settle_after: self.settle_after,
+                    gather: self.feeder_gather,
                 },
             ))
         } else {
@@ -287,7 +318,12 @@ pub(crate) struct Shared {
     pub(crate) st: Statements,
     pub(crate) counters: Counters,
     pub(crate) wake: feed::Wake,
+    /// When this process last wrote a marker for each stream.
+    pub(crate) markers: std::sync::Mutex<std::collections::HashMap<StreamKey, std::time::Instant>>,
+    pub(crate) marker_reuse: Duration,
 }
+
+pub(crate) type StreamKey = String;
 
 impl KeelScylla {
     /// A builder; at least a node (or a session) is needed.
@@ -357,7 +393,7 @@ pub(crate) struct Statements {
     pub(crate) lease_bump: PreparedStatement,
     pub(crate) lease_renew: PreparedStatement,
     pub(crate) lease_release: PreparedStatement,
-    pub(crate) append_timeout: Option<Duration>,
+    pub(crate) append_timeout: Duration,
 }
 
 impl Statements {

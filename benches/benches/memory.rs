@@ -1,0 +1,198 @@
+//! Keel on the memory store against hand-written baselines, measured in the same run.
+//!
+//! `cargo bench -p keel-benches --bench memory` (or `./scripts/bench`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion};
+use futures::TryStreamExt;
+use keel::doc::{Counter, CounterEvent};
+use keel::{
+    Aggregate, Command, CommandBus, EventStore, ExpectedVersion, Metadata, NewEvent, Repository,
+    SnapshotPolicy,
+};
+use keel_memory::MemoryStore;
+
+const STREAM_LEN: u64 = 10_000;
+
+#[derive(Clone)]
+struct Increment {
+    id: String,
+    by: u64,
+}
+
+impl Command for Increment {
+    type Output = u64;
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// One command through the bus and the repository to a memory append, against a
+/// hand-written loop that does the same work by hand: load the events of the aggregate from a
+/// map, decode them, apply, decide, encode the new event and push it.
+fn command(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("command");
+    group.bench_function("baseline: hand-written map loop", |b| {
+        let mut streams: HashMap<String, Vec<Bytes>> = HashMap::new();
+        let mut n = 0u64;
+        b.iter(|| {
+            n += 1;
+            let id = format!("c-{}", n % 1_000);
+            let events = streams.entry(id).or_default();
+            let mut state = Counter::default();
+            for payload in events.iter() {
+                let event: CounterEvent = serde_json::from_slice(payload).unwrap();
+                state.apply(&event);
+            }
+            let new = state.handle(1).unwrap();
+            for e in new {
+                events.push(Bytes::from(serde_json::to_vec(&e).unwrap()));
+            }
+        })
+    });
+    group.bench_function("keel: bus -> repository -> memory", |b| {
+        let store = Arc::new(MemoryStore::new());
+        let repo = Repository::<Counter>::new(store);
+        let bus = CommandBus::builder()
+            .command(move |c: Increment, meta: Metadata| {
+                let repo = repo.clone();
+                async move { Ok(repo.execute_with(&c.id, c.by, &meta).await?.version) }
+            })
+            .unwrap()
+            .build();
+        let mut n = 0u64;
+        b.iter(|| {
+            n += 1;
+            let id = format!("c-{}", n % 1_000);
+            rt.block_on(bus.send(Increment { id, by: 1 })).unwrap()
+        })
+    });
+    group.finish();
+}
+
+fn counter_payloads() -> Vec<Bytes> {
+    (0..STREAM_LEN)
+        .map(|i| {
+            Bytes::from(serde_json::to_vec(&CounterEvent::Incremented { by: i % 7 + 1 }).unwrap())
+        })
+        .collect()
+}
+
+async fn filled_store(policy: SnapshotPolicy) -> (Arc<MemoryStore>, Repository<Counter>) {
+    let store = Arc::new(MemoryStore::new());
+    let repo = Repository::<Counter>::builder(store.clone())
+        .snapshots(store.clone(), policy)
+        .build();
+    let stream = Counter::stream_id("long");
+    let events: Vec<NewEvent> = (0..STREAM_LEN)
+        .map(|i| {
+            NewEvent::encode(
+                &CounterEvent::Incremented { by: i % 7 + 1 },
+                Metadata::default(),
+            )
+            .unwrap()
+        })
+        .collect();
+    for (i, chunk) in events.chunks(1_000).enumerate() {
+        store
+            .append(
+                &stream,
+                ExpectedVersion::from_version(i as u64 * 1_000),
+                chunk.to_vec(),
+            )
+            .await
+            .unwrap();
+    }
+    (store, repo)
+}
+
+/// Loading a 10,000-event aggregate by replay, against decoding and applying the same payloads
+/// from a Vec in a hand-written loop.
+fn replay(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("replay_10k");
+    group.measurement_time(Duration::from_secs(5));
+    let payloads = counter_payloads();
+    group.bench_function("baseline: hand-written apply loop", |b| {
+        b.iter(|| {
+            let mut state = Counter::default();
+            for p in &payloads {
+                let e: CounterEvent = serde_json::from_slice(p).unwrap();
+                state.apply(&e);
+            }
+            state.value
+        })
+    });
+    let (_store, repo) = rt.block_on(filled_store(SnapshotPolicy::Never));
+    group.bench_function("keel: repository load", |b| {
+        b.iter(|| rt.block_on(repo.load("long")).unwrap().state.value)
+    });
+    group.finish();
+}
+
+/// Loading the same aggregate with a snapshot at version 10,000 against without.
+fn snapshot(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("load_10k_snapshot");
+    let (store, _) = rt.block_on(filled_store(SnapshotPolicy::Never));
+    // A repository with no snapshot store replays everything; one with it starts from the
+    // snapshot saved below at version 10,000.
+    let plain = Repository::<Counter>::new(store.clone());
+    let with = Repository::<Counter>::builder(store.clone())
+        .snapshots(store.clone(), SnapshotPolicy::Every(STREAM_LEN))
+        .build();
+    let loaded = rt.block_on(plain.load("long")).unwrap();
+    rt.block_on(keel::SnapshotStore::save_snapshot(
+        &*store,
+        keel::Snapshot {
+            stream: Counter::stream_id("long"),
+            version: loaded.version,
+            schema_version: Counter::SNAPSHOT_VERSION,
+            payload: Bytes::from(serde_json::to_vec(&loaded.state).unwrap()),
+            taken_at: 0,
+        },
+    ))
+    .unwrap();
+    group.bench_function("without snapshot", |b| {
+        b.iter(|| rt.block_on(plain.load("long")).unwrap().version)
+    });
+    group.bench_function("with snapshot", |b| {
+        b.iter(|| rt.block_on(with.load("long")).unwrap().version)
+    });
+    group.finish();
+}
+
+/// Reading the whole feed through `read_all`, the raw material of a projection rebuild.
+fn feed(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("feed_read_10k");
+    let (store, _) = rt.block_on(filled_store(SnapshotPolicy::Never));
+    group.bench_function("keel: read_all", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                store
+                    .read_all(1)
+                    .try_fold(0u64, |n, _| async move { Ok(n + 1) })
+                    .await
+                    .unwrap()
+            })
+        })
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    targets = command, replay, snapshot, feed
+}
+criterion_main!(benches);

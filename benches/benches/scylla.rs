@@ -1,0 +1,280 @@
+//! keel-scylla against the raw driver doing the same work, in the same run, on the node of
+//! `scripts/scylla-node` (or `KEEL_SCYLLA_NODES`).
+//!
+//! `./scripts/bench` starts the node and runs this.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use futures::{StreamExt, TryStreamExt};
+use keel::doc::{Counter, CounterEvent};
+use keel::{
+    Aggregate, EventStore, ExpectedVersion, Metadata, NewEvent, Repository, SnapshotStore, StreamId,
+};
+use keel_scylla::KeelScylla;
+use scylla::client::session::Session;
+use scylla::value::CqlTimestamp;
+use uuid::Uuid;
+
+const LONG: u64 = 10_000;
+
+struct Bench {
+    rt: tokio::runtime::Runtime,
+    store: KeelScylla,
+    session: Arc<Session>,
+    keyspace: String,
+}
+
+fn setup() -> Bench {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let nodes = std::env::var("KEEL_SCYLLA_NODES").unwrap_or_else(|_| "127.0.0.1:9042".into());
+    let keyspace = format!("keel_bench_{}", &Uuid::new_v4().simple().to_string()[..8]);
+    let store = rt
+        .block_on(
+            KeelScylla::builder()
+                .known_nodes(nodes.split(','))
+                .keyspace(&keyspace)
+                .build(),
+        )
+        .unwrap_or_else(|e| panic!("no CQL node at {nodes}: {e}; run ./scripts/scylla-node start"));
+    let session = store.session().clone();
+    rt.block_on(async {
+        session
+            .query_unpaged(
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {keyspace}.raw_events (stream text, version bigint, event_id uuid, \
+                     event_type text, schema_version int, payload blob, metadata blob, recorded_at timestamp, \
+                     PRIMARY KEY ((stream), version))"
+                ),
+                (),
+            )
+            .await
+            .unwrap();
+        // Let the feeder take its lease before measuring.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !store.is_feeding() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    Bench {
+        rt,
+        store,
+        session,
+        keyspace,
+    }
+}
+
+fn payload() -> Bytes {
+    Bytes::from(serde_json::to_vec(&CounterEvent::Incremented { by: 1 }).unwrap())
+}
+
+fn appends(c: &mut Criterion, b: &Bench) {
+    let mut group = c.benchmark_group("scylla_append");
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(8));
+    let raw = b.rt.block_on(b.session.prepare(format!(
+        "INSERT INTO {}.raw_events (stream, version, event_id, event_type, schema_version, payload, metadata, recorded_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS",
+        b.keyspace
+    )))
+    .unwrap();
+    let body = payload();
+    let version = AtomicI64::new(0);
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("baseline: raw driver LWT insert, 1 event", |bench| {
+        bench.to_async(&b.rt).iter(|| async {
+            let v = version.fetch_add(1, Ordering::Relaxed) + 1;
+            let values = (
+                "raw-1",
+                v,
+                Uuid::new_v4(),
+                "Incremented",
+                1i32,
+                &body[..],
+                None::<Vec<u8>>,
+                CqlTimestamp(0),
+            );
+            let result = b.session.execute_unpaged(&raw, values).await.unwrap();
+            assert!(result
+                .into_rows_result()
+                .unwrap()
+                .single_row::<(bool,)>()
+                .map(|(a,)| a)
+                .unwrap_or(true));
+        })
+    });
+    for batch in [1usize, 10] {
+        let stream = StreamId::new(format!("keel-{batch}"));
+        let at = AtomicI64::new(0);
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_function(
+            format!("keel: append, {batch} event(s) per commit"),
+            |bench| {
+                bench.to_async(&b.rt).iter(|| async {
+                    let events: Vec<NewEvent> = (0..batch)
+                        .map(|_| NewEvent::new("Incremented", 1, body.clone()))
+                        .collect();
+                    let v = at.load(Ordering::Relaxed) as u64;
+                    let r = b
+                        .store
+                        .append(&stream, ExpectedVersion::from_version(v), events)
+                        .await
+                        .unwrap();
+                    at.store(r.last_version as i64, Ordering::Relaxed);
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+fn loads(c: &mut Criterion, b: &Bench) {
+    let repo = Repository::<Counter>::new(Arc::new(b.store.clone()));
+    let stream = Counter::stream_id("long");
+    b.rt.block_on(async {
+        let mut v = 0;
+        while v < LONG {
+            let events: Vec<NewEvent> = (0..500)
+                .map(|_| {
+                    NewEvent::encode(&CounterEvent::Incremented { by: 1 }, Metadata::default())
+                        .unwrap()
+                })
+                .collect();
+            v = b
+                .store
+                .append(&stream, ExpectedVersion::from_version(v), events)
+                .await
+                .unwrap()
+                .last_version;
+        }
+        let loaded = repo.load("long").await.unwrap();
+        b.store
+            .save_snapshot(keel::Snapshot {
+                stream: stream.clone(),
+                version: loaded.version,
+                schema_version: Counter::SNAPSHOT_VERSION,
+                payload: Bytes::from(serde_json::to_vec(&loaded.state).unwrap()),
+                taken_at: 0,
+            })
+            .await
+            .unwrap();
+    });
+    let with = Repository::<Counter>::builder(Arc::new(b.store.clone()))
+        .snapshots(Arc::new(b.store.clone()), keel::SnapshotPolicy::Every(LONG))
+        .build();
+    let mut group = c.benchmark_group("scylla_load_10k");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(8));
+    group.bench_function("without snapshot", |bench| {
+        bench
+            .to_async(&b.rt)
+            .iter(|| async { assert_eq!(repo.load("long").await.unwrap().version, LONG) })
+    });
+    group.bench_function("with snapshot", |bench| {
+        bench
+            .to_async(&b.rt)
+            .iter(|| async { assert_eq!(with.load("long").await.unwrap().version, LONG) })
+    });
+    group.finish();
+}
+
+fn feed(c: &mut Criterion, b: &Bench) {
+    // Wait until the feeder has published everything appended so far.
+    let head = b.rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let head = b.store.feed_head().await.unwrap();
+            let readable = b
+                .store
+                .read_all(1)
+                .try_fold(0u64, |n, _| async move { Ok(n + 1) })
+                .await
+                .unwrap();
+            if (readable == head && head >= LONG) || Instant::now() > deadline {
+                break readable;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let raw = b.rt.block_on(b.session.prepare(format!(
+        "SELECT position, stream, version, event_id, event_type, schema_version, payload, metadata, recorded_at \
+         FROM {}.feed WHERE bucket = ?",
+        b.keyspace
+    )))
+    .unwrap();
+    let mut group = c.benchmark_group("scylla_feed_read");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(8));
+    group.throughput(Throughput::Elements(head));
+    type FeedRow = (
+        i64,
+        String,
+        i64,
+        Uuid,
+        String,
+        i32,
+        Bytes,
+        Option<Vec<u8>>,
+        CqlTimestamp,
+    );
+    group.bench_function(
+        format!("baseline: raw driver paged scan, {head} rows"),
+        |bench| {
+            bench.to_async(&b.rt).iter(|| async {
+                let mut n = 0u64;
+                let buckets = head as i64 / 100_000;
+                for bucket in 0..=buckets {
+                    let mut rows = b
+                        .session
+                        .execute_iter(raw.clone(), (bucket,))
+                        .await
+                        .unwrap()
+                        .rows_stream::<FeedRow>()
+                        .unwrap();
+                    while let Some(row) = rows.next().await {
+                        row.unwrap();
+                        n += 1;
+                    }
+                }
+                assert_eq!(n, head);
+            })
+        },
+    );
+    group.bench_function(format!("keel: read_all, {head} events"), |bench| {
+        bench.to_async(&b.rt).iter(|| async {
+            let n = b
+                .store
+                .read_all(1)
+                .try_fold(0u64, |n, _| async move { Ok(n + 1) })
+                .await
+                .unwrap();
+            assert_eq!(n, head);
+        })
+    });
+    group.finish();
+}
+
+fn all(c: &mut Criterion) {
+    let b = setup();
+    appends(c, &b);
+    loads(c, &b);
+    feed(c, &b);
+    b.rt.block_on(b.store.shutdown());
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_secs(2));
+    targets = all
+}
+criterion_main!(benches);
