@@ -70,6 +70,7 @@ pub mod bus;
 pub mod error;
 pub mod event;
 pub mod metrics;
+pub mod projection;
 pub mod repository;
 pub mod store;
 pub mod upcast;

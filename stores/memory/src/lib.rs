@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use dashmap::DashMap;
 use futures::stream;
+use keel::projection::{Control, DeadLetter, ProjectionStatus, ProjectionStore};
 use keel::{
     AppendResult, CheckpointStore, Error, EventStore, EventStream, ExpectedVersion, Lease,
     LeaseStore, NewEvent, RecordedEvent, Result, Snapshot, SnapshotStore, StreamId,
@@ -51,6 +52,9 @@ struct Inner {
     snapshots: DashMap<StreamId, Snapshot>,
     checkpoints: DashMap<String, u64>,
     leases: Mutex<std::collections::HashMap<String, HeldLease>>,
+    statuses: DashMap<String, ProjectionStatus>,
+    requests: DashMap<String, Control>,
+    dead_letters: DashMap<String, Vec<DeadLetter>>,
 }
 
 struct HeldLease {
@@ -271,5 +275,45 @@ impl LeaseStore for MemoryStore {
             }
             _ => Ok(false),
         }
+    }
+}
+
+#[async_trait]
+impl ProjectionStore for MemoryStore {
+    async fn save_status(&self, status: &ProjectionStatus) -> Result<()> {
+        self.inner.statuses.insert(status.name.clone(), status.clone());
+        Ok(())
+    }
+
+    async fn load_status(&self, name: &str) -> Result<Option<ProjectionStatus>> {
+        Ok(self.inner.statuses.get(name).map(|s| s.clone()))
+    }
+
+    async fn list_status(&self) -> Result<Vec<ProjectionStatus>> {
+        let mut all: Vec<ProjectionStatus> = self.inner.statuses.iter().map(|s| s.clone()).collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(all)
+    }
+
+    async fn request(&self, name: &str, control: Control) -> Result<()> {
+        self.inner.requests.insert(name.to_owned(), control);
+        Ok(())
+    }
+
+    async fn take_request(&self, name: &str) -> Result<Option<Control>> {
+        Ok(self.inner.requests.remove(name).map(|(_, c)| c))
+    }
+
+    async fn add_dead_letter(&self, letter: &DeadLetter) -> Result<()> {
+        self.inner
+            .dead_letters
+            .entry(letter.projection.clone())
+            .or_default()
+            .push(letter.clone());
+        Ok(())
+    }
+
+    async fn dead_letters(&self, name: &str) -> Result<Vec<DeadLetter>> {
+        Ok(self.inner.dead_letters.get(name).map(|l| l.clone()).unwrap_or_default())
     }
 }

@@ -12,3 +12,4 @@ keel::conformance_tests!(events, store);
 keel::conformance_tests!(snapshots, store);
 keel::conformance_tests!(checkpoints, store);
 keel::conformance_tests!(leases, store);
+keel::conformance_tests!(projections, store);

@@ -9,7 +9,9 @@
 //! ```
 //!
 //! Sections: `events` ([`EventStore`]), `snapshots` ([`EventStore`] + [`SnapshotStore`]),
-//! `checkpoints` ([`CheckpointStore`]), `leases` ([`LeaseStore`]). Each case uses fresh stream and
+//! `checkpoints` ([`CheckpointStore`]), `leases` ([`LeaseStore`]), `projections` (all of
+//! those plus [`ProjectionStore`](crate::projection::ProjectionStore), running a
+//! [`ProjectionManager`](crate::projection::ProjectionManager) on the store). Each case uses fresh stream and
 //! worker names, so the factory may hand every case the same database; feed cases only look at
 //! their own streams and tolerate other writers.
 //!
@@ -24,6 +26,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::TryStreamExt;
 use uuid::Uuid;
+
+mod projections;
+
+pub use projections::*;
 
 use crate::doc::{Counter, CounterEvent};
 use crate::error::Error;
@@ -82,6 +88,14 @@ macro_rules! conformance_tests {
     (checkpoints, $factory:expr) => {
         $crate::conformance_tests!(@section checkpoints, $factory; checkpoint_round_trip);
     };
+    (projections, $factory:expr) => {
+        $crate::conformance_tests!(@section projections, $factory;
+            projection_store_round_trip, projection_catches_up_in_order,
+            projection_resumes_from_checkpoint, projection_reports_lag,
+            projection_stops_on_poison_event, projection_dead_letters_when_told,
+            projection_pause_resume_reset, projection_rebuilds_while_writes_continue,
+            projection_has_one_active_instance);
+    };
     (leases, $factory:expr) => {
         $crate::conformance_tests!(@section leases, $factory;
             lease_is_exclusive, lease_release_only_by_holder, lease_expires);
@@ -100,11 +114,11 @@ macro_rules! conformance_tests {
     };
 }
 
-fn fresh_stream(prefix: &str) -> StreamId {
+pub(crate) fn fresh_stream(prefix: &str) -> StreamId {
     StreamId::new(format!("{prefix}-{}", Uuid::new_v4().simple()))
 }
 
-fn counter_events(bys: &[u64]) -> Vec<NewEvent> {
+pub(crate) fn counter_events(bys: &[u64]) -> Vec<NewEvent> {
     bys.iter()
         .map(|&by| NewEvent::encode(&CounterEvent::Incremented { by }, Metadata::default()))
         .collect::<Result<_, _>>()
@@ -124,7 +138,7 @@ async fn read<S: EventStore + ?Sized>(
 }
 
 /// Waits until the feed from `from` holds `count` events of `streams`; returns them in feed order.
-async fn wait_for_feed<S: EventStore + ?Sized>(
+pub(crate) async fn wait_for_feed<S: EventStore + ?Sized>(
     store: &S,
     from: u64,
     streams: &[&StreamId],

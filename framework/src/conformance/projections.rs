@@ -1,0 +1,322 @@
+//! Conformance cases for the projection store and the projection manager on a store.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use uuid::Uuid;
+
+use super::{counter_events, fresh_stream, wait_for_feed, FEED_WAIT};
+use crate::error::BoxError;
+use crate::event::{ExpectedVersion, RecordedEvent, StreamId};
+use crate::projection::{
+    Control, DeadLetter, ErrorPolicy, FailedEvent, Generations, Projection, ProjectionManager,
+    ProjectionState, ProjectionStatus, ProjectionStore,
+};
+use crate::store::{CheckpointStore, EventStore, LeaseStore};
+
+/// Everything a store needs to host projections.
+pub trait ProjectionHost: EventStore + CheckpointStore + LeaseStore + ProjectionStore {}
+impl<S: EventStore + CheckpointStore + LeaseStore + ProjectionStore> ProjectionHost for S {}
+
+/// Records which events of its own streams it saw, per generation; can be told to fail on
+/// events of one stream.
+struct Recorder {
+    name: String,
+    prefix: String,
+    model: Generations<Vec<(String, u64)>>,
+    poison: Option<String>,
+    poisoned: AtomicBool,
+}
+
+impl Recorder {
+    fn new(prefix: &str) -> Arc<Self> {
+        Self::poisoned_on(prefix, None)
+    }
+
+    fn poisoned_on(prefix: &str, poison: Option<String>) -> Arc<Self> {
+        Arc::new(Recorder {
+            name: format!("{prefix}-proj"),
+            prefix: prefix.to_owned(),
+            model: Generations::default(),
+            poison,
+            poisoned: AtomicBool::new(true),
+        })
+    }
+
+    fn seen(&self) -> Vec<(String, u64)> {
+        self.model.read(|m| m.clone())
+    }
+}
+
+#[async_trait]
+impl Projection for Recorder {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    async fn apply(&self, generation: u64, event: &RecordedEvent) -> Result<(), BoxError> {
+        if !event.stream.as_str().starts_with(&self.prefix) {
+            return Ok(());
+        }
+        if self.poisoned.load(Ordering::SeqCst) && self.poison.as_deref() == Some(event.stream.as_str()) {
+            return Err("this event cannot be projected".into());
+        }
+        self.model.update(generation, |m| m.push((event.stream.to_string(), event.version)));
+        Ok(())
+    }
+    async fn reset(&self, generation: u64) -> Result<(), BoxError> {
+        self.model.reset(generation);
+        Ok(())
+    }
+    async fn activate(&self, generation: u64) -> Result<(), BoxError> {
+        self.model.activate(generation);
+        Ok(())
+    }
+}
+
+fn manager<S: ProjectionHost>(store: &Arc<S>, projection: Arc<dyn Projection>) -> ProjectionManager {
+    ProjectionManager::builder(store.clone(), store.clone(), store.clone(), store.clone())
+        .projection(projection)
+        .batch_size(64)
+        .lease_ttl(Duration::from_secs(2))
+        .poll_interval(Duration::from_millis(20))
+        .build()
+}
+
+/// Appends `per_stream` events to `count` fresh streams under `prefix` and waits for the feed.
+async fn write<S: ProjectionHost>(store: &Arc<S>, prefix: &str, count: usize, per_stream: u64) -> Vec<StreamId> {
+    let from = store.feed_head().await.unwrap() + 1;
+    let streams: Vec<StreamId> = (0..count).map(|_| fresh_stream(prefix)).collect();
+    for s in &streams {
+        let bys: Vec<u64> = (1..=per_stream).collect();
+        store.append(s, ExpectedVersion::NoStream, counter_events(&bys)).await.unwrap();
+    }
+    let refs: Vec<&StreamId> = streams.iter().collect();
+    wait_for_feed(&**store, from, &refs, count * per_stream as usize).await;
+    streams
+}
+
+/// Every event of the projection's streams, in feed order: what a model built from scratch holds.
+async fn from_scratch<S: ProjectionHost>(store: &Arc<S>, prefix: &str) -> Vec<(String, u64)> {
+    store
+        .read_all(1)
+        .try_filter(|e| futures::future::ready(e.stream.as_str().starts_with(prefix)))
+        .map_ok(|e| (e.stream.to_string(), e.version))
+        .try_collect()
+        .await
+        .unwrap()
+}
+
+fn prefix() -> String {
+    format!("p{}", &Uuid::new_v4().simple().to_string()[..10])
+}
+
+/// Statuses, requests and dead letters round-trip through the projection store.
+pub async fn projection_store_round_trip<S: ProjectionHost>(store: Arc<S>) {
+    let name = format!("{}-proj", prefix());
+    assert!(store.load_status(&name).await.unwrap().is_none());
+    let status = ProjectionStatus {
+        name: name.clone(),
+        state: ProjectionState::Failed,
+        generation: 2,
+        checkpoint: 17,
+        head: 20,
+        lag_events: 4,
+        lag_ms: 12,
+        processed: 16,
+        last_error: Some("boom".into()),
+        failed_event: Some(FailedEvent { stream: "s-1".into(), version: 3, event_type: "E".into(), position: 17 }),
+        rebuild: None,
+        dead_letters: 1,
+        owner: "m1".into(),
+        updated_at: 1,
+    };
+    store.save_status(&status).await.unwrap();
+    assert_eq!(store.load_status(&name).await.unwrap(), Some(status.clone()));
+    assert!(store.list_status().await.unwrap().iter().any(|s| s == &status));
+    assert_eq!(store.take_request(&name).await.unwrap(), None);
+    store.request(&name, Control::Pause).await.unwrap();
+    store.request(&name, Control::ResetTo(5)).await.unwrap();
+    assert_eq!(store.take_request(&name).await.unwrap(), Some(Control::ResetTo(5)), "the latest request wins");
+    assert_eq!(store.take_request(&name).await.unwrap(), None, "a request is taken once");
+    let letter = DeadLetter { projection: name.clone(), event: status.failed_event.clone().unwrap(), error: "bad".into(), at: 7 };
+    store.add_dead_letter(&letter).await.unwrap();
+    assert_eq!(store.dead_letters(&name).await.unwrap(), vec![letter]);
+}
+
+/// Catch-up applies every event of the history once, in per-stream order, and reports no lag.
+pub async fn projection_catches_up_in_order<S: ProjectionHost>(store: Arc<S>) {
+    let p = prefix();
+    write(&store, &p, 4, 5).await;
+    let recorder = Recorder::new(&p);
+    let m = manager(&store, recorder.clone());
+    let status = m.catch_up(&recorder.name).await.unwrap();
+    assert_eq!(recorder.seen(), from_scratch(&store, &p).await);
+    assert_eq!(recorder.seen().len(), 20);
+    assert_eq!(status.state, ProjectionState::Running);
+    assert_eq!(status.checkpoint, status.head + 1, "checkpoint is the next position");
+}
+
+/// A new manager resumes from the checkpoint: nothing missed, nothing applied twice.
+pub async fn projection_resumes_from_checkpoint<S: ProjectionHost>(store: Arc<S>) {
+    let p = prefix();
+    write(&store, &p, 2, 3).await;
+    let recorder = Recorder::new(&p);
+    let first = manager(&store, recorder.clone());
+    first.catch_up(&recorder.name).await.unwrap();
+    first.stop().await;
+    write(&store, &p, 2, 3).await;
+    let second = manager(&store, recorder.clone());
+    second.catch_up(&recorder.name).await.unwrap();
+    let seen = recorder.seen();
+    assert_eq!(seen, from_scratch(&store, &p).await, "the second manager applied exactly the rest");
+    assert_eq!(seen.len(), 12);
+}
+
+/// Lag is the number of feed events after the checkpoint, and 0 once caught up.
+pub async fn projection_reports_lag<S: ProjectionHost>(store: Arc<S>) {
+    let p = prefix();
+    let recorder = Recorder::new(&p);
+    let m = manager(&store, recorder.clone());
+    m.catch_up(&recorder.name).await.unwrap();
+    write(&store, &p, 1, 7).await;
+    let status = m.status(&recorder.name).await.unwrap();
+    assert!(status.lag_events >= 7, "at least our 7 events are behind: {}", status.lag_events);
+    assert_eq!(status.lag_events, status.head + 1 - status.checkpoint);
+    let status = m.catch_up(&recorder.name).await.unwrap();
+    assert_eq!(status.lag_events, 0);
+    assert!(status.lag_ms >= 0);
+}
+
+/// A failing event stops the projection with the event named; resume retries it.
+pub async fn projection_stops_on_poison_event<S: ProjectionHost>(store: Arc<S>) {
+    let p = prefix();
+    let streams = write(&store, &p, 3, 2).await;
+    let bad = streams[1].to_string();
+    let recorder = Recorder::poisoned_on(&p, Some(bad.clone()));
+    let m = manager(&store, recorder.clone());
+    let status = m.catch_up(&recorder.name).await.unwrap();
+    assert_eq!(status.state, ProjectionState::Failed);
+    let failed = status.failed_event.clone().expect("the failed event is identified");
+    assert_eq!((failed.stream.as_str(), failed.version, failed.event_type.as_str()), (bad.as_str(), 1, "Incremented"));
+    assert_eq!(status.checkpoint, failed.position, "the checkpoint stays on the failed event");
+    assert!(status.last_error.as_deref().unwrap_or("").contains(&bad));
+    assert!(!recorder.seen().iter().any(|(s, _)| s == &bad), "nothing after the failure");
+    // Nothing moves while failed.
+    assert_eq!(m.catch_up(&recorder.name).await.unwrap().checkpoint, failed.position);
+    // Fixed: resume applies the event and everything after it.
+    recorder.poisoned.store(false, Ordering::SeqCst);
+    m.resume(&recorder.name).await.unwrap();
+    let status = m.catch_up(&recorder.name).await.unwrap();
+    assert_eq!(status.state, ProjectionState::Running);
+    assert_eq!(recorder.seen(), from_scratch(&store, &p).await);
+}
+
+/// Under the dead-letter policy a failing event is recorded and skipped, never silently.
+pub async fn projection_dead_letters_when_told<S: ProjectionHost>(store: Arc<S>) {
+    let p = prefix();
+    let streams = write(&store, &p, 2, 2).await;
+    let bad = streams[0].to_string();
+    let recorder = Recorder::poisoned_on(&p, Some(bad.clone()));
+    let m = ProjectionManager::builder(store.clone(), store.clone(), store.clone(), store.clone())
+        .projection(recorder.clone())
+        .on_error(ErrorPolicy::DeadLetter)
+        .build();
+    let status = m.catch_up(&recorder.name).await.unwrap();
+    assert_eq!(status.state, ProjectionState::Running);
+    assert_eq!(status.dead_letters, 2);
+    let letters = store.dead_letters(&recorder.name).await.unwrap();
+    assert_eq!(letters.iter().map(|l| (l.event.stream.clone(), l.event.version)).collect::<Vec<_>>(), vec![(bad.clone(), 1), (bad, 2)]);
+    assert_eq!(recorder.seen().len(), 2, "the other stream's events were applied");
+}
+
+/// Pause stops, resume continues, reset replays from a position.
+pub async fn projection_pause_resume_reset<S: ProjectionHost>(store: Arc<S>) {
+    let p = prefix();
+    let recorder = Recorder::new(&p);
+    let m = manager(&store, recorder.clone());
+    m.catch_up(&recorder.name).await.unwrap();
+    // An operator's request through the store is picked up by the manager.
+    store.request(&recorder.name, Control::Pause).await.unwrap();
+    write(&store, &p, 1, 3).await;
+    let status = m.catch_up(&recorder.name).await.unwrap();
+    assert_eq!(status.state, ProjectionState::Paused);
+    assert!(recorder.seen().is_empty(), "paused: nothing applied");
+    assert_eq!(store.load_status(&recorder.name).await.unwrap().unwrap().state, ProjectionState::Paused);
+    m.resume(&recorder.name).await.unwrap();
+    m.catch_up(&recorder.name).await.unwrap();
+    assert_eq!(recorder.seen().len(), 3);
+    let first = from_scratch_positions(&store, &p).await[0];
+    m.reset(&recorder.name, first).await.unwrap();
+    m.catch_up(&recorder.name).await.unwrap();
+    assert_eq!(recorder.seen().len(), 6, "reset replays our three events");
+}
+
+async fn from_scratch_positions<S: ProjectionHost>(store: &Arc<S>, prefix: &str) -> Vec<u64> {
+    store
+        .read_all(1)
+        .try_filter(|e| futures::future::ready(e.stream.as_str().starts_with(prefix)))
+        .map_ok(|e| e.position.unwrap())
+        .try_collect()
+        .await
+        .unwrap()
+}
+
+/// A rebuild fills a new generation while writes continue, queries see the old one until the
+/// switch, and the result equals a model built from scratch.
+pub async fn projection_rebuilds_while_writes_continue<S: ProjectionHost>(store: Arc<S>) {
+    let p = prefix();
+    write(&store, &p, 3, 10).await;
+    let recorder = Recorder::new(&p);
+    let m = manager(&store, recorder.clone());
+    m.catch_up(&recorder.name).await.unwrap();
+    let before = recorder.seen();
+    assert_eq!(recorder.model.active(), 1);
+    let writer = {
+        let (store, p) = (store.clone(), p.clone());
+        tokio::spawn(async move {
+            for _ in 0..5 {
+                let s = fresh_stream(&p);
+                store.append(&s, ExpectedVersion::NoStream, counter_events(&[1, 2])).await.unwrap();
+            }
+        })
+    };
+    let rebuilt = m.rebuild(&recorder.name).await.unwrap();
+    assert!(rebuilt >= before.len() as u64, "the rebuild went through the history ({rebuilt} events)");
+    assert_eq!(recorder.model.active(), 2, "the new generation is active");
+    writer.await.unwrap();
+    // Let the feed publish the last writes, then catch up on the new generation.
+    let deadline = std::time::Instant::now() + FEED_WAIT;
+    loop {
+        m.catch_up(&recorder.name).await.unwrap();
+        let expected = from_scratch(&store, &p).await;
+        if expected.len() == 40 || std::time::Instant::now() > deadline {
+            assert_eq!(recorder.seen(), expected, "the rebuilt model equals one built from scratch");
+            assert_eq!(expected.len(), 40);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = m.status(&recorder.name).await.unwrap();
+    assert_eq!((status.generation, status.state), (2, ProjectionState::Running));
+}
+
+/// Of two managers only the lease holder applies events; the other takes over when it stops.
+pub async fn projection_has_one_active_instance<S: ProjectionHost>(store: Arc<S>) {
+    let p = prefix();
+    write(&store, &p, 1, 4).await;
+    let (a, b) = (Recorder::new(&p), Recorder::new(&p));
+    let first = manager(&store, a.clone());
+    let second = manager(&store, b.clone());
+    assert_eq!(first.catch_up(&a.name).await.unwrap().state, ProjectionState::Running);
+    let standby = second.catch_up(&b.name).await.unwrap();
+    assert_eq!(standby.state, ProjectionState::Standby);
+    assert!(b.seen().is_empty(), "the standby applied nothing");
+    first.stop().await;
+    write(&store, &p, 1, 2).await;
+    let status = second.catch_up(&b.name).await.unwrap();
+    assert_eq!(status.state, ProjectionState::Running);
+    assert_eq!(b.seen().len(), 2, "the new holder continued from the shared checkpoint");
+}

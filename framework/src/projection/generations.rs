@@ -1,0 +1,76 @@
+//! [`Generations`]: an in-memory read model with blue/green generations.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+/// An in-memory read model kept per generation: queries read the active one while a rebuild
+/// fills the next. Cloning shares the data.
+#[derive(Debug)]
+pub struct Generations<M> {
+    inner: Arc<RwLock<State<M>>>,
+}
+
+#[derive(Debug)]
+struct State<M> {
+    active: u64,
+    models: BTreeMap<u64, M>,
+}
+
+impl<M> Clone for Generations<M> {
+    fn clone(&self) -> Self {
+        Generations {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<M: Default> Default for Generations<M> {
+    fn default() -> Self {
+        Generations {
+            inner: Arc::new(RwLock::new(State {
+                active: 1,
+                models: BTreeMap::new(),
+            })),
+        }
+    }
+}
+
+impl<M: Default> Generations<M> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State<M>> {
+        // Updates are single closures over plain data; a panic inside one leaves a model
+        // no worse than a half-applied batch, which replay repairs.
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts `generation` empty.
+    pub fn reset(&self, generation: u64) {
+        self.write().models.insert(generation, M::default());
+    }
+
+    /// Changes `generation` (creating it empty if needed).
+    pub fn update<R>(&self, generation: u64, f: impl FnOnce(&mut M) -> R) -> R {
+        f(self.write().models.entry(generation).or_default())
+    }
+
+    /// Makes `generation` the one [`read`](Generations::read) sees, and drops older ones.
+    pub fn activate(&self, generation: u64) {
+        let mut state = self.write();
+        state.models.entry(generation).or_default();
+        state.active = generation;
+        state.models.retain(|g, _| *g >= generation);
+    }
+
+    /// Reads the active generation.
+    pub fn read<R>(&self, f: impl FnOnce(&M) -> R) -> R {
+        let state = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        match state.models.get(&state.active) {
+            Some(model) => f(model),
+            None => f(&M::default()),
+        }
+    }
+
+    /// The active generation.
+    pub fn active(&self) -> u64 {
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).active
+    }
+}

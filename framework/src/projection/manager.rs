@@ -1,0 +1,618 @@
+//! The [`ProjectionManager`]: runs projections from their checkpoints, rebuilds them, reports.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use tokio::sync::Mutex as AsyncMutex;
+use tracing::Instrument;
+
+use super::{
+    Control, DeadLetter, FailedEvent, Projection, ProjectionState, ProjectionStatus,
+    ProjectionStore, RebuildProgress,
+};
+use crate::error::{Error, Result};
+use crate::event::{now_millis, RecordedEvent};
+use crate::store::{CheckpointStore, EventStore, Lease, LeaseStore};
+
+/// What a projection does when `apply` fails.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ErrorPolicy {
+    /// Stop the projection on the event, with the event and the error in its status, until
+    /// an operator resumes (retrying the event) or resets it. The default.
+    #[default]
+    Stop,
+    /// Record the event as a dead letter (visible in the status count and the store) and go on.
+    DeadLetter,
+}
+
+#[derive(Clone)]
+struct Config {
+    id: String,
+    batch_size: usize,
+    poll: Duration,
+    lease_ttl: Duration,
+    policy: ErrorPolicy,
+}
+
+/// Configures a [`ProjectionManager`].
+pub struct ProjectionManagerBuilder {
+    events: Arc<dyn EventStore>,
+    checkpoints: Arc<dyn CheckpointStore>,
+    leases: Arc<dyn LeaseStore>,
+    store: Arc<dyn ProjectionStore>,
+    projections: Vec<Arc<dyn Projection>>,
+    config: Config,
+}
+
+impl ProjectionManagerBuilder {
+    /// Adds a projection.
+    pub fn projection(mut self, projection: Arc<dyn Projection>) -> Self {
+        self.projections.push(projection);
+        self
+    }
+
+    /// Events read per batch (default 500); one checkpoint save per batch.
+    pub fn batch_size(mut self, size: usize) -> Self {
+        self.config.batch_size = size.max(1);
+        self
+    }
+
+    /// How long a caught-up projection waits before looking for new events (default 100 ms).
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.config.poll = interval;
+        self
+    }
+
+    /// The projection leases' time to live (default 10 s): how long a dead manager keeps
+    /// another from taking over.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.config.lease_ttl = ttl;
+        self
+    }
+
+    /// What to do when a projection fails on an event (default: stop).
+    pub fn on_error(mut self, policy: ErrorPolicy) -> Self {
+        self.config.policy = policy;
+        self
+    }
+
+    /// This manager's identity in leases and status (default: a random UUID).
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.config.id = id.into();
+        self
+    }
+
+    /// The manager. Two projections with one name are refused.
+    pub fn build(self) -> ProjectionManager {
+        let mut slots = HashMap::new();
+        for projection in self.projections {
+            let name = projection.name().to_owned();
+            slots.insert(
+                name.clone(),
+                Arc::new(Slot {
+                    projection,
+                    runner: AsyncMutex::new(Runner::new(name)),
+                }),
+            );
+        }
+        ProjectionManager {
+            inner: Arc::new(Inner {
+                events: self.events,
+                checkpoints: self.checkpoints,
+                leases: self.leases,
+                store: self.store,
+                slots,
+                config: self.config,
+                tasks: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+}
+
+/// Runs projections: catch-up from the checkpoint, then live; blue/green rebuilds; pause,
+/// resume, reset; one active instance per projection through a lease; status published to
+/// a [`ProjectionStore`] where an operator's tool can read and steer it.
+///
+/// Cloning is cheap and shares everything.
+#[derive(Clone)]
+pub struct ProjectionManager {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    events: Arc<dyn EventStore>,
+    checkpoints: Arc<dyn CheckpointStore>,
+    leases: Arc<dyn LeaseStore>,
+    store: Arc<dyn ProjectionStore>,
+    slots: HashMap<String, Arc<Slot>>,
+    config: Config,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+struct Slot {
+    projection: Arc<dyn Projection>,
+    runner: AsyncMutex<Runner>,
+}
+
+struct Rebuild {
+    generation: u64,
+    checkpoint: u64,
+    started: Instant,
+    done: u64,
+    total: u64,
+}
+
+/// The mutable state of one projection in this manager.
+struct Runner {
+    name: String,
+    loaded: bool,
+    generation: u64,
+    checkpoint: u64,
+    state: ProjectionState,
+    processed: u64,
+    head: u64,
+    lag_ms: i64,
+    last_error: Option<String>,
+    failed_event: Option<FailedEvent>,
+    dead_letters: u64,
+    lease: Option<Lease>,
+    renewed: Instant,
+    rebuild: Option<Rebuild>,
+    last_rebuild_events: u64,
+}
+
+impl Runner {
+    fn new(name: String) -> Self {
+        Runner {
+            name,
+            loaded: false,
+            generation: 1,
+            checkpoint: 1,
+            state: ProjectionState::Stopped,
+            processed: 0,
+            head: 0,
+            lag_ms: 0,
+            last_error: None,
+            failed_event: None,
+            dead_letters: 0,
+            lease: None,
+            renewed: Instant::now(),
+            rebuild: None,
+            last_rebuild_events: 0,
+        }
+    }
+
+    fn generation_key(&self) -> String {
+        format!("{}/generation", self.name)
+    }
+
+    fn checkpoint_key(&self, generation: u64) -> String {
+        format!("{}/{generation}", self.name)
+    }
+
+    fn lease_name(&self) -> String {
+        format!("projection/{}", self.name)
+    }
+
+    fn status(&self, owner: &str) -> ProjectionStatus {
+        ProjectionStatus {
+            name: self.name.clone(),
+            state: self.state,
+            generation: self.generation,
+            checkpoint: self.checkpoint,
+            head: self.head,
+            lag_events: (self.head + 1).saturating_sub(self.checkpoint),
+            lag_ms: self.lag_ms,
+            processed: self.processed,
+            last_error: self.last_error.clone(),
+            failed_event: self.failed_event.clone(),
+            rebuild: self.rebuild.as_ref().map(|r| {
+                let secs = r.started.elapsed().as_secs_f64().max(1e-3);
+                let rate = r.done as f64 / secs;
+                let left = r.total.saturating_sub(r.done) as f64;
+                RebuildProgress {
+                    generation: r.generation,
+                    done: r.done,
+                    total: r.total,
+                    rate,
+                    eta_secs: if rate > 0.0 { left / rate } else { 0.0 },
+                }
+            }),
+            dead_letters: self.dead_letters,
+            owner: owner.to_owned(),
+            updated_at: now_millis(),
+        }
+    }
+}
+
+/// What one step of a projection achieved.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    /// Applied (or skipped) this many events.
+    Progress(usize),
+    /// Nothing to do now.
+    Idle,
+}
+
+fn projection_error(name: &str, e: crate::error::BoxError) -> Error {
+    Error::store("projection", format!("projection `{name}`"), e)
+}
+
+impl ProjectionManager {
+    /// A builder over the stores it needs: events (the feed), checkpoints, leases, and the
+    /// projection store for status and requests. One store value often implements all four.
+    pub fn builder(
+        events: Arc<dyn EventStore>,
+        checkpoints: Arc<dyn CheckpointStore>,
+        leases: Arc<dyn LeaseStore>,
+        store: Arc<dyn ProjectionStore>,
+    ) -> ProjectionManagerBuilder {
+        ProjectionManagerBuilder {
+            events,
+            checkpoints,
+            leases,
+            store,
+            projections: Vec::new(),
+            config: Config {
+                id: uuid::Uuid::new_v4().to_string(),
+                batch_size: 500,
+                poll: Duration::from_millis(100),
+                lease_ttl: Duration::from_secs(10),
+                policy: ErrorPolicy::Stop,
+            },
+        }
+    }
+
+    fn slot(&self, name: &str) -> Result<&Arc<Slot>> {
+        self.inner.slots.get(name).ok_or_else(|| Error::Config {
+            field: "projection".into(),
+            reason: format!("no projection named `{name}` is registered with this manager"),
+        })
+    }
+
+    /// The names of the registered projections.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.inner.slots.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// Starts one background task per projection; they run until [`stop`](Self::stop).
+    pub fn start(&self) {
+        let mut tasks = self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        for slot in self.inner.slots.values() {
+            let (inner, slot) = (self.inner.clone(), slot.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let step = {
+                        let mut runner = slot.runner.lock().await;
+                        inner.step(&slot, &mut runner).await
+                    };
+                    match step {
+                        Ok(Step::Progress(_)) => tokio::task::yield_now().await,
+                        Ok(Step::Idle) => tokio::time::sleep(inner.config.poll).await,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "projection step failed; retrying");
+                            tokio::time::sleep(inner.config.poll * 5).await;
+                        }
+                    }
+                }
+            }));
+        }
+    }
+
+    /// Stops the background tasks, releases the leases and publishes `stopped`.
+    pub async fn stop(&self) {
+        let tasks = std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        for slot in self.inner.slots.values() {
+            let mut runner = slot.runner.lock().await;
+            if let Some(lease) = runner.lease.take() {
+                let _ = self.inner.leases.release(&lease).await;
+            }
+            runner.state = ProjectionState::Stopped;
+            let _ = self.inner.store.save_status(&runner.status(&self.inner.config.id)).await;
+        }
+    }
+
+    /// Processes `name` until it has nothing left to do right now (caught up, paused, failed,
+    /// or held by another manager), and returns its status. Useful in tests and tools; the
+    /// background tasks of [`start`](Self::start) do the same continuously.
+    pub async fn catch_up(&self, name: &str) -> Result<ProjectionStatus> {
+        let slot = self.slot(name)?;
+        loop {
+            let mut runner = slot.runner.lock().await;
+            match self.inner.step(slot, &mut runner).await? {
+                Step::Progress(_) => continue,
+                Step::Idle => return Ok(runner.status(&self.inner.config.id)),
+            }
+        }
+    }
+
+    /// Rebuilds `name` blue/green and waits until the new generation is active; returns the
+    /// number of events the rebuild processed. Queries keep reading the old generation
+    /// until the switch.
+    pub async fn rebuild(&self, name: &str) -> Result<u64> {
+        let slot = self.slot(name)?;
+        {
+            let mut runner = slot.runner.lock().await;
+            self.inner.control(slot, &mut runner, Control::Rebuild).await?;
+        }
+        loop {
+            let mut runner = slot.runner.lock().await;
+            let step = self.inner.step(slot, &mut runner).await?;
+            if runner.state == ProjectionState::Failed {
+                let reason = runner.last_error.clone().unwrap_or_else(|| "the rebuild stopped".into());
+                return Err(Error::store("projection", format!("rebuild of `{name}`"), reason));
+            }
+            if runner.rebuild.is_none() {
+                return Ok(runner.last_rebuild_events);
+            }
+            drop(runner);
+            if step == Step::Idle {
+                tokio::time::sleep(self.inner.config.poll).await;
+            }
+        }
+    }
+
+    /// Pauses `name` (in this manager; other managers get it through [`request`](Self::request)).
+    pub async fn pause(&self, name: &str) -> Result<()> {
+        self.local_control(name, Control::Pause).await
+    }
+
+    /// Resumes `name`; after a failure the failed event is tried again.
+    pub async fn resume(&self, name: &str) -> Result<()> {
+        self.local_control(name, Control::Resume).await
+    }
+
+    /// Moves `name`'s checkpoint to `position`.
+    pub async fn reset(&self, name: &str, position: u64) -> Result<()> {
+        self.local_control(name, Control::ResetTo(position)).await
+    }
+
+    async fn local_control(&self, name: &str, control: Control) -> Result<()> {
+        let slot = self.slot(name)?;
+        let mut runner = slot.runner.lock().await;
+        self.inner.control(slot, &mut runner, control).await?;
+        self.inner.publish(&runner).await
+    }
+
+    /// Leaves a request for whichever manager runs `name` (this one or another process's).
+    pub async fn request(&self, name: &str, control: Control) -> Result<()> {
+        self.inner.store.request(name, control).await
+    }
+
+    /// The current status of `name` in this manager.
+    pub async fn status(&self, name: &str) -> Result<ProjectionStatus> {
+        let slot = self.slot(name)?;
+        let mut runner = slot.runner.lock().await;
+        self.inner.load(slot, &mut runner).await?;
+        runner.head = self.inner.events.feed_head().await?;
+        Ok(runner.status(&self.inner.config.id))
+    }
+}
+
+impl Inner {
+    /// Loads the generation and checkpoint the first time a projection is touched.
+    async fn load(&self, slot: &Slot, runner: &mut Runner) -> Result<()> {
+        if runner.loaded {
+            return Ok(());
+        }
+        runner.generation = self.checkpoints.load_checkpoint(&runner.generation_key()).await?.unwrap_or(1);
+        runner.checkpoint = self
+            .checkpoints
+            .load_checkpoint(&runner.checkpoint_key(runner.generation))
+            .await?
+            .unwrap_or(1);
+        slot.projection
+            .activate(runner.generation)
+            .await
+            .map_err(|e| projection_error(&runner.name, e))?;
+        runner.state = ProjectionState::Running;
+        runner.loaded = true;
+        Ok(())
+    }
+
+    async fn publish(&self, runner: &Runner) -> Result<()> {
+        let status = runner.status(&self.config.id);
+        metrics::gauge!("keel_projection_lag_events", "projection" => runner.name.clone()).set(status.lag_events as f64);
+        if let Some(r) = &status.rebuild {
+            metrics::gauge!("keel_projection_rebuild_done", "projection" => runner.name.clone()).set(r.done as f64);
+        }
+        self.store.save_status(&status).await
+    }
+
+    async fn control(&self, slot: &Slot, runner: &mut Runner, control: Control) -> Result<()> {
+        self.load(slot, runner).await?;
+        tracing::info!(projection = %runner.name, ?control, "projection control");
+        match control {
+            Control::Pause => runner.state = ProjectionState::Paused,
+            Control::Resume => {
+                runner.state = if runner.rebuild.is_some() { ProjectionState::Rebuilding } else { ProjectionState::Running };
+                runner.failed_event = None;
+            }
+            Control::ResetTo(position) => {
+                runner.checkpoint = position.max(1);
+                self.checkpoints.save_checkpoint(&runner.checkpoint_key(runner.generation), runner.checkpoint).await?;
+                runner.failed_event = None;
+                if runner.state == ProjectionState::Failed {
+                    runner.state = ProjectionState::Running;
+                }
+            }
+            Control::Rebuild => {
+                if runner.rebuild.is_none() {
+                    let generation = runner.generation + 1;
+                    slot.projection.reset(generation).await.map_err(|e| projection_error(&runner.name, e))?;
+                    runner.rebuild = Some(Rebuild {
+                        generation,
+                        checkpoint: 1,
+                        started: Instant::now(),
+                        done: 0,
+                        total: self.events.feed_head().await?,
+                    });
+                    runner.state = ProjectionState::Rebuilding;
+                    runner.failed_event = None;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps this manager's lease on the projection; `false` when another manager holds it.
+    async fn hold_lease(&self, runner: &mut Runner) -> Result<bool> {
+        let ttl = self.config.lease_ttl;
+        match runner.lease.clone() {
+            Some(_) if runner.renewed.elapsed() < ttl / 3 => Ok(true),
+            Some(lease) => {
+                if self.leases.renew(&lease).await? {
+                    runner.renewed = Instant::now();
+                    Ok(true)
+                } else {
+                    tracing::warn!(projection = %runner.name, "projection lease lost");
+                    runner.lease = None;
+                    runner.loaded = false; // the next holder moved the checkpoint on: reload
+                    Ok(false)
+                }
+            }
+            None => match self.leases.acquire(&runner.lease_name(), &self.config.id, ttl).await? {
+                Some(lease) => {
+                    runner.lease = Some(lease);
+                    runner.renewed = Instant::now();
+                    runner.loaded = false;
+                    Ok(true)
+                }
+                None => Ok(false),
+            },
+        }
+    }
+
+    async fn step(&self, slot: &Slot, runner: &mut Runner) -> Result<Step> {
+        if let Some(control) = self.store.take_request(&runner.name).await? {
+            self.control(slot, runner, control).await?;
+        }
+        if !self.hold_lease(runner).await? {
+            runner.state = ProjectionState::Standby;
+            self.publish(runner).await?;
+            return Ok(Step::Idle);
+        }
+        self.load(slot, runner).await?;
+        if runner.state == ProjectionState::Standby || runner.state == ProjectionState::Stopped {
+            runner.state = if runner.rebuild.is_some() { ProjectionState::Rebuilding } else { ProjectionState::Running };
+        }
+        if matches!(runner.state, ProjectionState::Paused | ProjectionState::Failed) {
+            runner.head = self.events.feed_head().await?;
+            self.publish(runner).await?;
+            return Ok(Step::Idle);
+        }
+        runner.head = self.events.feed_head().await?;
+        let step = match runner.rebuild.as_ref().map(|r| (r.generation, r.checkpoint)) {
+            Some((generation, from)) => {
+                let n = self.batch(slot, runner, generation, from).await?;
+                if n == 0 && runner.state == ProjectionState::Rebuilding {
+                    self.swap(slot, runner).await?;
+                }
+                Step::Progress(n.max(1))
+            }
+            None => {
+                let n = self.batch(slot, runner, runner.generation, runner.checkpoint).await?;
+                if n == 0 { Step::Idle } else { Step::Progress(n) }
+            }
+        };
+        self.publish(runner).await?;
+        Ok(step)
+    }
+
+    /// The rebuilt generation has caught up: make it the active one.
+    async fn swap(&self, slot: &Slot, runner: &mut Runner) -> Result<()> {
+        let Some(rebuild) = runner.rebuild.take() else { return Ok(()) };
+        self.checkpoints.save_checkpoint(&runner.checkpoint_key(rebuild.generation), rebuild.checkpoint).await?;
+        self.checkpoints.save_checkpoint(&runner.generation_key(), rebuild.generation).await?;
+        slot.projection.activate(rebuild.generation).await.map_err(|e| projection_error(&runner.name, e))?;
+        tracing::info!(projection = %runner.name, generation = rebuild.generation, events = rebuild.done, "rebuild complete; generation active");
+        runner.generation = rebuild.generation;
+        runner.checkpoint = rebuild.checkpoint;
+        runner.last_rebuild_events = rebuild.done;
+        runner.state = ProjectionState::Running;
+        Ok(())
+    }
+
+    /// Applies one batch from `from` to `generation`; returns how many events it consumed.
+    async fn batch(&self, slot: &Slot, runner: &mut Runner, generation: u64, from: u64) -> Result<usize> {
+        let events: Vec<RecordedEvent> = self
+            .events
+            .read_all(from)
+            .take(self.config.batch_size)
+            .try_collect()
+            .await?;
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let span = tracing::debug_span!("keel.project", projection = %runner.name, generation, from, events = events.len());
+        let result = self.apply_batch(slot, runner, generation, &events).instrument(span).await;
+        let (consumed, next) = result?;
+        if consumed > 0 {
+            slot.projection.commit(generation).await.map_err(|e| projection_error(&runner.name, e))?;
+            self.checkpoints.save_checkpoint(&runner.checkpoint_key(generation), next).await?;
+            match runner.rebuild.as_mut() {
+                Some(r) if r.generation == generation => {
+                    r.checkpoint = next;
+                    r.done += consumed as u64;
+                }
+                _ => runner.checkpoint = next,
+            }
+            runner.processed += consumed as u64;
+            metrics::counter!("keel_projection_events_total", "projection" => runner.name.clone()).increment(consumed as u64);
+        }
+        Ok(consumed)
+    }
+
+    /// Applies events in order; on a failure, stops (or dead-letters) at that event. Returns
+    /// the number consumed and the next position.
+    async fn apply_batch(&self, slot: &Slot, runner: &mut Runner, generation: u64, events: &[RecordedEvent]) -> Result<(usize, u64)> {
+        let projection = &slot.projection;
+        let mut next = events[0].position.unwrap_or(1);
+        for (i, event) in events.iter().enumerate() {
+            let position = event.position.unwrap_or(next);
+            if projection.handles(&event.event_type) {
+                if let Err(e) = projection.apply(generation, event).await {
+                    let failed = FailedEvent {
+                        stream: event.stream.to_string(),
+                        version: event.version,
+                        event_type: event.event_type.to_string(),
+                        position,
+                    };
+                    let error = format!(
+                        "`{}` failed on `{}` version {} ({}) at position {position}: {e}",
+                        runner.name, failed.stream, failed.version, failed.event_type
+                    );
+                    metrics::counter!("keel_projection_errors_total", "projection" => runner.name.clone()).increment(1);
+                    tracing::error!(error = %error, "projection event failed");
+                    runner.last_error = Some(error.clone());
+                    match self.config.policy {
+                        ErrorPolicy::Stop => {
+                            runner.failed_event = Some(failed);
+                            runner.state = ProjectionState::Failed;
+                            return Ok((i, position));
+                        }
+                        ErrorPolicy::DeadLetter => {
+                            self.store
+                                .add_dead_letter(&DeadLetter { projection: runner.name.clone(), event: failed, error, at: now_millis() })
+                                .await?;
+                            runner.dead_letters += 1;
+                        }
+                    }
+                }
+            }
+            runner.lag_ms = now_millis() - event.recorded_at;
+            next = position + 1;
+        }
+        Ok((events.len(), next))
+    }
+}

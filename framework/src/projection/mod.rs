@@ -1,0 +1,211 @@
+//! Projections: read models kept up to date from the feed, rebuilt from history on demand.
+//!
+//! A [`Projection`] applies events to a read model. The [`ProjectionManager`] runs each one from
+//! its checkpoint through the history, then follows new events; it saves the checkpoint after
+//! the read-model write (at-least-once: a crash between the two replays a batch, so `apply`
+//! must be idempotent, e.g. upserts keyed by stream and version). It rebuilds a projection
+//! blue/green: a new *generation* of the read model is filled from position 1 while queries
+//! keep reading the active one, then the new generation becomes active in one step.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use keel::projection::{Generations, Projection, ProjectionManager};
+//! use keel::{BoxError, RecordedEvent, Repository};
+//!
+//! /// Counts events per stream.
+//! #[derive(Default)]
+//! struct PerStream(Generations<std::collections::HashMap<String, u64>>);
+//!
+//! #[async_trait::async_trait]
+//! impl Projection for PerStream {
+//!     fn name(&self) -> &str { "per_stream" }
+//!     async fn reset(&self, generation: u64) -> Result<(), BoxError> { self.0.reset(generation); Ok(()) }
+//!     async fn activate(&self, generation: u64) -> Result<(), BoxError> { self.0.activate(generation); Ok(()) }
+//!     async fn apply(&self, generation: u64, event: &RecordedEvent) -> Result<(), BoxError> {
+//!         self.0.update(generation, |m| *m.entry(event.stream.to_string()).or_default() += 1);
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> keel::Result<()> {
+//! let store = Arc::new(keel_memory::MemoryStore::new());
+//! Repository::<keel::doc::Counter>::new(store.clone()).execute("a", 1).await?;
+//! let per_stream = Arc::new(PerStream::default());
+//! let manager = ProjectionManager::builder(store.clone(), store.clone(), store.clone(), store.clone())
+//!     .projection(per_stream.clone())
+//!     .build();
+//! manager.catch_up("per_stream").await?;
+//! assert_eq!(per_stream.0.read(|m| m["counter-a"]), 1);
+//! # Ok(()) }
+//! ```
+
+mod generations;
+mod manager;
+
+pub use generations::Generations;
+pub use manager::{ErrorPolicy, ProjectionManager, ProjectionManagerBuilder};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{BoxError, Result};
+use crate::event::RecordedEvent;
+
+/// A read model fed by events.
+///
+/// Every method takes the *generation* it works on: the manager fills generation `g + 1`
+/// during a rebuild while queries read generation `g`, then calls [`activate`](Projection::activate).
+#[async_trait]
+pub trait Projection: Send + Sync + 'static {
+    /// Stable name: checkpoints, leases and status are keyed by it.
+    fn name(&self) -> &str;
+
+    /// Whether this projection wants events of `event_type` (default: all). Others are
+    /// skipped without calling `apply`; the checkpoint still moves past them.
+    fn handles(&self, event_type: &str) -> bool {
+        let _ = event_type;
+        true
+    }
+
+    /// Applies one event to `generation`. An error stops the projection on this event (or
+    /// dead-letters it, per the manager's [`ErrorPolicy`]).
+    async fn apply(&self, generation: u64, event: &RecordedEvent) -> Result<(), BoxError>;
+
+    /// Called after each batch, before its checkpoint is saved: flush buffered writes here.
+    async fn commit(&self, generation: u64) -> Result<(), BoxError> {
+        let _ = generation;
+        Ok(())
+    }
+
+    /// Starts `generation` empty (a rebuild begins with this).
+    async fn reset(&self, generation: u64) -> Result<(), BoxError>;
+
+    /// Makes `generation` the one queries read; older generations may be dropped.
+    async fn activate(&self, generation: u64) -> Result<(), BoxError>;
+}
+
+/// What a projection is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProjectionState {
+    /// Applying events as they come.
+    Running,
+    /// Paused by an operator.
+    Paused,
+    /// Filling a new generation from the start of the feed.
+    Rebuilding,
+    /// Stopped on an event it could not apply (see `failed_event` and `last_error`).
+    Failed,
+    /// Another manager holds the projection's lease; this one waits to take over.
+    Standby,
+    /// Not running.
+    Stopped,
+}
+
+/// The event a projection failed on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedEvent {
+    /// Its stream.
+    pub stream: String,
+    /// Its version in the stream.
+    pub version: u64,
+    /// Its type.
+    pub event_type: String,
+    /// Its feed position.
+    pub position: u64,
+}
+
+/// How far a rebuild got.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RebuildProgress {
+    /// The generation being filled.
+    pub generation: u64,
+    /// Events processed so far.
+    pub done: u64,
+    /// Events in the feed when the rebuild started (it also catches up with newer ones).
+    pub total: u64,
+    /// Events per second so far.
+    pub rate: f64,
+    /// Seconds left at that rate.
+    pub eta_secs: f64,
+}
+
+/// One projection's status, as the manager publishes it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProjectionStatus {
+    /// The projection's name.
+    pub name: String,
+    /// What it is doing.
+    pub state: ProjectionState,
+    /// The generation queries read.
+    pub generation: u64,
+    /// The next feed position it will read.
+    pub checkpoint: u64,
+    /// The feed head when last looked at.
+    pub head: u64,
+    /// Events behind the head.
+    pub lag_events: u64,
+    /// Milliseconds between the last applied event's recording and its application.
+    pub lag_ms: i64,
+    /// Events processed by this manager (applied or skipped as not handled).
+    pub processed: u64,
+    /// The last error, if any.
+    pub last_error: Option<String>,
+    /// The event it stopped on, when failed.
+    pub failed_event: Option<FailedEvent>,
+    /// Rebuild progress, while rebuilding.
+    pub rebuild: Option<RebuildProgress>,
+    /// Events sent to dead letters.
+    pub dead_letters: u64,
+    /// The manager instance publishing this status.
+    pub owner: String,
+    /// When it was published (ms since the epoch).
+    pub updated_at: i64,
+}
+
+/// A request to a running projection, from an operator (possibly in another process).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Control {
+    /// Stop applying events until resumed.
+    Pause,
+    /// Continue (also after a failure: the failed event is tried again).
+    Resume,
+    /// Rebuild a new generation from history, then switch to it.
+    Rebuild,
+    /// Move the checkpoint to this position (replays or skips events).
+    ResetTo(u64),
+}
+
+/// An event a projection could not apply and skipped under [`ErrorPolicy::DeadLetter`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The projection.
+    pub projection: String,
+    /// The event.
+    pub event: FailedEvent,
+    /// Why it failed.
+    pub error: String,
+    /// When (ms since the epoch).
+    pub at: i64,
+}
+
+/// Where projection status, operator requests and dead letters live, so that an operator's
+/// tool in another process can see and steer running projections.
+#[async_trait]
+pub trait ProjectionStore: Send + Sync + 'static {
+    /// Publishes a status.
+    async fn save_status(&self, status: &ProjectionStatus) -> Result<()>;
+    /// The last published status of `name`.
+    async fn load_status(&self, name: &str) -> Result<Option<ProjectionStatus>>;
+    /// Every published status.
+    async fn list_status(&self) -> Result<Vec<ProjectionStatus>>;
+    /// Leaves a request for the manager running `name` (the latest request wins).
+    async fn request(&self, name: &str, control: Control) -> Result<()>;
+    /// Takes the pending request for `name`, if any.
+    async fn take_request(&self, name: &str) -> Result<Option<Control>>;
+    /// Records a dead letter.
+    async fn add_dead_letter(&self, letter: &DeadLetter) -> Result<()>;
+    /// The dead letters of `name`, oldest first.
+    async fn dead_letters(&self, name: &str) -> Result<Vec<DeadLetter>>;
+}
