@@ -60,10 +60,14 @@ impl Projection for Recorder {
         if !event.stream.as_str().starts_with(&self.prefix) {
             return Ok(());
         }
-        if self.poisoned.load(Ordering::SeqCst) && self.poison.as_deref() == Some(event.stream.as_str()) {
+        if self.poisoned.load(Ordering::SeqCst)
+            && self.poison.as_deref() == Some(event.stream.as_str())
+        {
             return Err("this event cannot be projected".into());
         }
-        self.model.update(generation, |m| m.push((event.stream.to_string(), event.version)));
+        self.model.update(generation, |m| {
+            m.push((event.stream.to_string(), event.version))
+        });
         Ok(())
     }
     async fn reset(&self, generation: u64) -> Result<(), BoxError> {
@@ -76,7 +80,10 @@ impl Projection for Recorder {
     }
 }
 
-fn manager<S: ProjectionHost>(store: &Arc<S>, projection: Arc<dyn Projection>) -> ProjectionManager {
+fn manager<S: ProjectionHost>(
+    store: &Arc<S>,
+    projection: Arc<dyn Projection>,
+) -> ProjectionManager {
     ProjectionManager::builder(store.clone(), store.clone(), store.clone(), store.clone())
         .projection(projection)
         .batch_size(64)
@@ -86,12 +93,20 @@ fn manager<S: ProjectionHost>(store: &Arc<S>, projection: Arc<dyn Projection>) -
 }
 
 /// Appends `per_stream` events to `count` fresh streams under `prefix` and waits for the feed.
-async fn write<S: ProjectionHost>(store: &Arc<S>, prefix: &str, count: usize, per_stream: u64) -> Vec<StreamId> {
+async fn write<S: ProjectionHost>(
+    store: &Arc<S>,
+    prefix: &str,
+    count: usize,
+    per_stream: u64,
+) -> Vec<StreamId> {
     let from = store.feed_head().await.unwrap() + 1;
     let streams: Vec<StreamId> = (0..count).map(|_| fresh_stream(prefix)).collect();
     for s in &streams {
         let bys: Vec<u64> = (1..=per_stream).collect();
-        store.append(s, ExpectedVersion::NoStream, counter_events(&bys)).await.unwrap();
+        store
+            .append(s, ExpectedVersion::NoStream, counter_events(&bys))
+            .await
+            .unwrap();
     }
     let refs: Vec<&StreamId> = streams.iter().collect();
     wait_for_feed(&**store, from, &refs, count * per_stream as usize).await;
@@ -127,21 +142,47 @@ pub async fn projection_store_round_trip<S: ProjectionHost>(store: Arc<S>) {
         lag_ms: 12,
         processed: 16,
         last_error: Some("boom".into()),
-        failed_event: Some(FailedEvent { stream: "s-1".into(), version: 3, event_type: "E".into(), position: 17 }),
+        failed_event: Some(FailedEvent {
+            stream: "s-1".into(),
+            version: 3,
+            event_type: "E".into(),
+            position: 17,
+        }),
         rebuild: None,
         dead_letters: 1,
         owner: "m1".into(),
         updated_at: 1,
     };
     store.save_status(&status).await.unwrap();
-    assert_eq!(store.load_status(&name).await.unwrap(), Some(status.clone()));
-    assert!(store.list_status().await.unwrap().iter().any(|s| s == &status));
+    assert_eq!(
+        store.load_status(&name).await.unwrap(),
+        Some(status.clone())
+    );
+    assert!(store
+        .list_status()
+        .await
+        .unwrap()
+        .iter()
+        .any(|s| s == &status));
     assert_eq!(store.take_request(&name).await.unwrap(), None);
     store.request(&name, Control::Pause).await.unwrap();
     store.request(&name, Control::ResetTo(5)).await.unwrap();
-    assert_eq!(store.take_request(&name).await.unwrap(), Some(Control::ResetTo(5)), "the latest request wins");
-    assert_eq!(store.take_request(&name).await.unwrap(), None, "a request is taken once");
-    let letter = DeadLetter { projection: name.clone(), event: status.failed_event.clone().unwrap(), error: "bad".into(), at: 7 };
+    assert_eq!(
+        store.take_request(&name).await.unwrap(),
+        Some(Control::ResetTo(5)),
+        "the latest request wins"
+    );
+    assert_eq!(
+        store.take_request(&name).await.unwrap(),
+        None,
+        "a request is taken once"
+    );
+    let letter = DeadLetter {
+        projection: name.clone(),
+        event: status.failed_event.clone().unwrap(),
+        error: "bad".into(),
+        at: 7,
+    };
     store.add_dead_letter(&letter).await.unwrap();
     assert_eq!(store.dead_letters(&name).await.unwrap(), vec![letter]);
 }
@@ -156,7 +197,11 @@ pub async fn projection_catches_up_in_order<S: ProjectionHost>(store: Arc<S>) {
     assert_eq!(recorder.seen(), from_scratch(&store, &p).await);
     assert_eq!(recorder.seen().len(), 20);
     assert_eq!(status.state, ProjectionState::Running);
-    assert_eq!(status.checkpoint, status.head + 1, "checkpoint is the next position");
+    assert_eq!(
+        status.checkpoint,
+        status.head + 1,
+        "checkpoint is the next position"
+    );
 }
 
 /// A new manager resumes from the checkpoint: nothing missed, nothing applied twice.
@@ -171,7 +216,11 @@ pub async fn projection_resumes_from_checkpoint<S: ProjectionHost>(store: Arc<S>
     let second = manager(&store, recorder.clone());
     second.catch_up(&recorder.name).await.unwrap();
     let seen = recorder.seen();
-    assert_eq!(seen, from_scratch(&store, &p).await, "the second manager applied exactly the rest");
+    assert_eq!(
+        seen,
+        from_scratch(&store, &p).await,
+        "the second manager applied exactly the rest"
+    );
     assert_eq!(seen.len(), 12);
 }
 
@@ -183,7 +232,11 @@ pub async fn projection_reports_lag<S: ProjectionHost>(store: Arc<S>) {
     m.catch_up(&recorder.name).await.unwrap();
     write(&store, &p, 1, 7).await;
     let status = m.status(&recorder.name).await.unwrap();
-    assert!(status.lag_events >= 7, "at least our 7 events are behind: {}", status.lag_events);
+    assert!(
+        status.lag_events >= 7,
+        "at least our 7 events are behind: {}",
+        status.lag_events
+    );
     assert_eq!(status.lag_events, status.head + 1 - status.checkpoint);
     let status = m.catch_up(&recorder.name).await.unwrap();
     assert_eq!(status.lag_events, 0);
@@ -199,13 +252,32 @@ pub async fn projection_stops_on_poison_event<S: ProjectionHost>(store: Arc<S>) 
     let m = manager(&store, recorder.clone());
     let status = m.catch_up(&recorder.name).await.unwrap();
     assert_eq!(status.state, ProjectionState::Failed);
-    let failed = status.failed_event.clone().expect("the failed event is identified");
-    assert_eq!((failed.stream.as_str(), failed.version, failed.event_type.as_str()), (bad.as_str(), 1, "Incremented"));
-    assert_eq!(status.checkpoint, failed.position, "the checkpoint stays on the failed event");
+    let failed = status
+        .failed_event
+        .clone()
+        .expect("the failed event is identified");
+    assert_eq!(
+        (
+            failed.stream.as_str(),
+            failed.version,
+            failed.event_type.as_str()
+        ),
+        (bad.as_str(), 1, "Incremented")
+    );
+    assert_eq!(
+        status.checkpoint, failed.position,
+        "the checkpoint stays on the failed event"
+    );
     assert!(status.last_error.as_deref().unwrap_or("").contains(&bad));
-    assert!(!recorder.seen().iter().any(|(s, _)| s == &bad), "nothing after the failure");
+    assert!(
+        !recorder.seen().iter().any(|(s, _)| s == &bad),
+        "nothing after the failure"
+    );
     // Nothing moves while failed.
-    assert_eq!(m.catch_up(&recorder.name).await.unwrap().checkpoint, failed.position);
+    assert_eq!(
+        m.catch_up(&recorder.name).await.unwrap().checkpoint,
+        failed.position
+    );
     // Fixed: resume applies the event and everything after it.
     recorder.poisoned.store(false, Ordering::SeqCst);
     m.resume(&recorder.name).await.unwrap();
@@ -228,8 +300,18 @@ pub async fn projection_dead_letters_when_told<S: ProjectionHost>(store: Arc<S>)
     assert_eq!(status.state, ProjectionState::Running);
     assert_eq!(status.dead_letters, 2);
     let letters = store.dead_letters(&recorder.name).await.unwrap();
-    assert_eq!(letters.iter().map(|l| (l.event.stream.clone(), l.event.version)).collect::<Vec<_>>(), vec![(bad.clone(), 1), (bad, 2)]);
-    assert_eq!(recorder.seen().len(), 2, "the other stream's events were applied");
+    assert_eq!(
+        letters
+            .iter()
+            .map(|l| (l.event.stream.clone(), l.event.version))
+            .collect::<Vec<_>>(),
+        vec![(bad.clone(), 1), (bad, 2)]
+    );
+    assert_eq!(
+        recorder.seen().len(),
+        2,
+        "the other stream's events were applied"
+    );
 }
 
 /// Pause stops, resume continues, reset replays from a position.
@@ -244,7 +326,15 @@ pub async fn projection_pause_resume_reset<S: ProjectionHost>(store: Arc<S>) {
     let status = m.catch_up(&recorder.name).await.unwrap();
     assert_eq!(status.state, ProjectionState::Paused);
     assert!(recorder.seen().is_empty(), "paused: nothing applied");
-    assert_eq!(store.load_status(&recorder.name).await.unwrap().unwrap().state, ProjectionState::Paused);
+    assert_eq!(
+        store
+            .load_status(&recorder.name)
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        ProjectionState::Paused
+    );
     m.resume(&recorder.name).await.unwrap();
     m.catch_up(&recorder.name).await.unwrap();
     assert_eq!(recorder.seen().len(), 3);
@@ -279,12 +369,18 @@ pub async fn projection_rebuilds_while_writes_continue<S: ProjectionHost>(store:
         tokio::spawn(async move {
             for _ in 0..5 {
                 let s = fresh_stream(&p);
-                store.append(&s, ExpectedVersion::NoStream, counter_events(&[1, 2])).await.unwrap();
+                store
+                    .append(&s, ExpectedVersion::NoStream, counter_events(&[1, 2]))
+                    .await
+                    .unwrap();
             }
         })
     };
     let rebuilt = m.rebuild(&recorder.name).await.unwrap();
-    assert!(rebuilt >= before.len() as u64, "the rebuild went through the history ({rebuilt} events)");
+    assert!(
+        rebuilt >= before.len() as u64,
+        "the rebuild went through the history ({rebuilt} events)"
+    );
     assert_eq!(recorder.model.active(), 2, "the new generation is active");
     writer.await.unwrap();
     // Let the feed publish the last writes, then catch up on the new generation.
@@ -293,14 +389,21 @@ pub async fn projection_rebuilds_while_writes_continue<S: ProjectionHost>(store:
         m.catch_up(&recorder.name).await.unwrap();
         let expected = from_scratch(&store, &p).await;
         if expected.len() == 40 || std::time::Instant::now() > deadline {
-            assert_eq!(recorder.seen(), expected, "the rebuilt model equals one built from scratch");
+            assert_eq!(
+                recorder.seen(),
+                expected,
+                "the rebuilt model equals one built from scratch"
+            );
             assert_eq!(expected.len(), 40);
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let status = m.status(&recorder.name).await.unwrap();
-    assert_eq!((status.generation, status.state), (2, ProjectionState::Running));
+    assert_eq!(
+        (status.generation, status.state),
+        (2, ProjectionState::Running)
+    );
 }
 
 /// Of two managers only the lease holder applies events; the other takes over when it stops.
@@ -310,7 +413,10 @@ pub async fn projection_has_one_active_instance<S: ProjectionHost>(store: Arc<S>
     let (a, b) = (Recorder::new(&p), Recorder::new(&p));
     let first = manager(&store, a.clone());
     let second = manager(&store, b.clone());
-    assert_eq!(first.catch_up(&a.name).await.unwrap().state, ProjectionState::Running);
+    assert_eq!(
+        first.catch_up(&a.name).await.unwrap().state,
+        ProjectionState::Running
+    );
     let standby = second.catch_up(&b.name).await.unwrap();
     assert_eq!(standby.state, ProjectionState::Standby);
     assert!(b.seen().is_empty(), "the standby applied nothing");
@@ -318,5 +424,37 @@ pub async fn projection_has_one_active_instance<S: ProjectionHost>(store: Arc<S>
     write(&store, &p, 1, 2).await;
     let status = second.catch_up(&b.name).await.unwrap();
     assert_eq!(status.state, ProjectionState::Running);
-    assert_eq!(b.seen().len(), 2, "the new holder continued from the shared checkpoint");
+    assert_eq!(
+        b.seen().len(),
+        2,
+        "the new holder continued from the shared checkpoint"
+    );
+}
+
+/// A manager that dies without releasing its lease is replaced once the lease's TTL passes.
+pub async fn projection_takeover_after_holder_dies<S: ProjectionHost>(store: Arc<S>) {
+    let p = prefix();
+    write(&store, &p, 1, 3).await;
+    let (a, b) = (Recorder::new(&p), Recorder::new(&p));
+    let dead = manager(&store, a.clone());
+    dead.catch_up(&a.name).await.unwrap();
+    drop(dead); // no stop(): the lease is still held
+    write(&store, &p, 1, 2).await;
+    let heir = manager(&store, b.clone());
+    assert_eq!(
+        heir.catch_up(&b.name).await.unwrap().state,
+        ProjectionState::Standby
+    );
+    tokio::time::sleep(Duration::from_millis(2_500)).await; // the 2 s lease expires
+    let status = heir.catch_up(&b.name).await.unwrap();
+    assert_eq!(
+        status.state,
+        ProjectionState::Running,
+        "took over within the TTL"
+    );
+    assert_eq!(
+        b.seen().len(),
+        2,
+        "continued from the dead manager's checkpoint"
+    );
 }

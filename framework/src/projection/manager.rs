@@ -305,7 +305,8 @@ impl ProjectionManager {
 
     /// Stops the background tasks, releases the leases and publishes `stopped`.
     pub async fn stop(&self) {
-        let tasks = std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        let tasks =
+            std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         for t in &tasks {
             t.abort();
         }
@@ -318,7 +319,11 @@ impl ProjectionManager {
                 let _ = self.inner.leases.release(&lease).await;
             }
             runner.state = ProjectionState::Stopped;
-            let _ = self.inner.store.save_status(&runner.status(&self.inner.config.id)).await;
+            let _ = self
+                .inner
+                .store
+                .save_status(&runner.status(&self.inner.config.id))
+                .await;
         }
     }
 
@@ -343,14 +348,23 @@ impl ProjectionManager {
         let slot = self.slot(name)?;
         {
             let mut runner = slot.runner.lock().await;
-            self.inner.control(slot, &mut runner, Control::Rebuild).await?;
+            self.inner
+                .control(slot, &mut runner, Control::Rebuild)
+                .await?;
         }
         loop {
             let mut runner = slot.runner.lock().await;
             let step = self.inner.step(slot, &mut runner).await?;
             if runner.state == ProjectionState::Failed {
-                let reason = runner.last_error.clone().unwrap_or_else(|| "the rebuild stopped".into());
-                return Err(Error::store("projection", format!("rebuild of `{name}`"), reason));
+                let reason = runner
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "the rebuild stopped".into());
+                return Err(Error::store(
+                    "projection",
+                    format!("rebuild of `{name}`"),
+                    reason,
+                ));
             }
             if runner.rebuild.is_none() {
                 return Ok(runner.last_rebuild_events);
@@ -405,7 +419,11 @@ impl Inner {
         if runner.loaded {
             return Ok(());
         }
-        runner.generation = self.checkpoints.load_checkpoint(&runner.generation_key()).await?.unwrap_or(1);
+        runner.generation = self
+            .checkpoints
+            .load_checkpoint(&runner.generation_key())
+            .await?
+            .unwrap_or(1);
         runner.checkpoint = self
             .checkpoints
             .load_checkpoint(&runner.checkpoint_key(runner.generation))
@@ -422,9 +440,11 @@ impl Inner {
 
     async fn publish(&self, runner: &Runner) -> Result<()> {
         let status = runner.status(&self.config.id);
-        metrics::gauge!("keel_projection_lag_events", "projection" => runner.name.clone()).set(status.lag_events as f64);
+        metrics::gauge!("keel_projection_lag_events", "projection" => runner.name.clone())
+            .set(status.lag_events as f64);
         if let Some(r) = &status.rebuild {
-            metrics::gauge!("keel_projection_rebuild_done", "projection" => runner.name.clone()).set(r.done as f64);
+            metrics::gauge!("keel_projection_rebuild_done", "projection" => runner.name.clone())
+                .set(r.done as f64);
         }
         self.store.save_status(&status).await
     }
@@ -435,12 +455,18 @@ impl Inner {
         match control {
             Control::Pause => runner.state = ProjectionState::Paused,
             Control::Resume => {
-                runner.state = if runner.rebuild.is_some() { ProjectionState::Rebuilding } else { ProjectionState::Running };
+                runner.state = if runner.rebuild.is_some() {
+                    ProjectionState::Rebuilding
+                } else {
+                    ProjectionState::Running
+                };
                 runner.failed_event = None;
             }
             Control::ResetTo(position) => {
                 runner.checkpoint = position.max(1);
-                self.checkpoints.save_checkpoint(&runner.checkpoint_key(runner.generation), runner.checkpoint).await?;
+                self.checkpoints
+                    .save_checkpoint(&runner.checkpoint_key(runner.generation), runner.checkpoint)
+                    .await?;
                 runner.failed_event = None;
                 if runner.state == ProjectionState::Failed {
                     runner.state = ProjectionState::Running;
@@ -449,7 +475,10 @@ impl Inner {
             Control::Rebuild => {
                 if runner.rebuild.is_none() {
                     let generation = runner.generation + 1;
-                    slot.projection.reset(generation).await.map_err(|e| projection_error(&runner.name, e))?;
+                    slot.projection
+                        .reset(generation)
+                        .await
+                        .map_err(|e| projection_error(&runner.name, e))?;
                     runner.rebuild = Some(Rebuild {
                         generation,
                         checkpoint: 1,
@@ -481,7 +510,11 @@ impl Inner {
                     Ok(false)
                 }
             }
-            None => match self.leases.acquire(&runner.lease_name(), &self.config.id, ttl).await? {
+            None => match self
+                .leases
+                .acquire(&runner.lease_name(), &self.config.id, ttl)
+                .await?
+            {
                 Some(lease) => {
                     runner.lease = Some(lease);
                     runner.renewed = Instant::now();
@@ -504,15 +537,26 @@ impl Inner {
         }
         self.load(slot, runner).await?;
         if runner.state == ProjectionState::Standby || runner.state == ProjectionState::Stopped {
-            runner.state = if runner.rebuild.is_some() { ProjectionState::Rebuilding } else { ProjectionState::Running };
+            runner.state = if runner.rebuild.is_some() {
+                ProjectionState::Rebuilding
+            } else {
+                ProjectionState::Running
+            };
         }
-        if matches!(runner.state, ProjectionState::Paused | ProjectionState::Failed) {
+        if matches!(
+            runner.state,
+            ProjectionState::Paused | ProjectionState::Failed
+        ) {
             runner.head = self.events.feed_head().await?;
             self.publish(runner).await?;
             return Ok(Step::Idle);
         }
         runner.head = self.events.feed_head().await?;
-        let step = match runner.rebuild.as_ref().map(|r| (r.generation, r.checkpoint)) {
+        let step = match runner
+            .rebuild
+            .as_ref()
+            .map(|r| (r.generation, r.checkpoint))
+        {
             Some((generation, from)) => {
                 let n = self.batch(slot, runner, generation, from).await?;
                 if n == 0 && runner.state == ProjectionState::Rebuilding {
@@ -521,8 +565,14 @@ impl Inner {
                 Step::Progress(n.max(1))
             }
             None => {
-                let n = self.batch(slot, runner, runner.generation, runner.checkpoint).await?;
-                if n == 0 { Step::Idle } else { Step::Progress(n) }
+                let n = self
+                    .batch(slot, runner, runner.generation, runner.checkpoint)
+                    .await?;
+                if n == 0 {
+                    Step::Idle
+                } else {
+                    Step::Progress(n)
+                }
             }
         };
         self.publish(runner).await?;
@@ -531,10 +581,22 @@ impl Inner {
 
     /// The rebuilt generation has caught up: make it the active one.
     async fn swap(&self, slot: &Slot, runner: &mut Runner) -> Result<()> {
-        let Some(rebuild) = runner.rebuild.take() else { return Ok(()) };
-        self.checkpoints.save_checkpoint(&runner.checkpoint_key(rebuild.generation), rebuild.checkpoint).await?;
-        self.checkpoints.save_checkpoint(&runner.generation_key(), rebuild.generation).await?;
-        slot.projection.activate(rebuild.generation).await.map_err(|e| projection_error(&runner.name, e))?;
+        let Some(rebuild) = runner.rebuild.take() else {
+            return Ok(());
+        };
+        self.checkpoints
+            .save_checkpoint(
+                &runner.checkpoint_key(rebuild.generation),
+                rebuild.checkpoint,
+            )
+            .await?;
+        self.checkpoints
+            .save_checkpoint(&runner.generation_key(), rebuild.generation)
+            .await?;
+        slot.projection
+            .activate(rebuild.generation)
+            .await
+            .map_err(|e| projection_error(&runner.name, e))?;
         tracing::info!(projection = %runner.name, generation = rebuild.generation, events = rebuild.done, "rebuild complete; generation active");
         runner.generation = rebuild.generation;
         runner.checkpoint = rebuild.checkpoint;
@@ -544,7 +606,13 @@ impl Inner {
     }
 
     /// Applies one batch from `from` to `generation`; returns how many events it consumed.
-    async fn batch(&self, slot: &Slot, runner: &mut Runner, generation: u64, from: u64) -> Result<usize> {
+    async fn batch(
+        &self,
+        slot: &Slot,
+        runner: &mut Runner,
+        generation: u64,
+        from: u64,
+    ) -> Result<usize> {
         let events: Vec<RecordedEvent> = self
             .events
             .read_all(from)
@@ -555,11 +623,19 @@ impl Inner {
             return Ok(0);
         }
         let span = tracing::debug_span!("keel.project", projection = %runner.name, generation, from, events = events.len());
-        let result = self.apply_batch(slot, runner, generation, &events).instrument(span).await;
+        let result = self
+            .apply_batch(slot, runner, generation, &events)
+            .instrument(span)
+            .await;
         let (consumed, next) = result?;
         if consumed > 0 {
-            slot.projection.commit(generation).await.map_err(|e| projection_error(&runner.name, e))?;
-            self.checkpoints.save_checkpoint(&runner.checkpoint_key(generation), next).await?;
+            slot.projection
+                .commit(generation)
+                .await
+                .map_err(|e| projection_error(&runner.name, e))?;
+            self.checkpoints
+                .save_checkpoint(&runner.checkpoint_key(generation), next)
+                .await?;
             match runner.rebuild.as_mut() {
                 Some(r) if r.generation == generation => {
                     r.checkpoint = next;
@@ -568,14 +644,21 @@ impl Inner {
                 _ => runner.checkpoint = next,
             }
             runner.processed += consumed as u64;
-            metrics::counter!("keel_projection_events_total", "projection" => runner.name.clone()).increment(consumed as u64);
+            metrics::counter!("keel_projection_events_total", "projection" => runner.name.clone())
+                .increment(consumed as u64);
         }
         Ok(consumed)
     }
 
     /// Applies events in order; on a failure, stops (or dead-letters) at that event. Returns
     /// the number consumed and the next position.
-    async fn apply_batch(&self, slot: &Slot, runner: &mut Runner, generation: u64, events: &[RecordedEvent]) -> Result<(usize, u64)> {
+    async fn apply_batch(
+        &self,
+        slot: &Slot,
+        runner: &mut Runner,
+        generation: u64,
+        events: &[RecordedEvent],
+    ) -> Result<(usize, u64)> {
         let projection = &slot.projection;
         let mut next = events[0].position.unwrap_or(1);
         for (i, event) in events.iter().enumerate() {
@@ -603,7 +686,12 @@ impl Inner {
                         }
                         ErrorPolicy::DeadLetter => {
                             self.store
-                                .add_dead_letter(&DeadLetter { projection: runner.name.clone(), event: failed, error, at: now_millis() })
+                                .add_dead_letter(&DeadLetter {
+                                    projection: runner.name.clone(),
+                                    event: failed,
+                                    error,
+                                    at: now_millis(),
+                                })
                                 .await?;
                             runner.dead_letters += 1;
                         }

@@ -281,7 +281,9 @@ impl LeaseStore for MemoryStore {
 #[async_trait]
 impl ProjectionStore for MemoryStore {
     async fn save_status(&self, status: &ProjectionStatus) -> Result<()> {
-        self.inner.statuses.insert(status.name.clone(), status.clone());
+        self.inner
+            .statuses
+            .insert(status.name.clone(), status.clone());
         Ok(())
     }
 
@@ -290,7 +292,8 @@ impl ProjectionStore for MemoryStore {
     }
 
     async fn list_status(&self) -> Result<Vec<ProjectionStatus>> {
-        let mut all: Vec<ProjectionStatus> = self.inner.statuses.iter().map(|s| s.clone()).collect();
+        let mut all: Vec<ProjectionStatus> =
+            self.inner.statuses.iter().map(|s| s.clone()).collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(all)
     }
@@ -314,6 +317,11 @@ impl ProjectionStore for MemoryStore {
     }
 
     async fn dead_letters(&self, name: &str) -> Result<Vec<DeadLetter>> {
-        Ok(self.inner.dead_letters.get(name).map(|l| l.clone()).unwrap_or_default())
+        Ok(self
+            .inner
+            .dead_letters
+            .get(name)
+            .map(|l| l.clone())
+            .unwrap_or_default())
     }
 }

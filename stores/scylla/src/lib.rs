@@ -31,6 +31,7 @@ mod error;
 mod events;
 mod feed;
 mod kv;
+mod projections;
 mod schema;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,6 +44,7 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::{Consistency, SerialConsistency};
 
 pub use error::Error;
+pub use projections::ViewBatch;
 pub use schema::{validate_identifier, Replication, SCHEMA_VERSION};
 
 /// Versions per event partition unless configured otherwise.
@@ -393,6 +395,15 @@ pub(crate) struct Statements {
     pub(crate) lease_bump: PreparedStatement,
     pub(crate) lease_renew: PreparedStatement,
     pub(crate) lease_release: PreparedStatement,
+    pub(crate) save_status: PreparedStatement,
+    pub(crate) load_status: PreparedStatement,
+    pub(crate) list_status: PreparedStatement,
+    pub(crate) request_read: PreparedStatement,
+    pub(crate) request_new: PreparedStatement,
+    pub(crate) request_replace: PreparedStatement,
+    pub(crate) request_take: PreparedStatement,
+    pub(crate) add_dead_letter: PreparedStatement,
+    pub(crate) dead_letters: PreparedStatement,
     pub(crate) append_timeout: Duration,
 }
 
@@ -474,6 +485,21 @@ impl Statements {
                 "UPDATE {ks}.leases USING TTL ? SET holder = ? WHERE name = ? IF holder = ? AND epoch = ?"
             )).await?),
             lease_release: lwt(prep(format!("DELETE holder FROM {ks}.leases WHERE name = ? IF holder = ? AND epoch = ?")).await?),
+            save_status: prep(format!("INSERT INTO {ks}.projection_status (name, status) VALUES (?, ?)")).await?,
+            load_status: prep(format!("SELECT status FROM {ks}.projection_status WHERE name = ?")).await?,
+            list_status: prep(format!("SELECT status FROM {ks}.projection_status")).await?,
+            request_read: serial_select(prep(format!("SELECT control, request_id FROM {ks}.projection_requests WHERE name = ?")).await?),
+            request_new: lwt(prep(format!(
+                "INSERT INTO {ks}.projection_requests (name, control, request_id) VALUES (?, ?, ?) IF NOT EXISTS"
+            )).await?),
+            request_replace: lwt(prep(format!(
+                "UPDATE {ks}.projection_requests SET control = ?, request_id = ? WHERE name = ? IF request_id = ?"
+            )).await?),
+            request_take: lwt(prep(format!("DELETE FROM {ks}.projection_requests WHERE name = ? IF request_id = ?")).await?),
+            add_dead_letter: prep(format!(
+                "INSERT INTO {ks}.dead_letters (projection, at, id, letter) VALUES (?, ?, ?, ?)"
+            )).await?,
+            dead_letters: prep(format!("SELECT letter FROM {ks}.dead_letters WHERE projection = ?")).await?,
             append_timeout: cfg.append_timeout,
         })
     }

@@ -144,6 +144,25 @@ const TABLES: &[(&str, &str)] = &[
         )",
     ),
     (
+        "projection_status",
+        "CREATE TABLE IF NOT EXISTS {ks}.projection_status (
+            name text PRIMARY KEY, status blob
+        )",
+    ),
+    (
+        "projection_requests",
+        "CREATE TABLE IF NOT EXISTS {ks}.projection_requests (
+            name text PRIMARY KEY, control blob, request_id uuid
+        )",
+    ),
+    (
+        "dead_letters",
+        "CREATE TABLE IF NOT EXISTS {ks}.dead_letters (
+            projection text, at bigint, id uuid, letter blob,
+            PRIMARY KEY ((projection), at, id)
+        )",
+    ),
+    (
         "keel_schema",
         "CREATE TABLE IF NOT EXISTS {ks}.keel_schema (
             id int PRIMARY KEY, version int, bucket_size bigint, feed_bucket_size bigint
