@@ -63,7 +63,7 @@ impl Query for Balance {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let stores = keel_examples::store::from_args().await?;
-    let accounts = Repository::<Account>::new(stores.events);
+    let accounts = Repository::<Account>::new(stores.events());
 
     // One handler per command type: each turns the command into the aggregate's own command
     // and lets the repository load, decide, append (and retry on a version conflict).
@@ -152,5 +152,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let balance = queries.ask(Balance { id }).await?;
     println!("balance: {balance}");
+    stores.finish().await.map_err(|e| e.to_string())?;
     Ok(())
 }

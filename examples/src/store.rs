@@ -2,22 +2,54 @@
 
 use std::sync::Arc;
 
-use keel::{EventStore, SnapshotStore};
+use keel::projection::ProjectionStore;
+use keel::{CheckpointStore, EventStore, LeaseStore, SnapshotStore};
 
-/// The stores an example needs, behind their traits.
+/// Every store trait at once: both stores implement all of them.
+pub trait AllStores:
+    EventStore + SnapshotStore + CheckpointStore + LeaseStore + ProjectionStore
+{
+}
+impl<S: EventStore + SnapshotStore + CheckpointStore + LeaseStore + ProjectionStore> AllStores
+    for S
+{
+}
+
+/// The store an example runs on.
 pub struct Stores {
-    /// Events and the feed.
-    pub events: Arc<dyn EventStore>,
-    /// Snapshots.
-    pub snapshots: Arc<dyn SnapshotStore>,
+    /// Every store trait, for the framework's pieces.
+    pub all: Arc<dyn AllStores>,
+    /// The ScyllaDB store itself, for read models kept in their own tables.
+    pub scylla: Option<keel_scylla::KeelScylla>,
     /// Which one was picked, for printing.
     pub name: &'static str,
+}
+
+impl Stores {
+    /// Ends the run: on ScyllaDB, stops the feeder and drops the run's keyspace.
+    pub async fn finish(self) -> Result<(), keel::BoxError> {
+        if let Some(store) = self.scylla {
+            store.shutdown().await;
+            store
+                .session()
+                .query_unpaged(format!("DROP KEYSPACE IF EXISTS {}", store.keyspace()), ())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The event store.
+    pub fn events(&self) -> Arc<dyn EventStore> {
+        self.all.clone()
+    }
 }
 
 /// The store named by `--store NAME` on the command line (memory when absent).
 ///
 /// `--store scylla` connects to the nodes in `KEEL_SCYLLA_NODES` (default `127.0.0.1:9042`,
-/// as started by `scripts/scylla-node start`) and uses the keyspace `keel_examples`.
+/// as started by `scripts/scylla-node start`) and creates a keyspace of its own for the run,
+/// `keel_example_<random>`, dropped again by [`Stores::finish`]: each run starts from an empty
+/// history.
 pub async fn from_args() -> Result<Stores, String> {
     let args: Vec<String> = std::env::args().collect();
     let name = args
@@ -26,27 +58,27 @@ pub async fn from_args() -> Result<Stores, String> {
         .map(|i| args.get(i + 1).cloned().unwrap_or_default())
         .unwrap_or_else(|| "memory".to_owned());
     match name.as_str() {
-        "memory" => {
-            let store = Arc::new(keel_memory::MemoryStore::new());
-            Ok(Stores {
-                events: store.clone(),
-                snapshots: store,
-                name: "memory",
-            })
-        }
+        "memory" => Ok(Stores {
+            all: Arc::new(keel_memory::MemoryStore::new()),
+            scylla: None,
+            name: "memory",
+        }),
         "scylla" => {
             let nodes =
                 std::env::var("KEEL_SCYLLA_NODES").unwrap_or_else(|_| "127.0.0.1:9042".into());
+            let keyspace = format!(
+                "keel_example_{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..12]
+            );
             let store = keel_scylla::KeelScylla::builder()
                 .known_nodes(nodes.split(','))
-                .keyspace("keel_examples")
+                .keyspace(keyspace)
                 .build()
                 .await
                 .map_err(|e| format!("cannot open the ScyllaDB store at {nodes}: {e}"))?;
-            let store = Arc::new(store);
             Ok(Stores {
-                events: store.clone(),
-                snapshots: store,
+                all: Arc::new(store.clone()),
+                scylla: Some(store),
                 name: "scylla",
             })
         }

@@ -264,6 +264,15 @@ impl RecordedEvent {
     }
 }
 
+impl RecordedEvent {
+    /// Decodes the payload into a domain event (no upcasting; see
+    /// [`Upcasters::decode`](crate::Upcasters::decode) for that). A failure names the stream,
+    /// version and event type.
+    pub fn decode<E: DomainEvent>(&self) -> Result<E> {
+        crate::upcast::decode_json(self, &self.payload)
+    }
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_millis() -> i64 {
     SystemTime::now()
