@@ -90,6 +90,7 @@ pub struct KeelScyllaBuilder {
     feeder_interval: Duration,
     settle_after: Duration,
     feeder_gather: Duration,
+    create_schema: bool,
 }
 
 impl Default for KeelScyllaBuilder {
@@ -109,6 +110,7 @@ impl Default for KeelScyllaBuilder {
             feeder_interval: Duration::from_millis(100),
             settle_after: Duration::from_secs(60),
             feeder_gather: Duration::from_millis(20),
+            create_schema: true,
         }
     }
 }
@@ -207,6 +209,14 @@ impl KeelScyllaBuilder {
         self
     }
 
+    /// Whether `build` creates the keyspace and tables when missing (default yes). Tools that
+    /// must only attach to an existing store (an operator's command) turn it off: a keyspace
+    /// without a Keel schema is then an error, and the recorded bucket sizes are adopted.
+    pub fn create_schema(mut self, create: bool) -> Self {
+        self.create_schema = create;
+        self
+    }
+
     /// Validates the settings, connects, creates the schema if missing, prepares every
     /// statement, and starts the feeder.
     pub async fn build(self) -> Result<KeelScylla, Error> {
@@ -262,20 +272,21 @@ impl KeelScyllaBuilder {
                 Arc::new(session)
             }
         };
-        schema::ensure(
+        let (bucket_size, feed_bucket_size) = schema::ensure(
             &session,
             &self.keyspace,
             &self.replication,
             self.bucket_size,
             self.feed_bucket_size,
+            self.create_schema,
         )
         .await?;
         let statements = Statements::prepare(&session, &self.keyspace, &self).await?;
         let shared = Arc::new(Shared {
             session,
             keyspace: self.keyspace.clone(),
-            bucket_size: self.bucket_size,
-            feed_bucket_size: self.feed_bucket_size,
+            bucket_size,
+            feed_bucket_size,
             st: statements,
             counters: Counters::default(),
             wake: feed::Wake::default(),

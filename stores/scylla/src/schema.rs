@@ -173,7 +173,65 @@ const TABLES: &[(&str, &str)] = &[
 /// Creates the keyspace and tables if missing, records the schema version and the bucket
 /// sizes, and refuses to run against a keyspace created with other bucket sizes (rows would be
 /// looked for in the wrong partitions).
+///
+/// With `create` false nothing is created: the keyspace must already hold a Keel schema, and
+/// its recorded bucket sizes are adopted (returned) instead of compared.
 pub(crate) async fn ensure(
+    session: &Session,
+    keyspace: &str,
+    replication: &Replication,
+    bucket_size: i64,
+    feed_bucket_size: i64,
+    create: bool,
+) -> Result<(i64, i64), Error> {
+    if create {
+        create_all(
+            session,
+            keyspace,
+            replication,
+            bucket_size,
+            feed_bucket_size,
+        )
+        .await?;
+    }
+    let mut read = scylla::statement::unprepared::Statement::new(format!(
+        "SELECT version, bucket_size, feed_bucket_size FROM {keyspace}.keel_schema WHERE id = 0"
+    ));
+    read.set_consistency(scylla::statement::Consistency::Serial);
+    let missing = |reason: String| Error::Schema {
+        step: "read schema version".into(),
+        reason: format!("keyspace `{keyspace}` holds no Keel schema ({reason})"),
+    };
+    let row = session
+        .query_unpaged(read, ())
+        .await
+        .map_err(|e| missing(e.to_string()))?
+        .into_rows_result()
+        .map_err(|e| missing(e.to_string()))?
+        .maybe_first_row::<(i32, i64, i64)>()
+        .map_err(|e| missing(e.to_string()))?;
+    let Some((version, stored_bucket, stored_feed_bucket)) = row else {
+        return Err(missing("no version row".into()));
+    };
+    if version > SCHEMA_VERSION {
+        return Err(Error::Schema {
+            step: "check schema version".into(),
+            reason: format!("keyspace `{keyspace}` has schema v{version}, newer than this keel-scylla (v{SCHEMA_VERSION}): upgrade keel-scylla"),
+        });
+    }
+    if create && (stored_bucket, stored_feed_bucket) != (bucket_size, feed_bucket_size) {
+        return Err(Error::Schema {
+            step: "check bucket sizes".into(),
+            reason: format!(
+                "keyspace `{keyspace}` was created with bucket_size {stored_bucket} and feed_bucket_size {stored_feed_bucket}; \
+                 this store was configured with {bucket_size} and {feed_bucket_size}. Bucket sizes cannot change once data exists"
+            ),
+        });
+    }
+    Ok((stored_bucket, stored_feed_bucket))
+}
+
+async fn create_all(
     session: &Session,
     keyspace: &str,
     replication: &Replication,
@@ -218,45 +276,6 @@ pub(crate) async fn ensure(
         .query_unpaged(insert, (SCHEMA_VERSION, bucket_size, feed_bucket_size))
         .await
         .map_err(schema("record schema version"))?;
-    let mut read = scylla::statement::unprepared::Statement::new(format!(
-        "SELECT version, bucket_size, feed_bucket_size FROM {keyspace}.keel_schema WHERE id = 0"
-    ));
-    read.set_consistency(scylla::statement::Consistency::Serial);
-    let row = session
-        .query_unpaged(read, ())
-        .await
-        .map_err(schema("read schema version"))?
-        .into_rows_result()
-        .map_err(|e| Error::Schema {
-            step: "read schema version".into(),
-            reason: e.to_string(),
-        })?
-        .maybe_first_row::<(i32, i64, i64)>()
-        .map_err(|e| Error::Schema {
-            step: "read schema version".into(),
-            reason: e.to_string(),
-        })?;
-    let Some((version, stored_bucket, stored_feed_bucket)) = row else {
-        return Err(Error::Schema {
-            step: "read schema version".into(),
-            reason: "the version row is missing right after it was written".into(),
-        });
-    };
-    if version > SCHEMA_VERSION {
-        return Err(Error::Schema {
-            step: "check schema version".into(),
-            reason: format!("keyspace `{keyspace}` has schema v{version}, newer than this keel-scylla (v{SCHEMA_VERSION}): upgrade keel-scylla"),
-        });
-    }
-    if (stored_bucket, stored_feed_bucket) != (bucket_size, feed_bucket_size) {
-        return Err(Error::Schema {
-            step: "check bucket sizes".into(),
-            reason: format!(
-                "keyspace `{keyspace}` was created with bucket_size {stored_bucket} and feed_bucket_size {stored_feed_bucket}; \
-                 this store was configured with {bucket_size} and {feed_bucket_size}. Bucket sizes cannot change once data exists"
-            ),
-        });
-    }
     Ok(())
 }
 

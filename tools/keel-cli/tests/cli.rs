@@ -1,0 +1,180 @@
+//! The `keel` command against a real node, steering a projection manager running here.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keel::projection::{Projection, ProjectionManager, ProjectionState, ProjectionStore};
+use keel::{BoxError, EventStore, ExpectedVersion, Metadata, NewEvent, RecordedEvent, StreamId};
+use keel_scylla::KeelScylla;
+
+fn nodes() -> String {
+    std::env::var("KEEL_SCYLLA_NODES").unwrap_or_else(|_| "127.0.0.1:9042".into())
+}
+
+/// Runs `keel` with the arguments; returns (success, stdout, stderr).
+async fn keel(keyspace: &str, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel"));
+    cmd.args(["--nodes", &nodes(), "--keyspace", keyspace])
+        .args(args);
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run keel"))
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Counts the events it sees, per generation.
+#[derive(Default)]
+struct Tally(AtomicU64);
+
+#[async_trait::async_trait]
+impl Projection for Tally {
+    fn name(&self) -> &str {
+        "tally"
+    }
+    async fn apply(&self, _generation: u64, _event: &RecordedEvent) -> Result<(), BoxError> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    async fn reset(&self, _generation: u64) -> Result<(), BoxError> {
+        Ok(())
+    }
+    async fn activate(&self, _generation: u64) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+async fn wait_for_state(
+    store: &KeelScylla,
+    state: ProjectionState,
+) -> keel::projection::ProjectionStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = store.load_status("tally").await.unwrap() {
+            if s.state == state && s.lag_events == 0 {
+                return s;
+            }
+        }
+        assert!(Instant::now() < deadline, "tally never reached {state:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_operator_command_lists_shows_and_steers() {
+    let keyspace = format!(
+        "keel_cli_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    );
+    let store = KeelScylla::builder()
+        .known_nodes(nodes().split(','))
+        .keyspace(&keyspace)
+        .feeder_interval(Duration::from_millis(20))
+        .build()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "no CQL node at {}: {e}; run ./scripts/scylla-node start",
+                nodes()
+            )
+        });
+    let stream = StreamId::new("order-1");
+    let correlation = uuid::Uuid::new_v4();
+    let events = vec![
+        NewEvent::new("Placed", 1, &br#"{"Placed":{"total":30}}"#[..])
+            .with_metadata(Metadata::correlated(correlation).with("user", "ada")),
+        NewEvent::new("Paid", 1, &br#"{"Paid":{}}"#[..]),
+    ];
+    store
+        .append(&stream, ExpectedVersion::NoStream, events)
+        .await
+        .unwrap();
+
+    let all = Arc::new(store.clone());
+    let manager = ProjectionManager::builder(all.clone(), all.clone(), all.clone(), all)
+        .projection(Arc::new(Tally::default()))
+        .poll_interval(Duration::from_millis(20))
+        .build();
+    manager.start();
+    wait_for_state(&store, ProjectionState::Running).await;
+
+    let (ok, out, err) = keel(&keyspace, &["projections", "list", "--json"]).await;
+    assert!(ok, "{err}");
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list[0]["name"], "tally");
+    assert_eq!(list[0]["state"], "running");
+    assert_eq!(list[0]["lag_events"], 0);
+    let (ok, out, _) = keel(&keyspace, &["projections", "list"]).await;
+    assert!(
+        ok && out.contains("tally") && out.contains("running"),
+        "{out}"
+    );
+
+    let (ok, out, err) = keel(&keyspace, &["stream", "show", "order-1"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("v1") && out.contains("Placed") && out.contains("v2") && out.contains("Paid"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("correlation={correlation}")) && out.contains("user=ada"),
+        "{out}"
+    );
+
+    let (ok, _, err) = keel(&keyspace, &["projections", "pause", "tally"]).await;
+    assert!(ok, "{err}");
+    wait_for_state(&store, ProjectionState::Paused).await;
+    let (ok, out, _) = keel(&keyspace, &["projections", "status", "tally"]).await;
+    assert!(ok && out.contains("paused"), "{out}");
+    let (ok, _, err) = keel(&keyspace, &["projections", "resume", "tally"]).await;
+    assert!(ok, "{err}");
+    wait_for_state(&store, ProjectionState::Running).await;
+
+    let (ok, out, err) = keel(
+        &keyspace,
+        &[
+            "projections",
+            "rebuild",
+            "tally",
+            "--json",
+            "--timeout",
+            "60",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let rebuilt: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rebuilt["generation"], 2);
+    assert_eq!(rebuilt["state"], "running");
+
+    let (ok, _, err) = keel(&keyspace, &["projections", "pause", "no_such_projection"]).await;
+    assert!(
+        !ok && err.contains("no projection `no_such_projection`"),
+        "{err}"
+    );
+    manager.stop().await;
+    store.shutdown().await;
+    store
+        .session()
+        .query_unpaged(format!("DROP KEYSPACE {keyspace}"), ())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_keyspace_without_keel_is_a_clear_error_and_nothing_is_created() {
+    let keyspace = format!(
+        "keel_none_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    );
+    let (ok, _, err) = keel(&keyspace, &["projections", "list"]).await;
+    assert!(!ok);
+    assert!(err.contains("holds no Keel schema"), "{err}");
+    let (ok, _, err) = keel("bad;name", &["projections", "list"]).await;
+    assert!(!ok && err.contains("invalid keyspace"), "{err}");
+}
