@@ -171,21 +171,36 @@ fn snapshot(c: &mut Criterion) {
     group.finish();
 }
 
-/// Reading the whole feed through `read_all`, the raw material of a projection rebuild.
-fn feed(c: &mut Criterion) {
+/// A projection rebuild through the manager against reading the same feed raw and applying
+/// the same projection by hand.
+fn rebuild(c: &mut Criterion) {
     let rt = runtime();
-    let mut group = c.benchmark_group("feed_read_10k");
+    let mut group = c.benchmark_group("rebuild_10k");
+    group.throughput(criterion::Throughput::Elements(STREAM_LEN));
     let (store, _) = rt.block_on(filled_store(SnapshotPolicy::Never));
-    group.bench_function("keel: read_all", |b| {
+    let tally = Arc::new(keel_benches::Tally::default());
+    group.bench_function("baseline: raw read_all + apply", |b| {
         b.iter(|| {
             rt.block_on(async {
-                store
-                    .read_all(1)
-                    .try_fold(0u64, |n, _| async move { Ok(n + 1) })
-                    .await
-                    .unwrap()
+                let mut events = store.read_all(1);
+                while let Some(e) = events.try_next().await.unwrap() {
+                    keel::projection::Projection::apply(&*tally, 1, &e)
+                        .await
+                        .unwrap();
+                }
             })
         })
+    });
+    let manager = keel::projection::ProjectionManager::builder(
+        store.clone(),
+        store.clone(),
+        store.clone(),
+        store.clone(),
+    )
+    .projection(tally.clone())
+    .build();
+    group.bench_function("keel: ProjectionManager::rebuild", |b| {
+        b.iter(|| rt.block_on(manager.rebuild("tally")).unwrap())
     });
     group.finish();
 }
@@ -193,6 +208,6 @@ fn feed(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
-    targets = command, replay, snapshot, feed
+    targets = command, replay, snapshot, rebuild
 }
 criterion_main!(benches);

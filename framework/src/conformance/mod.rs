@@ -94,7 +94,8 @@ macro_rules! conformance_tests {
             projection_resumes_from_checkpoint, projection_reports_lag,
             projection_stops_on_poison_event, projection_dead_letters_when_told,
             projection_pause_resume_reset, projection_rebuilds_while_writes_continue,
-            projection_has_one_active_instance, projection_takeover_after_holder_dies);
+            projection_has_one_active_instance, projection_takeover_after_holder_dies,
+            projection_rebuild_on_a_fresh_manager);
     };
     (leases, $factory:expr) => {
         $crate::conformance_tests!(@section leases, $factory;

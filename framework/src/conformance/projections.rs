@@ -458,3 +458,19 @@ pub async fn projection_takeover_after_holder_dies<S: ProjectionHost>(store: Arc
         "continued from the dead manager's checkpoint"
     );
 }
+
+/// A rebuild asked of a manager that has not run the projection yet (so it first has to take
+/// the lease and load the checkpoint) completes and switches generations.
+pub async fn projection_rebuild_on_a_fresh_manager<S: ProjectionHost>(store: Arc<S>) {
+    let p = prefix();
+    write(&store, &p, 2, 3).await;
+    let recorder = Recorder::new(&p);
+    let m = manager(&store, recorder.clone());
+    let events = tokio::time::timeout(FEED_WAIT, m.rebuild(&recorder.name))
+        .await
+        .expect("the rebuild finishes")
+        .unwrap();
+    assert!(events >= 6);
+    assert_eq!(recorder.model.active(), 2);
+    assert_eq!(recorder.seen(), from_scratch(&store, &p).await);
+}

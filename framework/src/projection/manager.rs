@@ -433,7 +433,16 @@ impl Inner {
             .activate(runner.generation)
             .await
             .map_err(|e| projection_error(&runner.name, e))?;
-        runner.state = ProjectionState::Running;
+        if matches!(
+            runner.state,
+            ProjectionState::Stopped | ProjectionState::Standby
+        ) {
+            runner.state = if runner.rebuild.is_some() {
+                ProjectionState::Rebuilding
+            } else {
+                ProjectionState::Running
+            };
+        }
         runner.loaded = true;
         Ok(())
     }
@@ -559,7 +568,7 @@ impl Inner {
         {
             Some((generation, from)) => {
                 let n = self.batch(slot, runner, generation, from).await?;
-                if n == 0 && runner.state == ProjectionState::Rebuilding {
+                if n == 0 && runner.state != ProjectionState::Failed {
                     self.swap(slot, runner).await?;
                 }
                 Step::Progress(n.max(1))
