@@ -261,6 +261,17 @@ fn feed(c: &mut Criterion, b: &Bench) {
             assert_eq!(n, head);
         })
     });
+    // A projection rebuild: the feed, the manager's batches, checkpoints and status writes.
+    let all = Arc::new(b.store.clone());
+    let manager =
+        keel::projection::ProjectionManager::builder(all.clone(), all.clone(), all.clone(), all)
+            .projection(Arc::new(keel_benches::Tally::default()))
+            .build();
+    group.bench_function(format!("keel: ProjectionManager::rebuild, {head} events"), |bench| {
+        bench
+            .to_async(&b.rt)
+            .iter(|| async { assert!(manager.rebuild("tally").await.unwrap() >= head) })
+    });
     group.finish();
 }
 
