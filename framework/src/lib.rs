@@ -72,6 +72,7 @@ pub mod event;
 pub mod metrics;
 pub mod projection;
 pub mod repository;
+pub mod saga;
 pub mod store;
 pub mod upcast;
 

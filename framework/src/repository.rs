@@ -191,10 +191,12 @@ impl<A: Aggregate> Repository<A> {
     pub async fn load(&self, id: &str) -> Result<Loaded<A>> {
         let stream = A::stream_id(id);
         let span = tracing::debug_span!("keel.load", aggregate = A::TYPE, stream = %stream);
-        self.load_stream(&stream).instrument(span).await
+        Ok(self.load_stream(&stream, None).instrument(span).await?.0)
     }
 
-    async fn load_stream(&self, stream: &StreamId) -> Result<Loaded<A>> {
+    /// Loads the stream; with `command_id`, also tells whether an event after the snapshot was
+    /// caused by that command.
+    async fn load_stream(&self, stream: &StreamId, command_id: Option<uuid::Uuid>) -> Result<(Loaded<A>, bool)> {
         let started = Instant::now();
         let mut loaded = self.load_snapshot(stream).await;
         if loaded.is_some() {
@@ -206,7 +208,9 @@ impl<A: Aggregate> Repository<A> {
         });
         let mut events = self.events.read_stream(stream, loaded.version + 1);
         let mut replayed = 0u64;
+        let mut seen = false;
         while let Some(recorded) = events.try_next().await? {
+            seen |= command_id.is_some() && recorded.metadata.causation_id == command_id;
             let event: A::Event = self.upcasters.decode(&recorded)?;
             loaded.state.apply(&event);
             loaded.version = recorded.version;
@@ -221,7 +225,7 @@ impl<A: Aggregate> Repository<A> {
             .increment(replayed);
         metrics::histogram!(crate::metrics::LOAD_SECONDS, "aggregate" => A::TYPE)
             .record(started.elapsed().as_secs_f64());
-        Ok(loaded)
+        Ok((loaded, seen))
     }
 
     /// The latest snapshot, decoded; `None` when there is none or it is unusable (wrong
@@ -312,6 +316,11 @@ impl<A: Aggregate> Repository<A> {
 
     /// [`execute`](Repository::execute) with metadata for the events (correlation and
     /// causation ids, user data).
+    ///
+    /// The causation id doubles as the command's id: when an event in the stream (after its
+    /// latest snapshot) already carries it, the command was applied before and is not applied
+    /// again; the result is then empty. Senders that may repeat a command (a saga after a
+    /// crash) give it the same causation id every time.
     pub async fn execute_with(
         &self,
         id: &str,
@@ -343,7 +352,12 @@ impl<A: Aggregate> Repository<A> {
         command: A::Command,
         metadata: &Metadata,
     ) -> Result<Executed<A::Event>> {
-        let Loaded { mut state, version } = self.load_stream(stream).await?;
+        let (Loaded { mut state, version }, repeated) =
+            self.load_stream(stream, metadata.causation_id).await?;
+        if repeated {
+            tracing::debug!(stream = %stream, command_id = ?metadata.causation_id, "command already applied; skipped");
+            return Ok(Executed { events: Vec::new(), version });
+        }
         let events = state.handle(command).map_err(|e| Error::Rejected {
             aggregate: A::TYPE,
             source: Box::new(e),

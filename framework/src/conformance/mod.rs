@@ -11,7 +11,9 @@
 //! Sections: `events` ([`EventStore`]), `snapshots` ([`EventStore`] + [`SnapshotStore`]),
 //! `checkpoints` ([`CheckpointStore`]), `leases` ([`LeaseStore`]), `projections` (all of
 //! those plus [`ProjectionStore`](crate::projection::ProjectionStore), running a
-//! [`ProjectionManager`](crate::projection::ProjectionManager) on the store). Each case uses fresh stream and
+//! [`ProjectionManager`](crate::projection::ProjectionManager) on the store), `sagas`
+//! ([`EventStore`] + [`LeaseStore`] + [`SagaStore`](crate::saga::SagaStore), running a
+//! [`SagaOrchestrator`](crate::saga::SagaOrchestrator)). Each case uses fresh stream and
 //! worker names, so the factory may hand every case the same database; feed cases only look at
 //! their own streams and tolerate other writers.
 //!
@@ -28,8 +30,10 @@ use futures::TryStreamExt;
 use uuid::Uuid;
 
 mod projections;
+mod sagas;
 
 pub use projections::*;
+pub use sagas::*;
 
 use crate::doc::{Counter, CounterEvent};
 use crate::error::Error;
@@ -96,6 +100,14 @@ macro_rules! conformance_tests {
             projection_pause_resume_reset, projection_rebuilds_while_writes_continue,
             projection_has_one_active_instance, projection_takeover_after_holder_dies,
             projection_rebuild_on_a_fresh_manager);
+    };
+    (sagas, $factory:expr) => {
+        $crate::conformance_tests!(@section sagas, $factory;
+            saga_store_guards_revisions, saga_happy_path,
+            saga_failure_compensates_completed_steps_in_reverse, saga_timeout_triggers_compensation,
+            saga_deadline_fires_after_restart, saga_steps_complete_by_reply,
+            saga_recovery_applies_a_step_once, saga_compensation_failure_then_retry,
+            saga_has_one_active_orchestrator, saga_commands_carry_correlation);
     };
     (leases, $factory:expr) => {
         $crate::conformance_tests!(@section leases, $factory;

@@ -31,6 +31,7 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 use futures::stream;
 use keel::projection::{Control, DeadLetter, ProjectionStatus, ProjectionStore};
+use keel::saga::{SagaRecord, SagaStore};
 use keel::{
     AppendResult, CheckpointStore, Error, EventStore, EventStream, ExpectedVersion, Lease,
     LeaseStore, NewEvent, RecordedEvent, Result, Snapshot, SnapshotStore, StreamId,
@@ -55,6 +56,7 @@ struct Inner {
     statuses: DashMap<String, ProjectionStatus>,
     requests: DashMap<String, Control>,
     dead_letters: DashMap<String, Vec<DeadLetter>>,
+    sagas: DashMap<String, SagaRecord>,
 }
 
 struct HeldLease {
@@ -323,5 +325,42 @@ impl ProjectionStore for MemoryStore {
             .get(name)
             .map(|l| l.clone())
             .unwrap_or_default())
+    }
+}
+
+#[async_trait]
+impl SagaStore for MemoryStore {
+    async fn create_saga(&self, record: &SagaRecord) -> Result<bool> {
+        match self.inner.sagas.entry(record.id.clone()) {
+            dashmap::mapref::entry::Entry::Occupied(_) => Ok(false),
+            dashmap::mapref::entry::Entry::Vacant(slot) => {
+                slot.insert(record.clone());
+                Ok(true)
+            }
+        }
+    }
+
+    async fn load_saga(&self, id: &str) -> Result<Option<SagaRecord>> {
+        Ok(self.inner.sagas.get(id).map(|r| r.clone()))
+    }
+
+    async fn update_saga(&self, record: &SagaRecord, expected_revision: u64) -> Result<bool> {
+        match self.inner.sagas.get_mut(&record.id) {
+            Some(mut current) if current.revision == expected_revision => {
+                *current = record.clone();
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn list_sagas(&self, unfinished_only: bool) -> Result<Vec<SagaRecord>> {
+        Ok(self
+            .inner
+            .sagas
+            .iter()
+            .filter(|r| !unfinished_only || !r.status.is_finished())
+            .map(|r| r.clone())
+            .collect())
     }
 }

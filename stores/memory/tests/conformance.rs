@@ -13,3 +13,4 @@ keel::conformance_tests!(snapshots, store);
 keel::conformance_tests!(checkpoints, store);
 keel::conformance_tests!(leases, store);
 keel::conformance_tests!(projections, store);
+keel::conformance_tests!(sagas, store);

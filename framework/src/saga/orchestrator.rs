@@ -1,0 +1,606 @@
+//! The [`SagaOrchestrator`]: runs sagas step by step, compensates, recovers after a crash.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use uuid::Uuid;
+
+use super::{Saga, SagaRecord, SagaState, SagaStatus, SagaStep, SagaStore, StepOutcome, StepState};
+use crate::bus::CommandBus;
+use crate::error::{Error, Result};
+use crate::event::{now_millis, Metadata};
+use crate::store::LeaseStore;
+
+#[derive(Clone)]
+struct Config {
+    id: String,
+    max_attempts: u32,
+    backoff: Duration,
+    lease_ttl: Duration,
+    tick: Duration,
+}
+
+/// Counters of one orchestrator, as a snapshot.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SagaMetrics {
+    /// Sagas started by this orchestrator.
+    pub started: u64,
+    /// Sagas it saw complete.
+    pub completed: u64,
+    /// Sagas it saw fully compensated.
+    pub compensated: u64,
+    /// Sagas it left in `compensation_failed`.
+    pub compensation_failed: u64,
+    /// Steps (and compensations) it dispatched.
+    pub steps: u64,
+    /// Their total latency.
+    pub step_latency: Duration,
+}
+
+#[derive(Default)]
+struct Counters {
+    started: AtomicU64,
+    completed: AtomicU64,
+    compensated: AtomicU64,
+    compensation_failed: AtomicU64,
+    steps: AtomicU64,
+    step_micros: AtomicU64,
+}
+
+/// Configures a [`SagaOrchestrator`].
+pub struct SagaOrchestratorBuilder {
+    store: Arc<dyn SagaStore>,
+    leases: Arc<dyn LeaseStore>,
+    bus: CommandBus,
+    config: Config,
+}
+
+impl SagaOrchestratorBuilder {
+    /// How many times a failing compensation is tried before the saga is left in
+    /// `compensation_failed` (default 3).
+    pub fn max_compensation_attempts(mut self, attempts: u32) -> Self {
+        self.config.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// The first wait between compensation attempts, doubled each time (default 100 ms).
+    pub fn retry_backoff(mut self, backoff: Duration) -> Self {
+        self.config.backoff = backoff;
+        self
+    }
+
+    /// The per-saga lease's time to live (default 30 s).
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.config.lease_ttl = ttl;
+        self
+    }
+
+    /// How often [`start`](SagaOrchestrator::start)'s background task looks for expired
+    /// deadlines and unfinished sagas (default 1 s).
+    pub fn tick(mut self, tick: Duration) -> Self {
+        self.config.tick = tick;
+        self
+    }
+
+    /// This orchestrator's identity in leases (default: a random UUID).
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.config.id = id.into();
+        self
+    }
+
+    /// The orchestrator.
+    pub fn build(self) -> SagaOrchestrator {
+        SagaOrchestrator {
+            inner: Arc::new(Inner {
+                store: self.store,
+                leases: self.leases,
+                bus: self.bus,
+                config: self.config,
+                counters: Counters::default(),
+                task: Mutex::new(None),
+            }),
+        }
+    }
+}
+
+/// Runs sagas through the command bus and keeps their state in a [`SagaStore`].
+///
+/// Cloning is cheap and shares everything. Any number of orchestrators may share a store: a
+/// lease per saga lets one drive it at a time, and every transition is guarded by the saga's
+/// revision.
+#[derive(Clone)]
+pub struct SagaOrchestrator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn SagaStore>,
+    leases: Arc<dyn LeaseStore>,
+    bus: CommandBus,
+    config: Config,
+    counters: Counters,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            task.abort();
+        }
+    }
+}
+
+/// The correlation id of everything a saga causes.
+fn correlation_of(saga: &str) -> Uuid {
+    Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("keel/saga/{saga}").as_bytes())
+}
+
+/// The id of a step's command (`undo`: its compensation): the same on every attempt, so the
+/// receiving repository can tell a repeat.
+pub(crate) fn command_id(saga: &str, step: &str, undo: bool) -> Uuid {
+    let action = if undo { "undo" } else { "do" };
+    Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("keel/saga/{saga}/{step}/{action}").as_bytes())
+}
+
+fn encode(saga: &Saga, revision: u64) -> Result<SagaRecord> {
+    let data = serde_json::to_vec(saga).map_err(|e| Error::Encode {
+        what: format!("saga `{}`", saga.id),
+        reason: e.to_string(),
+    })?;
+    Ok(SagaRecord {
+        id: saga.id.clone(),
+        revision,
+        status: saga.status,
+        deadline: saga.deadline,
+        data: Bytes::from(data),
+    })
+}
+
+fn decode(record: &SagaRecord) -> Result<Saga> {
+    serde_json::from_slice(&record.data).map_err(|e| {
+        Error::store(
+            "saga",
+            format!("decode saga `{}`", record.id),
+            format!("{e} (is every command type of this saga registered with saga_command!?)"),
+        )
+    })
+}
+
+fn state_of(saga: &Saga, revision: u64) -> SagaState {
+    SagaState {
+        id: saga.id.clone(),
+        status: saga.status,
+        current_step: (!saga.status.is_finished())
+            .then(|| saga.steps.get(saga.current).map(|s| s.id.clone()))
+            .flatten(),
+        failed_step: saga.failed_step.clone(),
+        error: saga.error.clone(),
+        steps: saga.steps.iter().zip(&saga.states).map(|(s, st)| (s.id.clone(), *st)).collect(),
+        history: saga.history.clone(),
+        revision,
+    }
+}
+
+impl Saga {
+    fn note(&mut self, step: &str, outcome: &str, detail: Option<String>) {
+        self.history.push(StepOutcome {
+            step: step.to_owned(),
+            outcome: outcome.to_owned(),
+            detail,
+            at: now_millis(),
+        });
+    }
+
+    fn fail_step(&mut self, index: usize, outcome: &str, reason: String) {
+        let step = self.steps[index].id.clone();
+        self.states[index] = StepState::Failed;
+        self.failed_step = Some(step.clone());
+        self.error = Some(reason.clone());
+        self.status = SagaStatus::Compensating;
+        self.deadline = None;
+        self.note(&step, outcome, Some(reason));
+    }
+
+    fn complete_step(&mut self, index: usize) {
+        let step = self.steps[index].id.clone();
+        self.states[index] = StepState::Completed;
+        self.current = index + 1;
+        self.deadline = None;
+        self.note(&step, "completed", None);
+    }
+}
+
+/// What one pass of the drive loop decided.
+enum Next {
+    /// Look again (a transition was recorded, or the revision moved).
+    Again,
+    /// Nothing more to do now.
+    Stop,
+}
+
+impl SagaOrchestrator {
+    /// A builder: the saga store, leases (one active orchestrator per saga) and the bus the
+    /// steps' commands go through.
+    pub fn builder(
+        store: Arc<dyn SagaStore>,
+        leases: Arc<dyn LeaseStore>,
+        bus: CommandBus,
+    ) -> SagaOrchestratorBuilder {
+        SagaOrchestratorBuilder {
+            store,
+            leases,
+            bus,
+            config: Config {
+                id: Uuid::new_v4().to_string(),
+                max_attempts: 3,
+                backoff: Duration::from_millis(100),
+                lease_ttl: Duration::from_secs(30),
+                tick: Duration::from_secs(1),
+            },
+        }
+    }
+
+    /// Persists a new saga, then runs it as far as it goes now (to its end, or to a step that
+    /// awaits a reply). An id already used is refused.
+    pub async fn start_saga(&self, id: &str, steps: Vec<SagaStep>) -> Result<SagaState> {
+        if steps.is_empty() {
+            return Err(Error::Config { field: "steps".into(), reason: format!("saga `{id}` has no steps") });
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = steps.iter().find(|s| !seen.insert(s.id.clone())) {
+            return Err(Error::Config { field: "steps".into(), reason: format!("saga `{id}` has two steps named `{}`", dup.id) });
+        }
+        let saga = Saga {
+            id: id.to_owned(),
+            states: vec![StepState::Pending; steps.len()],
+            steps,
+            status: SagaStatus::Running,
+            current: 0,
+            failed_step: None,
+            error: None,
+            deadline: None,
+            compensation_attempts: 0,
+            history: Vec::new(),
+            started_at: now_millis(),
+        };
+        if !self.inner.store.create_saga(&encode(&saga, 1)?).await? {
+            return Err(Error::Config { field: "saga id".into(), reason: format!("a saga `{id}` already exists") });
+        }
+        self.inner.counters.started.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("keel_sagas_started_total").increment(1);
+        metrics::gauge!("keel_sagas_active").increment(1.0);
+        tracing::info!(saga = id, "saga started");
+        self.drive(id).await
+    }
+
+    /// The saga's state, history included.
+    pub async fn get_saga_state(&self, id: &str) -> Result<SagaState> {
+        let (saga, revision) = self.load(id).await?;
+        Ok(state_of(&saga, revision))
+    }
+
+    /// Every saga's state (`unfinished_only`: not completed or compensated).
+    pub async fn list(&self, unfinished_only: bool) -> Result<Vec<SagaState>> {
+        let mut all = Vec::new();
+        for record in self.inner.store.list_sagas(unfinished_only).await? {
+            all.push(state_of(&decode(&record)?, record.revision));
+        }
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(all)
+    }
+
+    /// Records that an awaited step completed (an asynchronous reply), then runs the saga on.
+    /// A late completion of a step that already timed out marks it completed so that its
+    /// compensation runs too.
+    pub async fn handle_step_completion(&self, id: &str, step: &str) -> Result<SagaState> {
+        self.update(id, |saga| {
+            let index = step_index(saga, step)?;
+            match (saga.status, saga.states[index]) {
+                (SagaStatus::Running, StepState::Dispatched) => saga.complete_step(index),
+                (SagaStatus::Compensating | SagaStatus::Compensated, StepState::Failed) => {
+                    saga.states[index] = StepState::Completed;
+                    saga.status = SagaStatus::Compensating;
+                    saga.note(step, "late_completion", Some("completed after it had failed: it will be compensated".into()));
+                }
+                _ => return Ok(false), // a repeat, or nothing awaited: nothing to record
+            }
+            Ok(true)
+        })
+        .await?;
+        self.drive(id).await
+    }
+
+    /// Records that an awaited step failed, then compensates.
+    pub async fn handle_step_failure(&self, id: &str, step: &str, error: &str) -> Result<SagaState> {
+        self.update(id, |saga| {
+            let index = step_index(saga, step)?;
+            if saga.status == SagaStatus::Running && saga.states[index] == StepState::Dispatched {
+                saga.fail_step(index, "failed", error.to_owned());
+                return Ok(true);
+            }
+            Ok(false)
+        })
+        .await?;
+        self.drive(id).await
+    }
+
+    /// Moves a saga out of `compensation_failed` and tries its compensations again.
+    pub async fn retry(&self, id: &str) -> Result<SagaState> {
+        let changed = self
+            .update(id, |saga| {
+                if saga.status != SagaStatus::CompensationFailed {
+                    return Ok(false);
+                }
+                saga.status = SagaStatus::Compensating;
+                saga.compensation_attempts = 0;
+                let step = saga.failed_step.clone().unwrap_or_default();
+                saga.note(&step, "retried", Some("an operator asked to retry the compensation".into()));
+                Ok(true)
+            })
+            .await?;
+        if !changed {
+            let state = self.get_saga_state(id).await?;
+            return Err(Error::Config {
+                field: "saga".into(),
+                reason: format!("saga `{id}` is {}, not compensation_failed: nothing to retry", state.status.as_str()),
+            });
+        }
+        self.drive(id).await
+    }
+
+    /// Runs every unfinished saga as far as it goes: after a crash, this resumes them; it also
+    /// fires expired step deadlines. Returns how many sagas it looked at.
+    pub async fn recover(&self) -> Result<usize> {
+        let unfinished = self.inner.store.list_sagas(true).await?;
+        for record in &unfinished {
+            if record.status == SagaStatus::CompensationFailed {
+                continue; // waits for an operator
+            }
+            if let Err(e) = self.drive(&record.id).await {
+                tracing::warn!(saga = %record.id, error = %e, "saga could not be resumed");
+            }
+        }
+        Ok(unfinished.len())
+    }
+
+    /// Starts a background task that calls [`recover`](Self::recover) every tick. It stops
+    /// when the last clone of the orchestrator is dropped.
+    pub fn start(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let tick = self.inner.config.tick;
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(tick).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let orchestrator = SagaOrchestrator { inner };
+                if let Err(e) = orchestrator.recover().await {
+                    tracing::warn!(error = %e, "saga recovery pass failed");
+                }
+            }
+        });
+        *self.inner.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+    }
+
+    /// The counters so far.
+    pub fn metrics(&self) -> SagaMetrics {
+        let c = &self.inner.counters;
+        SagaMetrics {
+            started: c.started.load(Ordering::Relaxed),
+            completed: c.completed.load(Ordering::Relaxed),
+            compensated: c.compensated.load(Ordering::Relaxed),
+            compensation_failed: c.compensation_failed.load(Ordering::Relaxed),
+            steps: c.steps.load(Ordering::Relaxed),
+            step_latency: Duration::from_micros(c.step_micros.load(Ordering::Relaxed)),
+        }
+    }
+
+    async fn load(&self, id: &str) -> Result<(Saga, u64)> {
+        let record = self.inner.store.load_saga(id).await?.ok_or_else(|| Error::Config {
+            field: "saga".into(),
+            reason: format!("no saga `{id}`"),
+        })?;
+        Ok((decode(&record)?, record.revision))
+    }
+
+    async fn save(&self, saga: &Saga, revision: u64) -> Result<bool> {
+        self.inner.store.update_saga(&encode(saga, revision + 1)?, revision).await
+    }
+
+    /// Applies `change` to the stored saga, retrying on a revision race; `change` returns
+    /// whether it changed anything.
+    async fn update(&self, id: &str, change: impl Fn(&mut Saga) -> Result<bool>) -> Result<bool> {
+        for _ in 0..20 {
+            let (mut saga, revision) = self.load(id).await?;
+            if !change(&mut saga)? {
+                return Ok(false);
+            }
+            if self.save(&saga, revision).await? {
+                return Ok(true);
+            }
+        }
+        Err(Error::Conflict {
+            stream: crate::StreamId::new(format!("saga-{id}")),
+            expected: crate::ExpectedVersion::Any,
+            actual: None,
+        })
+    }
+
+    /// Runs the saga under its lease as far as it goes now. When another orchestrator holds the
+    /// lease, returns the stored state and leaves the saga to it.
+    pub async fn drive(&self, id: &str) -> Result<SagaState> {
+        let lease_name = format!("saga/{id}");
+        let Some(lease) = self
+            .inner
+            .leases
+            .acquire(&lease_name, &self.inner.config.id, self.inner.config.lease_ttl)
+            .await?
+        else {
+            tracing::debug!(saga = id, "another orchestrator drives this saga");
+            return self.get_saga_state(id).await;
+        };
+        let span = tracing::info_span!("keel.saga", saga = id, correlation_id = %correlation_of(id));
+        let _guard = span.enter();
+        let result = self.drive_held(id).await;
+        drop(_guard);
+        if let Err(e) = self.inner.leases.release(&lease).await {
+            tracing::warn!(saga = id, error = %e, "saga lease release failed; it expires by itself");
+        }
+        result
+    }
+
+    async fn drive_held(&self, id: &str) -> Result<SagaState> {
+        loop {
+            let (mut saga, revision) = self.load(id).await?;
+            let next = match saga.status {
+                SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::CompensationFailed => {
+                    return Ok(state_of(&saga, revision));
+                }
+                SagaStatus::Running => self.run_step(&mut saga, revision).await?,
+                SagaStatus::Compensating => self.compensate_step(&mut saga, revision).await?,
+            };
+            if let Next::Stop = next {
+                let (saga, revision) = self.load(id).await?;
+                return Ok(state_of(&saga, revision));
+            }
+        }
+    }
+
+    async fn dispatch(&self, saga: &Saga, index: usize, undo: bool) -> Result<()> {
+        let step = &saga.steps[index];
+        let command = match (undo, &step.compensation) {
+            (false, _) => &step.command,
+            (true, Some(c)) => c,
+            (true, None) => return Ok(()),
+        };
+        let metadata = Metadata::correlated(correlation_of(&saga.id))
+            .caused_by(command_id(&saga.id, &step.id, undo))
+            .with("saga", saga.id.clone())
+            .with("saga_step", step.id.clone());
+        let span = tracing::info_span!("keel.saga_step", saga = %saga.id, step = %step.id, undo);
+        let started = Instant::now();
+        let _ = &span;
+        let result = match tokio::time::timeout(step.timeout, command.dispatch(&self.inner.bus, metadata)).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Timeout { operation: format!("saga `{}` step `{}`", saga.id, step.id), after: step.timeout }),
+        };
+        let elapsed = started.elapsed();
+        self.inner.counters.steps.fetch_add(1, Ordering::Relaxed);
+        self.inner.counters.step_micros.fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        metrics::histogram!("keel_saga_step_seconds").record(elapsed.as_secs_f64());
+        result
+    }
+
+    async fn run_step(&self, saga: &mut Saga, revision: u64) -> Result<Next> {
+        let index = saga.current;
+        if index >= saga.steps.len() {
+            saga.status = SagaStatus::Completed;
+            saga.note("", "saga_completed", None);
+            if self.save(saga, revision).await? {
+                self.inner.counters.completed.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("keel_sagas_completed_total").increment(1);
+                metrics::gauge!("keel_sagas_active").decrement(1.0);
+                tracing::info!(saga = %saga.id, "saga completed");
+            }
+            return Ok(Next::Again);
+        }
+        let step_id = saga.steps[index].id.clone();
+        let mut revision = revision;
+        match saga.states[index] {
+            StepState::Pending => {
+                // Recorded before the command leaves: after a crash the step is sent again,
+                // with the same command id, and the receiver recognises the repeat.
+                saga.states[index] = StepState::Dispatched;
+                saga.deadline = Some(now_millis() + saga.steps[index].timeout.as_millis() as i64);
+                saga.note(&step_id, "dispatched", None);
+                if !self.save(saga, revision).await? {
+                    return Ok(Next::Again);
+                }
+                revision += 1;
+            }
+            StepState::Dispatched if saga.steps[index].awaits_reply => {
+                if saga.deadline.is_some_and(|d| now_millis() >= d) {
+                    let timeout = saga.steps[index].timeout;
+                    saga.fail_step(index, "timed_out", format!("step `{step_id}` got no reply within {timeout:?}"));
+                    self.save(saga, revision).await?;
+                    return Ok(Next::Again);
+                }
+                return Ok(Next::Stop); // waiting for the reply
+            }
+            StepState::Dispatched => {} // sent before a crash, outcome not recorded: send again
+            StepState::Completed | StepState::Failed | StepState::Compensated => {
+                // Inconsistent position (cannot happen through this code): move on safely.
+                saga.current = index + 1;
+                self.save(saga, revision).await?;
+                return Ok(Next::Again);
+            }
+        }
+        let outcome = self.dispatch(saga, index, false).await;
+        if saga.steps[index].awaits_reply {
+            if let Err(e) = outcome {
+                saga.fail_step(index, "failed", e.to_string());
+                self.save(saga, revision).await?;
+                return Ok(Next::Again);
+            }
+            return Ok(Next::Stop);
+        }
+        match outcome {
+            Ok(()) => saga.complete_step(index),
+            Err(e @ Error::Timeout { .. }) => saga.fail_step(index, "timed_out", e.to_string()),
+            Err(e) => saga.fail_step(index, "failed", e.to_string()),
+        }
+        self.save(saga, revision).await?;
+        Ok(Next::Again)
+    }
+
+    async fn compensate_step(&self, saga: &mut Saga, revision: u64) -> Result<Next> {
+        let Some(index) = (0..saga.steps.len()).rev().find(|&i| saga.states[i] == StepState::Completed) else {
+            saga.status = SagaStatus::Compensated;
+            saga.note("", "saga_compensated", None);
+            if self.save(saga, revision).await? {
+                self.inner.counters.compensated.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("keel_sagas_compensated_total").increment(1);
+                metrics::gauge!("keel_sagas_active").decrement(1.0);
+                tracing::info!(saga = %saga.id, "saga compensated");
+            }
+            return Ok(Next::Again);
+        };
+        let step_id = saga.steps[index].id.clone();
+        match self.dispatch(saga, index, true).await {
+            Ok(()) => {
+                saga.states[index] = StepState::Compensated;
+                saga.compensation_attempts = 0;
+                saga.note(&step_id, "compensated", None);
+                self.save(saga, revision).await?;
+                Ok(Next::Again)
+            }
+            Err(e) => {
+                saga.compensation_attempts += 1;
+                let attempts = saga.compensation_attempts;
+                saga.note(&step_id, "compensation_failed", Some(format!("attempt {attempts}: {e}")));
+                if attempts >= self.inner.config.max_attempts {
+                    saga.status = SagaStatus::CompensationFailed;
+                    saga.error = Some(format!("compensating step `{step_id}` failed {attempts} times: {e}"));
+                    if self.save(saga, revision).await? {
+                        self.inner.counters.compensation_failed.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!("keel_sagas_compensation_failed_total").increment(1);
+                        tracing::error!(saga = %saga.id, step = %step_id, "compensation failed; the saga needs an operator");
+                    }
+                    return Ok(Next::Again);
+                }
+                if self.save(saga, revision).await? {
+                    tokio::time::sleep(self.inner.config.backoff * 2u32.saturating_pow(attempts - 1)).await;
+                }
+                Ok(Next::Again)
+            }
+        }
+    }
+}
+
+fn step_index(saga: &Saga, step: &str) -> Result<usize> {
+    saga.steps.iter().position(|s| s.id == step).ok_or_else(|| Error::Config {
+        field: "step".into(),
+        reason: format!("saga `{}` has no step `{step}`", saga.id),
+    })
+}
