@@ -267,11 +267,14 @@ fn feed(c: &mut Criterion, b: &Bench) {
         keel::projection::ProjectionManager::builder(all.clone(), all.clone(), all.clone(), all)
             .projection(Arc::new(keel_benches::Tally::default()))
             .build();
-    group.bench_function(format!("keel: ProjectionManager::rebuild, {head} events"), |bench| {
-        bench
-            .to_async(&b.rt)
-            .iter(|| async { assert!(manager.rebuild("tally").await.unwrap() >= head) })
-    });
+    group.bench_function(
+        format!("keel: ProjectionManager::rebuild, {head} events"),
+        |bench| {
+            bench
+                .to_async(&b.rt)
+                .iter(|| async { assert!(manager.rebuild("tally").await.unwrap() >= head) })
+        },
+    );
     group.finish();
 }
 

@@ -196,7 +196,11 @@ impl<A: Aggregate> Repository<A> {
 
     /// Loads the stream; with `command_id`, also tells whether an event after the snapshot was
     /// caused by that command.
-    async fn load_stream(&self, stream: &StreamId, command_id: Option<uuid::Uuid>) -> Result<(Loaded<A>, bool)> {
+    async fn load_stream(
+        &self,
+        stream: &StreamId,
+        command_id: Option<uuid::Uuid>,
+    ) -> Result<(Loaded<A>, bool)> {
         let started = Instant::now();
         let mut loaded = self.load_snapshot(stream).await;
         if loaded.is_some() {
@@ -356,7 +360,10 @@ impl<A: Aggregate> Repository<A> {
             self.load_stream(stream, metadata.causation_id).await?;
         if repeated {
             tracing::debug!(stream = %stream, command_id = ?metadata.causation_id, "command already applied; skipped");
-            return Ok(Executed { events: Vec::new(), version });
+            return Ok(Executed {
+                events: Vec::new(),
+                version,
+            });
         }
         let events = state.handle(command).map_err(|e| Error::Rejected {
             aggregate: A::TYPE,

@@ -57,7 +57,10 @@ impl Aggregate for Bin {
     type Error = NotEnough;
     fn handle(&self, command: BinEvent) -> Result<Vec<BinEvent>, NotEnough> {
         match command {
-            BinEvent::Taken { units } if units > self.units => Err(NotEnough { have: self.units, wanted: units }),
+            BinEvent::Taken { units } if units > self.units => Err(NotEnough {
+                have: self.units,
+                wanted: units,
+            }),
             other => Ok(vec![other]),
         }
     }
@@ -114,11 +117,18 @@ fn failures() -> &'static Mutex<HashMap<String, u32>> {
 }
 
 fn bus<S: SagaHost>(store: &Arc<S>) -> CommandBus {
-    let (take, put) = (Repository::<Bin>::new(store.clone()), Repository::<Bin>::new(store.clone()));
+    let (take, put) = (
+        Repository::<Bin>::new(store.clone()),
+        Repository::<Bin>::new(store.clone()),
+    );
     CommandBus::builder()
         .command(move |c: Take, meta: Metadata| {
             let repo = take.clone();
-            async move { repo.execute_with(&c.bin, BinEvent::Taken { units: c.units }, &meta).await.map(|_| ()) }
+            async move {
+                repo.execute_with(&c.bin, BinEvent::Taken { units: c.units }, &meta)
+                    .await
+                    .map(|_| ())
+            }
         })
         .and_then(|b| {
             b.command(move |c: PutBack, meta: Metadata| {
@@ -128,10 +138,16 @@ fn bus<S: SagaHost>(store: &Arc<S>) -> CommandBus {
                         let mut f = failures().lock().unwrap();
                         if let Some(left) = f.get_mut(key).filter(|n| **n > 0) {
                             *left -= 1;
-                            return Err(Error::store("test", "put back", "the warehouse is closed"));
+                            return Err(Error::store(
+                                "test",
+                                "put back",
+                                "the warehouse is closed",
+                            ));
                         }
                     }
-                    repo.execute_with(&c.bin, BinEvent::Put { units: c.units }, &meta).await.map(|_| ())
+                    repo.execute_with(&c.bin, BinEvent::Put { units: c.units }, &meta)
+                        .await
+                        .map(|_| ())
                 }
             })
         })
@@ -155,7 +171,12 @@ fn orchestrator<S: SagaHost>(store: &Arc<S>) -> SagaOrchestrator {
 }
 
 async fn units<S: SagaHost>(store: &Arc<S>, bin: &str) -> i64 {
-    Repository::<Bin>::new(store.clone()).load(bin).await.unwrap().state.units
+    Repository::<Bin>::new(store.clone())
+        .load(bin)
+        .await
+        .unwrap()
+        .state
+        .units
 }
 
 /// Three fresh bins holding 10 units each.
@@ -164,7 +185,9 @@ async fn bins<S: SagaHost>(store: &Arc<S>) -> Vec<String> {
     let mut names = Vec::new();
     for i in 0..3 {
         let name = format!("b{i}-{}", Uuid::new_v4().simple());
-        repo.execute(&name, BinEvent::Put { units: 10 }).await.unwrap();
+        repo.execute(&name, BinEvent::Put { units: 10 })
+            .await
+            .unwrap();
         names.push(name);
     }
     names
@@ -176,8 +199,18 @@ fn steps(bins: &[String], units: [i64; 3]) -> Vec<SagaStep> {
         .zip(units)
         .enumerate()
         .map(|(i, (bin, units))| {
-            SagaStep::new(format!("take-{i}"), Take { bin: bin.clone(), units })
-                .compensate_with(PutBack { bin: bin.clone(), units, flaky: None })
+            SagaStep::new(
+                format!("take-{i}"),
+                Take {
+                    bin: bin.clone(),
+                    units,
+                },
+            )
+            .compensate_with(PutBack {
+                bin: bin.clone(),
+                units,
+                flaky: None,
+            })
         })
         .collect()
 }
@@ -187,22 +220,59 @@ fn saga_id() -> String {
 }
 
 fn outcomes(state: &crate::saga::SagaState) -> Vec<(String, String)> {
-    state.history.iter().map(|h| (h.step.clone(), h.outcome.clone())).collect()
+    state
+        .history
+        .iter()
+        .map(|h| (h.step.clone(), h.outcome.clone()))
+        .collect()
 }
 
 /// Sagas are created once and updated only at the expected revision.
 pub async fn saga_store_guards_revisions<S: SagaHost>(store: Arc<S>) {
     let id = saga_id();
-    let record = SagaRecord { id: id.clone(), revision: 1, status: SagaStatus::Running, deadline: Some(5), data: bytes::Bytes::from_static(b"{}") };
+    let record = SagaRecord {
+        id: id.clone(),
+        revision: 1,
+        status: SagaStatus::Running,
+        deadline: Some(5),
+        data: bytes::Bytes::from_static(b"{}"),
+    };
     assert!(store.create_saga(&record).await.unwrap());
-    assert!(!store.create_saga(&record).await.unwrap(), "an id is used once");
-    let next = SagaRecord { revision: 2, status: SagaStatus::Completed, deadline: None, ..record.clone() };
-    assert!(!store.update_saga(&next, 5).await.unwrap(), "a stale revision is refused");
+    assert!(
+        !store.create_saga(&record).await.unwrap(),
+        "an id is used once"
+    );
+    let next = SagaRecord {
+        revision: 2,
+        status: SagaStatus::Completed,
+        deadline: None,
+        ..record.clone()
+    };
+    assert!(
+        !store.update_saga(&next, 5).await.unwrap(),
+        "a stale revision is refused"
+    );
     assert!(store.update_saga(&next, 1).await.unwrap());
-    assert!(!store.update_saga(&next, 1).await.unwrap(), "the same transition applies once");
+    assert!(
+        !store.update_saga(&next, 1).await.unwrap(),
+        "the same transition applies once"
+    );
     assert_eq!(store.load_saga(&id).await.unwrap(), Some(next));
-    assert!(!store.list_sagas(true).await.unwrap().iter().any(|r| r.id == id), "finished sagas are not unfinished");
-    assert!(store.list_sagas(false).await.unwrap().iter().any(|r| r.id == id));
+    assert!(
+        !store
+            .list_sagas(true)
+            .await
+            .unwrap()
+            .iter()
+            .any(|r| r.id == id),
+        "finished sagas are not unfinished"
+    );
+    assert!(store
+        .list_sagas(false)
+        .await
+        .unwrap()
+        .iter()
+        .any(|r| r.id == id));
 }
 
 /// Every step completes in order and the saga ends completed.
@@ -216,7 +286,12 @@ pub async fn saga_happy_path<S: SagaHost>(store: Arc<S>) {
         assert_eq!(units(&store, bin).await, left);
     }
     assert!(state.steps.iter().all(|(_, s)| *s == StepState::Completed));
-    let completed: Vec<String> = state.history.iter().filter(|h| h.outcome == "completed").map(|h| h.step.clone()).collect();
+    let completed: Vec<String> = state
+        .history
+        .iter()
+        .filter(|h| h.outcome == "completed")
+        .map(|h| h.step.clone())
+        .collect();
     assert_eq!(completed, vec!["take-0", "take-1", "take-2"]);
     assert_eq!(o.get_saga_state(&id).await.unwrap(), state);
     assert_eq!(o.metrics().completed, 1);
@@ -228,15 +303,45 @@ pub async fn saga_failure_compensates_completed_steps_in_reverse<S: SagaHost>(st
         let bins = bins(&store).await;
         let mut wanted = [1, 2, 3];
         wanted[failing] = 99; // more than the bin holds
-        let state = orchestrator(&store).start_saga(&saga_id(), steps(&bins, wanted)).await.unwrap();
-        assert_eq!(state.status, SagaStatus::Compensated, "failing at step {failing}");
-        assert_eq!(state.failed_step.as_deref(), Some(format!("take-{failing}").as_str()));
-        assert!(state.error.as_deref().unwrap_or("").contains("only 10 units"), "{:?}", state.error);
-        let compensated: Vec<String> = state.history.iter().filter(|h| h.outcome == "compensated").map(|h| h.step.clone()).collect();
+        let state = orchestrator(&store)
+            .start_saga(&saga_id(), steps(&bins, wanted))
+            .await
+            .unwrap();
+        assert_eq!(
+            state.status,
+            SagaStatus::Compensated,
+            "failing at step {failing}"
+        );
+        assert_eq!(
+            state.failed_step.as_deref(),
+            Some(format!("take-{failing}").as_str())
+        );
+        assert!(
+            state
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .contains("only 10 units"),
+            "{:?}",
+            state.error
+        );
+        let compensated: Vec<String> = state
+            .history
+            .iter()
+            .filter(|h| h.outcome == "compensated")
+            .map(|h| h.step.clone())
+            .collect();
         let expected: Vec<String> = (0..failing).rev().map(|i| format!("take-{i}")).collect();
-        assert_eq!(compensated, expected, "exactly the completed steps, in reverse");
+        assert_eq!(
+            compensated, expected,
+            "exactly the completed steps, in reverse"
+        );
         for bin in &bins {
-            assert_eq!(units(&store, bin).await, 10, "stock is back where it started");
+            assert_eq!(
+                units(&store, bin).await,
+                10,
+                "stock is back where it started"
+            );
         }
     }
 }
@@ -245,8 +350,14 @@ pub async fn saga_failure_compensates_completed_steps_in_reverse<S: SagaHost>(st
 pub async fn saga_timeout_triggers_compensation<S: SagaHost>(store: Arc<S>) {
     let bins = bins(&store).await;
     let mut plan = steps(&bins, [1, 2, 3]);
-    plan.insert(2, SagaStep::new("stall", Stall).timeout(Duration::from_millis(100)));
-    let state = orchestrator(&store).start_saga(&saga_id(), plan).await.unwrap();
+    plan.insert(
+        2,
+        SagaStep::new("stall", Stall).timeout(Duration::from_millis(100)),
+    );
+    let state = orchestrator(&store)
+        .start_saga(&saga_id(), plan)
+        .await
+        .unwrap();
     assert_eq!(state.status, SagaStatus::Compensated);
     assert_eq!(state.failed_step.as_deref(), Some("stall"));
     assert!(outcomes(&state).contains(&("stall".into(), "timed_out".into())));
@@ -260,11 +371,19 @@ pub async fn saga_timeout_triggers_compensation<S: SagaHost>(store: Arc<S>) {
 pub async fn saga_deadline_fires_after_restart<S: SagaHost>(store: Arc<S>) {
     let bins = bins(&store).await;
     let mut plan = steps(&bins, [1, 1, 1]);
-    plan.insert(1, SagaStep::new("approval", Ask).awaiting_reply().timeout(Duration::from_millis(300)));
+    plan.insert(
+        1,
+        SagaStep::new("approval", Ask)
+            .awaiting_reply()
+            .timeout(Duration::from_millis(300)),
+    );
     let id = saga_id();
     let first = orchestrator(&store);
     let waiting = first.start_saga(&id, plan).await.unwrap();
-    assert_eq!((waiting.status, waiting.current_step.as_deref()), (SagaStatus::Running, Some("approval")));
+    assert_eq!(
+        (waiting.status, waiting.current_step.as_deref()),
+        (SagaStatus::Running, Some("approval"))
+    );
     drop(first);
     tokio::time::sleep(Duration::from_millis(400)).await;
     let second = orchestrator(&store);
@@ -283,11 +402,20 @@ pub async fn saga_steps_complete_by_reply<S: SagaHost>(store: Arc<S>) {
         plan.insert(1, SagaStep::new("payment", Ask).awaiting_reply());
         let o = orchestrator(&store);
         let id = saga_id();
-        assert_eq!(o.start_saga(&id, plan).await.unwrap().current_step.as_deref(), Some("payment"));
+        assert_eq!(
+            o.start_saga(&id, plan)
+                .await
+                .unwrap()
+                .current_step
+                .as_deref(),
+            Some("payment")
+        );
         let state = if succeed {
             o.handle_step_completion(&id, "payment").await.unwrap()
         } else {
-            o.handle_step_failure(&id, "payment", "card declined").await.unwrap()
+            o.handle_step_failure(&id, "payment", "card declined")
+                .await
+                .unwrap()
         };
         if succeed {
             assert_eq!(state.status, SagaStatus::Completed);
@@ -298,7 +426,13 @@ pub async fn saga_steps_complete_by_reply<S: SagaHost>(store: Arc<S>) {
             assert_eq!(units(&store, &bins[0]).await, 10);
         }
         // A repeated reply changes nothing.
-        assert_eq!(o.handle_step_completion(&id, "payment").await.unwrap().status, state.status);
+        assert_eq!(
+            o.handle_step_completion(&id, "payment")
+                .await
+                .unwrap()
+                .status,
+            state.status
+        );
     }
 }
 
@@ -335,18 +469,42 @@ pub async fn saga_recovery_applies_a_step_once<S: SagaHost>(store: Arc<S>) {
     let bins = bins(&store).await;
     let id = saga_id();
     // Updates: 1 = take-0 dispatched, 2 = take-0 completed (crash here, after the command ran).
-    let crashing = Arc::new(CrashAt { inner: store.clone(), update: AtomicU32::new(0), crash_at: 2 });
-    let doomed = SagaOrchestrator::builder(crashing, store.clone(), bus(&store)).lease_ttl(Duration::from_secs(1)).build();
-    assert!(doomed.start_saga(&id, steps(&bins, [4, 1, 1])).await.is_err(), "the first process dies");
+    let crashing = Arc::new(CrashAt {
+        inner: store.clone(),
+        update: AtomicU32::new(0),
+        crash_at: 2,
+    });
+    let doomed = SagaOrchestrator::builder(crashing, store.clone(), bus(&store))
+        .lease_ttl(Duration::from_secs(1))
+        .build();
+    assert!(
+        doomed
+            .start_saga(&id, steps(&bins, [4, 1, 1]))
+            .await
+            .is_err(),
+        "the first process dies"
+    );
     drop(doomed);
-    assert_eq!(units(&store, &bins[0]).await, 6, "the command ran before the crash");
+    assert_eq!(
+        units(&store, &bins[0]).await,
+        6,
+        "the command ran before the crash"
+    );
     let heir = orchestrator(&store);
     tokio::time::sleep(Duration::from_millis(1_100)).await; // the dead process's lease (if any) lapses
     heir.recover().await.unwrap();
     let state = heir.get_saga_state(&id).await.unwrap();
     assert_eq!(state.status, SagaStatus::Completed);
-    assert_eq!(units(&store, &bins[0]).await, 6, "take-0 was applied once, not twice");
-    let events: Vec<_> = store.read_stream(&Bin::stream_id(&bins[0]), 1).try_collect().await.unwrap();
+    assert_eq!(
+        units(&store, &bins[0]).await,
+        6,
+        "take-0 was applied once, not twice"
+    );
+    let events: Vec<_> = store
+        .read_stream(&Bin::stream_id(&bins[0]), 1)
+        .try_collect()
+        .await
+        .unwrap();
     assert_eq!(events.len(), 2, "one Put, one Taken");
 }
 
@@ -357,16 +515,33 @@ pub async fn saga_compensation_failure_then_retry<S: SagaHost>(store: Arc<S>) {
     let key = Uuid::new_v4().to_string();
     failures().lock().unwrap().insert(key.clone(), 5);
     let mut plan = steps(&bins, [1, 2, 99]);
-    plan[1].compensation = Some(Box::new(PutBack { bin: bins[1].clone(), units: 2, flaky: Some(key.clone()) }));
+    plan[1].compensation = Some(Box::new(PutBack {
+        bin: bins[1].clone(),
+        units: 2,
+        flaky: Some(key.clone()),
+    }));
     let o = orchestrator(&store);
     let id = saga_id();
     let state = o.start_saga(&id, plan).await.unwrap();
     assert_eq!(state.status, SagaStatus::CompensationFailed);
-    assert!(state.error.as_deref().unwrap_or("").contains("take-1"), "{:?}", state.error);
+    assert!(
+        state.error.as_deref().unwrap_or("").contains("take-1"),
+        "{:?}",
+        state.error
+    );
     assert_eq!(units(&store, &bins[1]).await, 8, "not yet put back");
-    assert_eq!(units(&store, &bins[0]).await, 9, "and the earlier step not yet either: reverse order");
+    assert_eq!(
+        units(&store, &bins[0]).await,
+        9,
+        "and the earlier step not yet either: reverse order"
+    );
     assert_eq!(o.metrics().compensation_failed, 1);
-    assert!(o.list(true).await.unwrap().iter().any(|s| s.id == id && s.status == SagaStatus::CompensationFailed));
+    assert!(o
+        .list(true)
+        .await
+        .unwrap()
+        .iter()
+        .any(|s| s.id == id && s.status == SagaStatus::CompensationFailed));
     failures().lock().unwrap().insert(key, 0); // the warehouse reopens
     let state = o.retry(&id).await.unwrap();
     assert_eq!(state.status, SagaStatus::Compensated);
@@ -381,11 +556,22 @@ pub async fn saga_compensation_failure_then_retry<S: SagaHost>(store: Arc<S>) {
 pub async fn saga_has_one_active_orchestrator<S: SagaHost>(store: Arc<S>) {
     let bins = bins(&store).await;
     let id = saga_id();
-    let busy = store.acquire(&format!("saga/{id}"), "another-process", Duration::from_secs(30)).await.unwrap().unwrap();
+    let busy = store
+        .acquire(
+            &format!("saga/{id}"),
+            "another-process",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap()
+        .unwrap();
     let (a, b) = (orchestrator(&store), orchestrator(&store));
     let parked = a.start_saga(&id, steps(&bins, [1, 1, 1])).await.unwrap();
     assert_eq!(parked.status, SagaStatus::Running);
-    assert!(parked.steps.iter().all(|(_, s)| *s == StepState::Pending), "nothing ran while another held the lease");
+    assert!(
+        parked.steps.iter().all(|(_, s)| *s == StepState::Pending),
+        "nothing ran while another held the lease"
+    );
     assert_eq!(units(&store, &bins[0]).await, 10);
     store.release(&busy).await.unwrap();
     let (ra, rb) = tokio::join!(a.drive(&id), b.drive(&id));
@@ -403,11 +589,18 @@ pub async fn saga_has_one_active_orchestrator<S: SagaHost>(store: Arc<S>) {
 pub async fn saga_commands_carry_correlation<S: SagaHost>(store: Arc<S>) {
     let bins = bins(&store).await;
     let id = saga_id();
-    orchestrator(&store).start_saga(&id, steps(&bins, [1, 1, 1])).await.unwrap();
+    orchestrator(&store)
+        .start_saga(&id, steps(&bins, [1, 1, 1]))
+        .await
+        .unwrap();
     let mut correlations = std::collections::HashSet::new();
     let mut causations = std::collections::HashSet::new();
     for bin in &bins {
-        let events: Vec<_> = store.read_stream(&Bin::stream_id(bin), 2).try_collect().await.unwrap();
+        let events: Vec<_> = store
+            .read_stream(&Bin::stream_id(bin), 2)
+            .try_collect()
+            .await
+            .unwrap();
         let meta = &events[0].metadata;
         correlations.insert(meta.correlation_id.expect("a correlation id"));
         causations.insert(meta.causation_id.expect("a causation id"));

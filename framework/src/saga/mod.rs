@@ -42,7 +42,8 @@ use crate::event::Metadata;
 #[typetag::serde(tag = "command")]
 pub trait SagaCommand: Send + Sync + Debug {
     /// Sends the command through `bus` with `metadata` (correlation and command ids).
-    fn dispatch<'a>(&'a self, bus: &'a CommandBus, metadata: Metadata) -> BoxFuture<'a, Result<()>>;
+    fn dispatch<'a>(&'a self, bus: &'a CommandBus, metadata: Metadata)
+        -> BoxFuture<'a, Result<()>>;
 }
 
 /// Implements [`SagaCommand`] for a bus command type that is `Serialize + Deserialize`: the

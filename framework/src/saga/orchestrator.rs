@@ -141,7 +141,10 @@ fn correlation_of(saga: &str) -> Uuid {
 /// receiving repository can tell a repeat.
 pub(crate) fn command_id(saga: &str, step: &str, undo: bool) -> Uuid {
     let action = if undo { "undo" } else { "do" };
-    Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("keel/saga/{saga}/{step}/{action}").as_bytes())
+    Uuid::new_v5(
+        &Uuid::NAMESPACE_OID,
+        format!("keel/saga/{saga}/{step}/{action}").as_bytes(),
+    )
 }
 
 fn encode(saga: &Saga, revision: u64) -> Result<SagaRecord> {
@@ -177,7 +180,12 @@ fn state_of(saga: &Saga, revision: u64) -> SagaState {
             .flatten(),
         failed_step: saga.failed_step.clone(),
         error: saga.error.clone(),
-        steps: saga.steps.iter().zip(&saga.states).map(|(s, st)| (s.id.clone(), *st)).collect(),
+        steps: saga
+            .steps
+            .iter()
+            .zip(&saga.states)
+            .map(|(s, st)| (s.id.clone(), *st))
+            .collect(),
         history: saga.history.clone(),
         revision,
     }
@@ -246,11 +254,17 @@ impl SagaOrchestrator {
     /// awaits a reply). An id already used is refused.
     pub async fn start_saga(&self, id: &str, steps: Vec<SagaStep>) -> Result<SagaState> {
         if steps.is_empty() {
-            return Err(Error::Config { field: "steps".into(), reason: format!("saga `{id}` has no steps") });
+            return Err(Error::Config {
+                field: "steps".into(),
+                reason: format!("saga `{id}` has no steps"),
+            });
         }
         let mut seen = std::collections::HashSet::new();
         if let Some(dup) = steps.iter().find(|s| !seen.insert(s.id.clone())) {
-            return Err(Error::Config { field: "steps".into(), reason: format!("saga `{id}` has two steps named `{}`", dup.id) });
+            return Err(Error::Config {
+                field: "steps".into(),
+                reason: format!("saga `{id}` has two steps named `{}`", dup.id),
+            });
         }
         let saga = Saga {
             id: id.to_owned(),
@@ -266,7 +280,10 @@ impl SagaOrchestrator {
             started_at: now_millis(),
         };
         if !self.inner.store.create_saga(&encode(&saga, 1)?).await? {
-            return Err(Error::Config { field: "saga id".into(), reason: format!("a saga `{id}` already exists") });
+            return Err(Error::Config {
+                field: "saga id".into(),
+                reason: format!("a saga `{id}` already exists"),
+            });
         }
         self.inner.counters.started.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("keel_sagas_started_total").increment(1);
@@ -302,7 +319,11 @@ impl SagaOrchestrator {
                 (SagaStatus::Compensating | SagaStatus::Compensated, StepState::Failed) => {
                     saga.states[index] = StepState::Completed;
                     saga.status = SagaStatus::Compensating;
-                    saga.note(step, "late_completion", Some("completed after it had failed: it will be compensated".into()));
+                    saga.note(
+                        step,
+                        "late_completion",
+                        Some("completed after it had failed: it will be compensated".into()),
+                    );
                 }
                 _ => return Ok(false), // a repeat, or nothing awaited: nothing to record
             }
@@ -313,7 +334,12 @@ impl SagaOrchestrator {
     }
 
     /// Records that an awaited step failed, then compensates.
-    pub async fn handle_step_failure(&self, id: &str, step: &str, error: &str) -> Result<SagaState> {
+    pub async fn handle_step_failure(
+        &self,
+        id: &str,
+        step: &str,
+        error: &str,
+    ) -> Result<SagaState> {
         self.update(id, |saga| {
             let index = step_index(saga, step)?;
             if saga.status == SagaStatus::Running && saga.states[index] == StepState::Dispatched {
@@ -336,7 +362,11 @@ impl SagaOrchestrator {
                 saga.status = SagaStatus::Compensating;
                 saga.compensation_attempts = 0;
                 let step = saga.failed_step.clone().unwrap_or_default();
-                saga.note(&step, "retried", Some("an operator asked to retry the compensation".into()));
+                saga.note(
+                    &step,
+                    "retried",
+                    Some("an operator asked to retry the compensation".into()),
+                );
                 Ok(true)
             })
             .await?;
@@ -344,7 +374,10 @@ impl SagaOrchestrator {
             let state = self.get_saga_state(id).await?;
             return Err(Error::Config {
                 field: "saga".into(),
-                reason: format!("saga `{id}` is {}, not compensation_failed: nothing to retry", state.status.as_str()),
+                reason: format!(
+                    "saga `{id}` is {}, not compensation_failed: nothing to retry",
+                    state.status.as_str()
+                ),
             });
         }
         self.drive(id).await
@@ -397,15 +430,23 @@ impl SagaOrchestrator {
     }
 
     async fn load(&self, id: &str) -> Result<(Saga, u64)> {
-        let record = self.inner.store.load_saga(id).await?.ok_or_else(|| Error::Config {
-            field: "saga".into(),
-            reason: format!("no saga `{id}`"),
-        })?;
+        let record = self
+            .inner
+            .store
+            .load_saga(id)
+            .await?
+            .ok_or_else(|| Error::Config {
+                field: "saga".into(),
+                reason: format!("no saga `{id}`"),
+            })?;
         Ok((decode(&record)?, record.revision))
     }
 
     async fn save(&self, saga: &Saga, revision: u64) -> Result<bool> {
-        self.inner.store.update_saga(&encode(saga, revision + 1)?, revision).await
+        self.inner
+            .store
+            .update_saga(&encode(saga, revision + 1)?, revision)
+            .await
     }
 
     /// Applies `change` to the stored saga, retrying on a revision race; `change` returns
@@ -434,13 +475,18 @@ impl SagaOrchestrator {
         let Some(lease) = self
             .inner
             .leases
-            .acquire(&lease_name, &self.inner.config.id, self.inner.config.lease_ttl)
+            .acquire(
+                &lease_name,
+                &self.inner.config.id,
+                self.inner.config.lease_ttl,
+            )
             .await?
         else {
             tracing::debug!(saga = id, "another orchestrator drives this saga");
             return self.get_saga_state(id).await;
         };
-        let span = tracing::info_span!("keel.saga", saga = id, correlation_id = %correlation_of(id));
+        let span =
+            tracing::info_span!("keel.saga", saga = id, correlation_id = %correlation_of(id));
         let _guard = span.enter();
         let result = self.drive_held(id).await;
         drop(_guard);
@@ -454,7 +500,9 @@ impl SagaOrchestrator {
         loop {
             let (mut saga, revision) = self.load(id).await?;
             let next = match saga.status {
-                SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::CompensationFailed => {
+                SagaStatus::Completed
+                | SagaStatus::Compensated
+                | SagaStatus::CompensationFailed => {
                     return Ok(state_of(&saga, revision));
                 }
                 SagaStatus::Running => self.run_step(&mut saga, revision).await?,
@@ -481,13 +529,22 @@ impl SagaOrchestrator {
         let span = tracing::info_span!("keel.saga_step", saga = %saga.id, step = %step.id, undo);
         let started = Instant::now();
         let _ = &span;
-        let result = match tokio::time::timeout(step.timeout, command.dispatch(&self.inner.bus, metadata)).await {
-            Ok(result) => result,
-            Err(_) => Err(Error::Timeout { operation: format!("saga `{}` step `{}`", saga.id, step.id), after: step.timeout }),
-        };
+        let result =
+            match tokio::time::timeout(step.timeout, command.dispatch(&self.inner.bus, metadata))
+                .await
+            {
+                Ok(result) => result,
+                Err(_) => Err(Error::Timeout {
+                    operation: format!("saga `{}` step `{}`", saga.id, step.id),
+                    after: step.timeout,
+                }),
+            };
         let elapsed = started.elapsed();
         self.inner.counters.steps.fetch_add(1, Ordering::Relaxed);
-        self.inner.counters.step_micros.fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        self.inner
+            .counters
+            .step_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
         metrics::histogram!("keel_saga_step_seconds").record(elapsed.as_secs_f64());
         result
     }
@@ -498,7 +555,10 @@ impl SagaOrchestrator {
             saga.status = SagaStatus::Completed;
             saga.note("", "saga_completed", None);
             if self.save(saga, revision).await? {
-                self.inner.counters.completed.fetch_add(1, Ordering::Relaxed);
+                self.inner
+                    .counters
+                    .completed
+                    .fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("keel_sagas_completed_total").increment(1);
                 metrics::gauge!("keel_sagas_active").decrement(1.0);
                 tracing::info!(saga = %saga.id, "saga completed");
@@ -522,7 +582,11 @@ impl SagaOrchestrator {
             StepState::Dispatched if saga.steps[index].awaits_reply => {
                 if saga.deadline.is_some_and(|d| now_millis() >= d) {
                     let timeout = saga.steps[index].timeout;
-                    saga.fail_step(index, "timed_out", format!("step `{step_id}` got no reply within {timeout:?}"));
+                    saga.fail_step(
+                        index,
+                        "timed_out",
+                        format!("step `{step_id}` got no reply within {timeout:?}"),
+                    );
                     self.save(saga, revision).await?;
                     return Ok(Next::Again);
                 }
@@ -555,11 +619,17 @@ impl SagaOrchestrator {
     }
 
     async fn compensate_step(&self, saga: &mut Saga, revision: u64) -> Result<Next> {
-        let Some(index) = (0..saga.steps.len()).rev().find(|&i| saga.states[i] == StepState::Completed) else {
+        let Some(index) = (0..saga.steps.len())
+            .rev()
+            .find(|&i| saga.states[i] == StepState::Completed)
+        else {
             saga.status = SagaStatus::Compensated;
             saga.note("", "saga_compensated", None);
             if self.save(saga, revision).await? {
-                self.inner.counters.compensated.fetch_add(1, Ordering::Relaxed);
+                self.inner
+                    .counters
+                    .compensated
+                    .fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("keel_sagas_compensated_total").increment(1);
                 metrics::gauge!("keel_sagas_active").decrement(1.0);
                 tracing::info!(saga = %saga.id, "saga compensated");
@@ -578,19 +648,31 @@ impl SagaOrchestrator {
             Err(e) => {
                 saga.compensation_attempts += 1;
                 let attempts = saga.compensation_attempts;
-                saga.note(&step_id, "compensation_failed", Some(format!("attempt {attempts}: {e}")));
+                saga.note(
+                    &step_id,
+                    "compensation_failed",
+                    Some(format!("attempt {attempts}: {e}")),
+                );
                 if attempts >= self.inner.config.max_attempts {
                     saga.status = SagaStatus::CompensationFailed;
-                    saga.error = Some(format!("compensating step `{step_id}` failed {attempts} times: {e}"));
+                    saga.error = Some(format!(
+                        "compensating step `{step_id}` failed {attempts} times: {e}"
+                    ));
                     if self.save(saga, revision).await? {
-                        self.inner.counters.compensation_failed.fetch_add(1, Ordering::Relaxed);
+                        self.inner
+                            .counters
+                            .compensation_failed
+                            .fetch_add(1, Ordering::Relaxed);
                         metrics::counter!("keel_sagas_compensation_failed_total").increment(1);
                         tracing::error!(saga = %saga.id, step = %step_id, "compensation failed; the saga needs an operator");
                     }
                     return Ok(Next::Again);
                 }
                 if self.save(saga, revision).await? {
-                    tokio::time::sleep(self.inner.config.backoff * 2u32.saturating_pow(attempts - 1)).await;
+                    tokio::time::sleep(
+                        self.inner.config.backoff * 2u32.saturating_pow(attempts - 1),
+                    )
+                    .await;
                 }
                 Ok(Next::Again)
             }
@@ -599,8 +681,11 @@ impl SagaOrchestrator {
 }
 
 fn step_index(saga: &Saga, step: &str) -> Result<usize> {
-    saga.steps.iter().position(|s| s.id == step).ok_or_else(|| Error::Config {
-        field: "step".into(),
-        reason: format!("saga `{}` has no step `{step}`", saga.id),
-    })
+    saga.steps
+        .iter()
+        .position(|s| s.id == step)
+        .ok_or_else(|| Error::Config {
+            field: "step".into(),
+            reason: format!("saga `{}` has no step `{step}`", saga.id),
+        })
 }

@@ -32,6 +32,7 @@ mod events;
 mod feed;
 mod kv;
 mod projections;
+mod sagas;
 mod schema;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -415,6 +416,10 @@ pub(crate) struct Statements {
     pub(crate) request_take: PreparedStatement,
     pub(crate) add_dead_letter: PreparedStatement,
     pub(crate) dead_letters: PreparedStatement,
+    pub(crate) saga_create: PreparedStatement,
+    pub(crate) saga_update: PreparedStatement,
+    pub(crate) saga_load: PreparedStatement,
+    pub(crate) saga_list: PreparedStatement,
     pub(crate) append_timeout: Duration,
 }
 
@@ -511,6 +516,14 @@ impl Statements {
                 "INSERT INTO {ks}.dead_letters (projection, at, id, letter) VALUES (?, ?, ?, ?)"
             )).await?,
             dead_letters: prep(format!("SELECT letter FROM {ks}.dead_letters WHERE projection = ?")).await?,
+            saga_create: lwt(prep(format!(
+                "INSERT INTO {ks}.sagas (id, revision, status, deadline, data) VALUES (?, ?, ?, ?, ?) IF NOT EXISTS"
+            )).await?),
+            saga_update: lwt(prep(format!(
+                "UPDATE {ks}.sagas SET revision = ?, status = ?, deadline = ?, data = ? WHERE id = ? IF revision = ?"
+            )).await?),
+            saga_load: prep(format!("SELECT id, revision, status, deadline, data FROM {ks}.sagas WHERE id = ?")).await?,
+            saga_list: prep(format!("SELECT id, revision, status, deadline, data FROM {ks}.sagas")).await?,
             append_timeout: cfg.append_timeout,
         })
     }

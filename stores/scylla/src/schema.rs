@@ -163,6 +163,12 @@ const TABLES: &[(&str, &str)] = &[
         )",
     ),
     (
+        "sagas",
+        "CREATE TABLE IF NOT EXISTS {ks}.sagas (
+            id text PRIMARY KEY, revision bigint, status text, deadline bigint, data blob
+        )",
+    ),
+    (
         "keel_schema",
         "CREATE TABLE IF NOT EXISTS {ks}.keel_schema (
             id int PRIMARY KEY, version int, bucket_size bigint, feed_bucket_size bigint

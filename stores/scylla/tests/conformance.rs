@@ -7,3 +7,4 @@ keel::conformance_tests!(snapshots, common::shared_store);
 keel::conformance_tests!(checkpoints, common::shared_store);
 keel::conformance_tests!(leases, common::shared_store);
 keel::conformance_tests!(projections, common::shared_store);
+keel::conformance_tests!(sagas, common::shared_store);
