@@ -2,7 +2,9 @@
 //!
 //! - [`bank`]: an `Account` aggregate with an overdraft rule (`cargo run --example bank`).
 //! - [`blog`]: posts and two projections, posts by author and by tag (`cargo run --example blog`).
+//! - [`orders`]: an order saga over inventory, order and payment (`cargo run --example orders`).
 
 pub mod bank;
 pub mod blog;
+pub mod orders;
 pub mod store;

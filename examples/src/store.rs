@@ -3,15 +3,16 @@
 use std::sync::Arc;
 
 use keel::projection::ProjectionStore;
+use keel::saga::SagaStore;
 use keel::{CheckpointStore, EventStore, LeaseStore, SnapshotStore};
 
 /// Every store trait at once: both stores implement all of them.
 pub trait AllStores:
-    EventStore + SnapshotStore + CheckpointStore + LeaseStore + ProjectionStore
+    EventStore + SnapshotStore + CheckpointStore + LeaseStore + ProjectionStore + SagaStore
 {
 }
-impl<S: EventStore + SnapshotStore + CheckpointStore + LeaseStore + ProjectionStore> AllStores
-    for S
+impl<S> AllStores for S where
+    S: EventStore + SnapshotStore + CheckpointStore + LeaseStore + ProjectionStore + SagaStore
 {
 }
 
@@ -40,6 +41,16 @@ impl Stores {
 
     /// The event store.
     pub fn events(&self) -> Arc<dyn EventStore> {
+        self.all.clone()
+    }
+
+    /// The saga store.
+    pub fn sagas(&self) -> Arc<dyn SagaStore> {
+        self.all.clone()
+    }
+
+    /// The lease store.
+    pub fn leases(&self) -> Arc<dyn LeaseStore> {
         self.all.clone()
     }
 }

@@ -48,6 +48,9 @@ pub trait SagaCommand: Send + Sync + Debug {
 
 /// Implements [`SagaCommand`] for a bus command type that is `Serialize + Deserialize`: the
 /// saga stores it by its type name and sends it through the command bus.
+///
+/// The expansion uses `typetag`'s registration, so the calling crate lists `typetag` among
+/// its dependencies.
 #[macro_export]
 macro_rules! saga_command {
     ($($command:ty),+ $(,)?) => {$(
