@@ -178,3 +178,117 @@ async fn a_keyspace_without_keel_is_a_clear_error_and_nothing_is_created() {
     let (ok, _, err) = keel("bad;name", &["projections", "list"]).await;
     assert!(!ok && err.contains("invalid keyspace"), "{err}");
 }
+
+mod sagas {
+    use super::*;
+    use keel::saga::{SagaOrchestrator, SagaStatus, SagaStep};
+    use keel::CommandBus;
+    use serde::{Deserialize, Serialize};
+    use std::sync::atomic::AtomicBool;
+
+    static UNDO_WORKS: AtomicBool = AtomicBool::new(false);
+
+    /// Succeeds.
+    #[derive(Clone, Debug, Serialize, Deserialize)]
+    struct Book;
+    /// Fails until UNDO_WORKS.
+    #[derive(Clone, Debug, Serialize, Deserialize)]
+    struct Unbook;
+    /// Always fails.
+    #[derive(Clone, Debug, Serialize, Deserialize)]
+    struct Pay;
+    impl keel::Command for Book {
+        type Output = ();
+    }
+    impl keel::Command for Unbook {
+        type Output = ();
+    }
+    impl keel::Command for Pay {
+        type Output = ();
+    }
+    keel::saga_command!(Book, Unbook, Pay);
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn sagas_are_listed_shown_and_retried() {
+        let keyspace = format!(
+            "keel_clisaga_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        );
+        let store = Arc::new(
+            KeelScylla::builder()
+                .known_nodes(nodes().split(','))
+                .keyspace(&keyspace)
+                .feeder(false)
+                .build()
+                .await
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "no CQL node at {}: {e}; run ./scripts/scylla-node start",
+                        nodes()
+                    )
+                }),
+        );
+        let bus = CommandBus::builder()
+            .command(|_: Book, _| async { Ok(()) })
+            .unwrap()
+            .command(|_: Unbook, _| async {
+                if UNDO_WORKS.load(Ordering::SeqCst) {
+                    Ok(())
+                } else {
+                    Err(keel::Error::store(
+                        "test",
+                        "unbook",
+                        "the hotel does not answer",
+                    ))
+                }
+            })
+            .unwrap()
+            .command(|_: Pay, _| async { Err(keel::Error::store("test", "pay", "card declined")) })
+            .unwrap()
+            .build();
+        let orchestrator = SagaOrchestrator::builder(store.clone(), store.clone(), bus)
+            .max_compensation_attempts(2)
+            .retry_backoff(Duration::from_millis(5))
+            .build();
+        let steps = vec![
+            SagaStep::new("book", Book).compensate_with(Unbook),
+            SagaStep::new("pay", Pay),
+        ];
+        let state = orchestrator.start_saga("trip-1", steps).await.unwrap();
+        assert_eq!(state.status, SagaStatus::CompensationFailed);
+
+        let (ok, out, err) = keel(&keyspace, &["sagas", "list", "--json"]).await;
+        assert!(ok, "{err}");
+        let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            (list[0]["id"].as_str(), list[0]["status"].as_str()),
+            (Some("trip-1"), Some("compensation_failed"))
+        );
+        let (ok, out, _) = keel(&keyspace, &["sagas", "show", "trip-1"]).await;
+        assert!(
+            ok && out.contains("compensation_failed") && out.contains("the hotel does not answer"),
+            "{out}"
+        );
+        assert!(
+            out.contains("book") && out.contains("pay") && out.contains("card declined"),
+            "{out}"
+        );
+
+        UNDO_WORKS.store(true, Ordering::SeqCst);
+        let (ok, out, err) = keel(&keyspace, &["sagas", "retry", "trip-1"]).await;
+        assert!(ok, "{err}");
+        assert!(out.contains("compensating again"), "{out}");
+        orchestrator.recover().await.unwrap();
+        assert_eq!(
+            orchestrator.get_saga_state("trip-1").await.unwrap().status,
+            SagaStatus::Compensated
+        );
+        let (ok, _, err) = keel(&keyspace, &["sagas", "retry", "trip-1"]).await;
+        assert!(!ok && err.contains("not compensation_failed"), "{err}");
+        store
+            .session()
+            .query_unpaged(format!("DROP KEYSPACE {keyspace}"), ())
+            .await
+            .unwrap();
+    }
+}
