@@ -53,7 +53,7 @@ impl ProjectionManagerBuilder {
         self
     }
 
-    /// Events read per batch (default 500); one checkpoint save per batch.
+    /// Events read per batch (default 1,000); one checkpoint save per batch.
     pub fn batch_size(mut self, size: usize) -> Self {
         self.config.batch_size = size.max(1);
         self
@@ -257,7 +257,7 @@ impl ProjectionManager {
             projections: Vec::new(),
             config: Config {
                 id: uuid::Uuid::new_v4().to_string(),
-                batch_size: 500,
+                batch_size: 1_000,
                 poll: Duration::from_millis(100),
                 lease_ttl: Duration::from_secs(10),
                 policy: ErrorPolicy::Stop,

@@ -208,24 +208,50 @@ impl Shared {
         rows: &[AppendRow<'_>],
         last: i64,
     ) -> Result<Attempt> {
-        let mut batch = Batch::new(BatchType::Logged);
-        batch.set_serial_consistency(self.st.head_cond.get_serial_consistency());
-        batch.set_is_idempotent(false);
-        batch.set_request_timeout(Some(self.st.append_timeout));
-        let guard = if fresh {
-            batch.append_statement(self.st.head_new.clone());
-            AppendRow::HeadNew(last, stream, bucket)
+        let result = if let [AppendRow::Event(e)] = rows {
+            // One event: one conditional UPDATE setting the row and the static head together.
+            let (stream_, bucket_, version, id, event_type, schema, payload, meta, at, commit) = e;
+            let set = (
+                last, id, event_type, schema, payload, meta, at, commit, stream_, bucket_, version,
+            );
+            let mut statement = if fresh {
+                self.st.append_one_new.clone()
+            } else {
+                self.st.append_one_cond.clone()
+            };
+            statement.set_request_timeout(Some(self.st.append_timeout));
+            let outcome = if fresh {
+                self.session.execute_unpaged(&statement, set).await
+            } else {
+                let (a, b, c, d, e, f, g, h, i, j, k) = set;
+                self.session
+                    .execute_unpaged(&statement, (a, b, c, d, e, f, g, h, i, j, k, expected))
+                    .await
+            };
+            match outcome {
+                Ok(result) => result,
+                Err(e) => return Ok(Attempt::Failed(Box::new(e))),
+            }
         } else {
-            batch.append_statement(self.st.head_cond.clone());
-            AppendRow::Head(last, stream, bucket, expected)
-        };
-        for _ in rows {
-            batch.append_statement(self.st.insert_event.clone());
-        }
-        let values: Vec<&AppendRow<'_>> = std::iter::once(&guard).chain(rows.iter()).collect();
-        let result = match self.session.batch(&batch, values).await {
-            Ok(result) => result,
-            Err(e) => return Ok(Attempt::Failed(Box::new(e))),
+            let mut batch = Batch::new(BatchType::Logged);
+            batch.set_serial_consistency(self.st.head_cond.get_serial_consistency());
+            batch.set_is_idempotent(false);
+            batch.set_request_timeout(Some(self.st.append_timeout));
+            let guard = if fresh {
+                batch.append_statement(self.st.head_new.clone());
+                AppendRow::HeadNew(last, stream, bucket)
+            } else {
+                batch.append_statement(self.st.head_cond.clone());
+                AppendRow::Head(last, stream, bucket, expected)
+            };
+            for _ in rows {
+                batch.append_statement(self.st.insert_event.clone());
+            }
+            let values: Vec<&AppendRow<'_>> = std::iter::once(&guard).chain(rows.iter()).collect();
+            match self.session.batch(&batch, values).await {
+                Ok(result) => result,
+                Err(e) => return Ok(Attempt::Failed(Box::new(e))),
+            }
         };
         let lwt = Lwt::from_result(result).map_err(|reason| {
             store_err(

@@ -537,9 +537,21 @@ impl Shared {
         Ok(())
     }
 
-    /// The head of the feed: the last allocated position.
+    /// The head of the feed: the last allocated position (a plain read: an estimate for lag
+    /// and progress, never used to allocate).
     pub(crate) async fn feed_head(&self) -> Result<u64> {
-        Ok(self.read_meta().await?.map_or(0, |(h, _)| h.max(0) as u64))
+        let rows = self
+            .session
+            .execute_unpaged(&self.st.meta_head, ())
+            .await
+            .map_err(|e| store_err("read feed head", e))?
+            .into_rows_result()
+            .map_err(|e| store_err("read feed head", e))?;
+        let head = rows
+            .maybe_first_row::<(Option<i64>,)>()
+            .map_err(|e| store_err("read feed head", e))?
+            .and_then(|(h,)| h);
+        Ok(head.unwrap_or(0).max(0) as u64)
     }
 
     async fn feed_page(&self, from: i64) -> Result<Vec<RecordedEvent>> {

@@ -392,6 +392,9 @@ pub(crate) struct Statements {
     pub(crate) scan_markers: PreparedStatement,
     pub(crate) meta_init: PreparedStatement,
     pub(crate) meta_read: PreparedStatement,
+    pub(crate) meta_head: PreparedStatement,
+    pub(crate) append_one_cond: PreparedStatement,
+    pub(crate) append_one_new: PreparedStatement,
     pub(crate) meta_allocate: PreparedStatement,
     pub(crate) insert_feed: PreparedStatement,
     pub(crate) read_feed: PreparedStatement,
@@ -470,6 +473,15 @@ impl Statements {
             scan_markers: prep(format!("SELECT at, marker, stream FROM {ks}.pending WHERE minute = ? AND at >= ?")).await?,
             meta_init: lwt(prep(format!("INSERT INTO {ks}.feed_meta (id, head) VALUES (0, 0) IF NOT EXISTS")).await?),
             meta_read: serial_select(prep(format!("SELECT head, plan FROM {ks}.feed_meta WHERE id = 0")).await?),
+            meta_head: prep(format!("SELECT head FROM {ks}.feed_meta WHERE id = 0")).await?,
+            append_one_cond: lwt(prep(format!(
+                "UPDATE {ks}.events SET head = ?, event_id = ?, event_type = ?, schema_version = ?, payload = ?, \
+                 metadata = ?, recorded_at = ?, commit_id = ? WHERE stream = ? AND bucket = ? AND version = ? IF head = ?"
+            )).await?),
+            append_one_new: lwt(prep(format!(
+                "UPDATE {ks}.events SET head = ?, event_id = ?, event_type = ?, schema_version = ?, payload = ?, \
+                 metadata = ?, recorded_at = ?, commit_id = ? WHERE stream = ? AND bucket = ? AND version = ? IF head = null"
+            )).await?),
             meta_allocate: lwt(prep(format!("UPDATE {ks}.feed_meta SET head = ?, plan = ? WHERE id = 0 IF head = ?")).await?),
             insert_feed: prep(format!(
                 "INSERT INTO {ks}.feed (bucket, position, stream, version, event_id, event_type, schema_version, payload, metadata, recorded_at) \
@@ -504,7 +516,9 @@ impl Statements {
             save_status: prep(format!("INSERT INTO {ks}.projection_status (name, status) VALUES (?, ?)")).await?,
             load_status: prep(format!("SELECT status FROM {ks}.projection_status WHERE name = ?")).await?,
             list_status: prep(format!("SELECT status FROM {ks}.projection_status")).await?,
-            request_read: serial_select(prep(format!("SELECT control, request_id FROM {ks}.projection_requests WHERE name = ?")).await?),
+            // Not SERIAL: a request written a moment ago is seen on the next step; the take
+            // itself is conditional.
+            request_read: prep(format!("SELECT control, request_id FROM {ks}.projection_requests WHERE name = ?")).await?,
             request_new: lwt(prep(format!(
                 "INSERT INTO {ks}.projection_requests (name, control, request_id) VALUES (?, ?, ?) IF NOT EXISTS"
             )).await?),
