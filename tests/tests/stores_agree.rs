@@ -12,8 +12,11 @@ fn nodes() -> String {
     std::env::var("KEEL_SCYLLA_NODES").unwrap_or_else(|_| "127.0.0.1:9042".into())
 }
 
-/// What a stream looks like, without what legitimately differs (ids, timestamps, positions).
-fn shape(events: &[RecordedEvent]) -> Vec<(u64, String, u32, Vec<u8>, Option<uuid::Uuid>)> {
+/// An event without what legitimately differs between stores (ids, timestamps, positions):
+/// version, type, schema version, payload, correlation id.
+type Shape = (u64, String, u32, Vec<u8>, Option<uuid::Uuid>);
+
+fn shape(events: &[RecordedEvent]) -> Vec<Shape> {
     events
         .iter()
         .map(|e| {
