@@ -16,6 +16,9 @@ use crate::error::{Error, Result};
 use crate::event::{now_millis, RecordedEvent};
 use crate::store::{CheckpointStore, EventStore, Lease, LeaseStore};
 
+/// How often a busy projection reads operator requests and the feed head.
+const POLL_EVERY: Duration = Duration::from_millis(200);
+
 /// What a projection does when `apply` fails.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ErrorPolicy {
@@ -161,6 +164,10 @@ struct Runner {
     renewed: Instant,
     rebuild: Option<Rebuild>,
     last_rebuild_events: u64,
+    /// When requests and the feed head were last read.
+    last_poll: Instant,
+    /// Whether the next step must read them (after an idle step).
+    poll_due: bool,
 }
 
 impl Runner {
@@ -181,6 +188,8 @@ impl Runner {
             renewed: Instant::now(),
             rebuild: None,
             last_rebuild_events: 0,
+            last_poll: Instant::now(),
+            poll_due: true,
         }
     }
 
@@ -536,12 +545,18 @@ impl Inner {
     }
 
     async fn step(&self, slot: &Slot, runner: &mut Runner) -> Result<Step> {
-        if let Some(control) = self.store.take_request(&runner.name).await? {
-            self.control(slot, runner, control).await?;
+        // Requests and the feed head are looked at after every idle step and at least every
+        // POLL_EVERY while busy, so a long catch-up does not pay two reads per batch.
+        let poll = runner.poll_due || runner.last_poll.elapsed() >= POLL_EVERY;
+        if poll {
+            if let Some(control) = self.store.take_request(&runner.name).await? {
+                self.control(slot, runner, control).await?;
+            }
         }
         if !self.hold_lease(runner).await? {
             runner.state = ProjectionState::Standby;
             self.publish(runner).await?;
+            runner.poll_due = true;
             return Ok(Step::Idle);
         }
         self.load(slot, runner).await?;
@@ -552,22 +567,30 @@ impl Inner {
                 ProjectionState::Running
             };
         }
+        if poll || runner.head == 0 {
+            runner.head = self.events.feed_head().await?;
+            runner.last_poll = Instant::now();
+            runner.poll_due = false;
+        }
         if matches!(
             runner.state,
             ProjectionState::Paused | ProjectionState::Failed
         ) {
-            runner.head = self.events.feed_head().await?;
             self.publish(runner).await?;
+            runner.poll_due = true;
             return Ok(Step::Idle);
         }
-        runner.head = self.events.feed_head().await?;
+        let state_before = runner.state;
         let step = match runner
             .rebuild
             .as_ref()
             .map(|r| (r.generation, r.checkpoint))
         {
             Some((generation, from)) => {
-                let n = self.batch(slot, runner, generation, from).await?;
+                // A rebuild reads history in larger batches: fewer checkpoint writes.
+                let n = self
+                    .batch(slot, runner, generation, from, self.config.batch_size * 4)
+                    .await?;
                 if n == 0 && runner.state != ProjectionState::Failed {
                     self.swap(slot, runner).await?;
                 }
@@ -575,7 +598,13 @@ impl Inner {
             }
             None => {
                 let n = self
-                    .batch(slot, runner, runner.generation, runner.checkpoint)
+                    .batch(
+                        slot,
+                        runner,
+                        runner.generation,
+                        runner.checkpoint,
+                        self.config.batch_size,
+                    )
                     .await?;
                 if n == 0 {
                     Step::Idle
@@ -584,7 +613,12 @@ impl Inner {
                 }
             }
         };
-        self.publish(runner).await?;
+        if step == Step::Idle {
+            runner.poll_due = true;
+        }
+        if poll || step == Step::Idle || runner.state != state_before {
+            self.publish(runner).await?;
+        }
         Ok(step)
     }
 
@@ -621,13 +655,10 @@ impl Inner {
         runner: &mut Runner,
         generation: u64,
         from: u64,
+        size: usize,
     ) -> Result<usize> {
-        let events: Vec<RecordedEvent> = self
-            .events
-            .read_all(from)
-            .take(self.config.batch_size)
-            .try_collect()
-            .await?;
+        let events: Vec<RecordedEvent> =
+            self.events.read_all(from).take(size).try_collect().await?;
         if events.is_empty() {
             return Ok(0);
         }
