@@ -92,6 +92,7 @@ pub use event::{
 };
 pub use repository::{Executed, Loaded, Repository, RepositoryMetrics, SnapshotPolicy};
 pub use store::{
-    CheckpointStore, EventStore, EventStream, Lease, LeaseStore, Snapshot, SnapshotStore,
+    CheckpointStore, EventPage, EventStore, EventStream, Lease, LeaseStore, PageStream, Snapshot,
+    SnapshotStore,
 };
 pub use upcast::Upcasters;

@@ -210,15 +210,17 @@ impl<A: Aggregate> Repository<A> {
             state: A::default(),
             version: 0,
         });
-        let mut events = self.events.read_stream(stream, loaded.version + 1);
+        let mut pages = self.events.read_stream_pages(stream, loaded.version + 1);
         let mut replayed = 0u64;
         let mut seen = false;
-        while let Some(recorded) = events.try_next().await? {
-            seen |= command_id.is_some() && recorded.metadata.causation_id == command_id;
-            let event: A::Event = self.upcasters.decode(&recorded)?;
-            loaded.state.apply(&event);
-            loaded.version = recorded.version;
-            replayed += 1;
+        while let Some(page) = pages.try_next().await? {
+            for recorded in page.iter() {
+                seen |= command_id.is_some() && recorded.metadata.causation_id == command_id;
+                let event: A::Event = self.upcasters.decode(recorded)?;
+                loaded.state.apply(&event);
+                loaded.version = recorded.version;
+            }
+            replayed += page.len() as u64;
         }
         self.counters.loads.fetch_add(1, Ordering::Relaxed);
         self.counters

@@ -12,6 +12,7 @@
 //! | [`CheckpointStore`] | how far a feed consumer got | projections |
 //! | [`LeaseStore`] | who may run a singleton worker right now | projections, sagas |
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -23,6 +24,41 @@ use crate::event::{AppendResult, ExpectedVersion, NewEvent, RecordedEvent, Strea
 
 /// A stream of recorded events, read lazily page by page; never a whole history in memory.
 pub type EventStream<'a> = BoxStream<'a, Result<RecordedEvent>>;
+
+/// A run of consecutive events of one stream, as a store hands them out: shared, not copied.
+/// Dereferences to a slice.
+#[derive(Clone, Debug)]
+pub struct EventPage {
+    events: Arc<[RecordedEvent]>,
+    start: usize,
+}
+
+impl EventPage {
+    /// The events of `events` from index `start` on.
+    pub fn new(events: Arc<[RecordedEvent]>, start: usize) -> Self {
+        let start = start.min(events.len());
+        EventPage { events, start }
+    }
+}
+
+impl From<Vec<RecordedEvent>> for EventPage {
+    fn from(events: Vec<RecordedEvent>) -> Self {
+        EventPage {
+            events: events.into(),
+            start: 0,
+        }
+    }
+}
+
+impl std::ops::Deref for EventPage {
+    type Target = [RecordedEvent];
+    fn deref(&self) -> &[RecordedEvent] {
+        &self.events[self.start..]
+    }
+}
+
+/// A stream of pages of events.
+pub type PageStream<'a> = BoxStream<'a, Result<EventPage>>;
 
 /// Streams of events, each with a dense version sequence, plus a global feed of every event.
 ///
@@ -49,6 +85,23 @@ pub trait EventStore: Send + Sync + 'static {
     /// The events of `stream` from version `from_version` (inclusive) on, in version order.
     /// An unknown stream reads as empty.
     fn read_stream<'a>(&'a self, stream: &'a StreamId, from_version: u64) -> EventStream<'a>;
+
+    /// The same events as [`read_stream`](EventStore::read_stream), a page at a time. Loading
+    /// an aggregate uses this: a store that keeps events in memory hands out its pages without
+    /// copying them. The default groups `read_stream` into pages of 256.
+    fn read_stream_pages<'a>(&'a self, stream: &'a StreamId, from_version: u64) -> PageStream<'a> {
+        use futures::StreamExt;
+        Box::pin(
+            self.read_stream(stream, from_version)
+                .chunks(256)
+                .map(|chunk| {
+                    chunk
+                        .into_iter()
+                        .collect::<Result<Vec<_>>>()
+                        .map(EventPage::from)
+                }),
+        )
+    }
 
     /// The feed from `from_position` (inclusive) up to its current head; each event carries its
     /// `position`. A consumer saves `last position + 1` as its checkpoint and resumes there.

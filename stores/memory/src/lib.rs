@@ -33,8 +33,9 @@ use futures::stream;
 use keel::projection::{Control, DeadLetter, ProjectionStatus, ProjectionStore};
 use keel::saga::{SagaRecord, SagaStore};
 use keel::{
-    AppendResult, CheckpointStore, Error, EventStore, EventStream, ExpectedVersion, Lease,
-    LeaseStore, NewEvent, RecordedEvent, Result, Snapshot, SnapshotStore, StreamId,
+    AppendResult, CheckpointStore, Error, EventPage, EventStore, EventStream, ExpectedVersion,
+    Lease, LeaseStore, NewEvent, PageStream, RecordedEvent, Result, Snapshot, SnapshotStore,
+    StreamId,
 };
 
 /// Events handed out per lock acquisition when reading.
@@ -48,7 +49,7 @@ pub struct MemoryStore {
 
 #[derive(Default)]
 struct Inner {
-    streams: DashMap<StreamId, Vec<RecordedEvent>>,
+    streams: DashMap<StreamId, StreamLog>,
     feed: RwLock<Vec<RecordedEvent>>,
     snapshots: DashMap<StreamId, Snapshot>,
     checkpoints: DashMap<String, u64>,
@@ -57,6 +58,55 @@ struct Inner {
     requests: DashMap<String, Control>,
     dead_letters: DashMap<String, Vec<DeadLetter>>,
     sagas: DashMap<String, SagaRecord>,
+}
+
+/// One stream: its appends, each kept as one shared slice, so loads borrow instead of copy.
+#[derive(Default)]
+struct StreamLog {
+    chunks: Vec<Arc<[RecordedEvent]>>,
+    len: u64,
+}
+
+impl StreamLog {
+    /// The chunk holding `version` and the offset in it.
+    fn locate(&self, version: u64) -> Option<(usize, usize)> {
+        let version = version.max(1);
+        if version > self.len {
+            return None;
+        }
+        let chunk = self.chunks.partition_point(|c| c[0].version <= version) - 1;
+        Some((chunk, (version - self.chunks[chunk][0].version) as usize))
+    }
+
+    /// Up to `max` events from `version`, copied out.
+    fn copy_from(&self, version: u64, max: usize) -> Vec<RecordedEvent> {
+        let Some((chunk, offset)) = self.locate(version) else {
+            return Vec::new();
+        };
+        let mut out = Vec::with_capacity(max.min((self.len - version.max(1) + 1) as usize));
+        for (i, c) in self.chunks[chunk..].iter().enumerate() {
+            let skip = if i == 0 { offset } else { 0 };
+            for e in &c[skip..] {
+                if out.len() == max {
+                    return out;
+                }
+                out.push(e.clone());
+            }
+        }
+        out
+    }
+
+    /// The shared chunks from `version` on.
+    fn pages_from(&self, version: u64) -> Vec<EventPage> {
+        let Some((chunk, offset)) = self.locate(version) else {
+            return Vec::new();
+        };
+        self.chunks[chunk..]
+            .iter()
+            .enumerate()
+            .map(|(i, c)| EventPage::new(c.clone(), if i == 0 { offset } else { 0 }))
+            .collect()
+    }
 }
 
 struct HeldLease {
@@ -118,40 +168,44 @@ impl EventStore for MemoryStore {
         events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
         let mut entry = self.inner.streams.entry(stream.clone()).or_default();
-        let current = entry.len() as u64;
+        let current = entry.len;
         let actual = (current > 0).then_some(current);
-        if !expected.accepts(actual) {
-            let conflict = Error::Conflict {
-                stream: stream.clone(),
-                expected,
-                actual,
+        if !expected.accepts(actual) || events.is_empty() {
+            let outcome = if expected.accepts(actual) {
+                Ok(AppendResult {
+                    first_version: current + 1,
+                    last_version: current,
+                })
+            } else {
+                Err(Error::Conflict {
+                    stream: stream.clone(),
+                    expected,
+                    actual,
+                })
             };
             drop(entry);
             // Don't leave an empty entry behind for a stream that was never written.
-            self.inner.streams.remove_if(stream, |_, v| v.is_empty());
-            return Err(conflict);
-        }
-        if events.is_empty() {
-            drop(entry);
-            self.inner.streams.remove_if(stream, |_, v| v.is_empty());
-            return Ok(AppendResult {
-                first_version: current + 1,
-                last_version: current,
-            });
+            self.inner.streams.remove_if(stream, |_, log| log.len == 0);
+            return outcome;
         }
         let mut feed = write_lock(&self.inner.feed);
         let first_position = feed.len() as u64 + 1;
         let count = events.len() as u64;
-        for (i, event) in events.into_iter().enumerate() {
-            let recorded = RecordedEvent::record(
-                stream.clone(),
-                current + 1 + i as u64,
-                Some(first_position + i as u64),
-                event,
-            );
-            feed.push(recorded.clone());
-            entry.push(recorded);
-        }
+        let recorded: Vec<RecordedEvent> = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, event)| {
+                RecordedEvent::record(
+                    stream.clone(),
+                    current + 1 + i as u64,
+                    Some(first_position + i as u64),
+                    event,
+                )
+            })
+            .collect();
+        feed.extend(recorded.iter().cloned());
+        entry.chunks.push(recorded.into());
+        entry.len += count;
         Ok(AppendResult {
             first_version: current + 1,
             last_version: current + count,
@@ -159,11 +213,23 @@ impl EventStore for MemoryStore {
     }
 
     fn read_stream<'a>(&'a self, stream: &'a StreamId, from_version: u64) -> EventStream<'a> {
-        let start = from_version.saturating_sub(1) as usize;
+        let start = from_version.max(1) as usize;
         paged(start, move |at| match self.inner.streams.get(stream) {
-            Some(events) => events.iter().skip(at).take(PAGE).cloned().collect(),
+            Some(log) => log.copy_from(at as u64, PAGE),
             None => Vec::new(),
         })
+    }
+
+    fn read_stream_pages<'a>(&'a self, stream: &'a StreamId, from_version: u64) -> PageStream<'a> {
+        let pages = stream::once(async move {
+            match self.inner.streams.get(stream) {
+                Some(log) => log.pages_from(from_version),
+                None => Vec::new(),
+            }
+        });
+        Box::pin(futures::StreamExt::flat_map(pages, |pages| {
+            stream::iter(pages.into_iter().map(Ok))
+        }))
     }
 
     fn read_all(&self, from_position: u64) -> EventStream<'_> {
@@ -179,7 +245,7 @@ impl EventStore for MemoryStore {
             .inner
             .streams
             .get(stream)
-            .map(|events| events.len() as u64)
+            .map(|log| log.len)
             .filter(|&v| v > 0))
     }
 

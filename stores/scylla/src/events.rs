@@ -5,10 +5,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::stream;
+use futures::stream::{self, BoxStream};
+use futures::TryStreamExt;
 use keel::{
-    AppendResult, Error, EventStore, EventStream, ExpectedVersion, Metadata, NewEvent,
-    RecordedEvent, Result, StreamId,
+    AppendResult, Error, EventPage, EventStore, EventStream, ExpectedVersion, Metadata, NewEvent,
+    PageStream, RecordedEvent, Result, StreamId,
 };
 use scylla::errors::ExecutionError;
 use scylla::serialize::row::{RowSerializationContext, SerializeRow};
@@ -464,20 +465,23 @@ impl Shared {
 
     /// The stream from version `from`, lazily, page by page and bucket by bucket. Version
     /// `from` lives in its own bucket or, after an overflowing append, in the one before.
-    pub(crate) fn stream_from<'a>(&'a self, stream: &'a StreamId, from: u64) -> EventStream<'a> {
+    /// The stream from version `from`, lazily, page by page and bucket by bucket. Version
+    /// `from` lives in its own bucket or, after an overflowing append, in the one before.
+    fn pages_from<'a>(
+        &'a self,
+        stream: &'a StreamId,
+        from: u64,
+    ) -> BoxStream<'a, Result<Vec<RecordedEvent>>> {
         let from = from.max(1) as i64;
         let start = (self.bucket_of(from) - 1).max(0);
-        let pages = stream::try_unfold(
-            (start, from, false),
-            move |(mut bucket, mut next, done)| async move {
-                if done {
-                    return Ok::<_, Error>(None);
-                }
+        Box::pin(stream::try_unfold(
+            (start, from),
+            move |(mut bucket, mut next)| async move {
                 loop {
                     let page = self.read_page(stream, bucket, next, PAGE).await?;
                     if page.is_empty() {
                         if bucket >= self.bucket_of(next) {
-                            return Ok(None);
+                            return Ok::<_, Error>(None);
                         }
                         bucket += 1;
                         continue;
@@ -486,12 +490,18 @@ impl Shared {
                     if page.len() < PAGE as usize {
                         bucket += 1;
                     }
-                    let items = stream::iter(page.into_iter().map(Ok));
-                    return Ok(Some((items, (bucket, next, false))));
+                    return Ok(Some((page, (bucket, next))));
                 }
             },
-        );
-        Box::pin(futures::TryStreamExt::try_flatten(pages))
+        ))
+    }
+
+    /// The stream from version `from`, event by event.
+    pub(crate) fn stream_from<'a>(&'a self, stream: &'a StreamId, from: u64) -> EventStream<'a> {
+        let pages = self
+            .pages_from(stream, from)
+            .map_ok(|page| stream::iter(page.into_iter().map(Ok)));
+        Box::pin(pages.try_flatten())
     }
 }
 
@@ -548,6 +558,14 @@ impl EventStore for KeelScylla {
 
     fn read_stream<'a>(&'a self, stream: &'a StreamId, from_version: u64) -> EventStream<'a> {
         self.shared.stream_from(stream, from_version)
+    }
+
+    fn read_stream_pages<'a>(&'a self, stream: &'a StreamId, from_version: u64) -> PageStream<'a> {
+        Box::pin(
+            self.shared
+                .pages_from(stream, from_version)
+                .map_ok(EventPage::from),
+        )
     }
 
     fn read_all(&self, from_position: u64) -> EventStream<'_> {
