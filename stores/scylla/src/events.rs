@@ -134,12 +134,8 @@ impl Shared {
             &self.st.read_head
         };
         let rows = self
-            .session
-            .execute_unpaged(st, (stream, bucket))
-            .await
-            .map_err(|e| store_err(format!("read head of `{stream}`"), e))?
-            .into_rows_result()
-            .map_err(|e| store_err(format!("read head of `{stream}`"), e))?;
+            .select(st, (stream, bucket), format!("read head of `{stream}`"))
+            .await?;
         let row = rows
             .maybe_first_row::<(Option<i64>,)>()
             .map_err(|e| store_err(format!("read head of `{stream}`"), e))?;
@@ -451,12 +447,12 @@ impl Shared {
     ) -> Result<Vec<RecordedEvent>> {
         let op = || format!("read stream `{stream}`");
         let rows = self
-            .session
-            .execute_unpaged(&self.st.read_events, (stream.as_str(), bucket, from, limit))
-            .await
-            .map_err(|e| store_err(op(), e))?
-            .into_rows_result()
-            .map_err(|e| store_err(op(), e))?;
+            .select(
+                &self.st.read_events,
+                (stream.as_str(), bucket, from, limit),
+                op(),
+            )
+            .await?;
         rows.rows::<(i64, Uuid, String, i32, Bytes, Option<Vec<u8>>, CqlTimestamp)>()
             .map_err(|e| store_err(op(), e))?
             .map(|row| self.decode_row(stream, None, row.map_err(|e| store_err(op(), e))?))

@@ -262,12 +262,12 @@ impl FeederState {
         for minute in (since / 60_000)..=(now / 60_000) {
             let rows = self
                 .shared
-                .session
-                .execute_unpaged(&self.shared.st.scan_markers, (minute, since))
-                .await
-                .map_err(|e| store_err("scan feed markers", e))?
-                .into_rows_result()
-                .map_err(|e| store_err("scan feed markers", e))?;
+                .select(
+                    &self.shared.st.scan_markers,
+                    (minute, since),
+                    "scan feed markers",
+                )
+                .await?;
             for row in rows
                 .rows::<(i64, Uuid, String)>()
                 .map_err(|e| store_err("scan feed markers", e))?
@@ -297,12 +297,12 @@ impl FeederState {
         }
         let rows = self
             .shared
-            .session
-            .execute_unpaged(&self.shared.st.read_progress, (stream,))
-            .await
-            .map_err(|e| store_err(format!("read feed progress of `{stream}`"), e))?
-            .into_rows_result()
-            .map_err(|e| store_err(format!("read feed progress of `{stream}`"), e))?;
+            .select(
+                &self.shared.st.read_progress,
+                (stream,),
+                format!("read feed progress of `{stream}`"),
+            )
+            .await?;
         let v = rows
             .maybe_first_row::<(i64,)>()
             .map_err(|e| store_err(format!("read feed progress of `{stream}`"), e))?
@@ -484,12 +484,8 @@ impl Shared {
 
     async fn read_meta(&self) -> Result<Option<(i64, Vec<Range>)>> {
         let rows = self
-            .session
-            .execute_unpaged(&self.st.meta_read, ())
-            .await
-            .map_err(|e| store_err("read feed_meta", e))?
-            .into_rows_result()
-            .map_err(|e| store_err("read feed_meta", e))?;
+            .select(&self.st.meta_read, (), "read feed_meta")
+            .await?;
         let Some((head, plan)) = rows
             .maybe_first_row::<(Option<i64>, Option<Vec<u8>>)>()
             .map_err(|e| store_err("read feed_meta", e))?
@@ -541,12 +537,8 @@ impl Shared {
     /// and progress, never used to allocate).
     pub(crate) async fn feed_head(&self) -> Result<u64> {
         let rows = self
-            .session
-            .execute_unpaged(&self.st.meta_head, ())
-            .await
-            .map_err(|e| store_err("read feed head", e))?
-            .into_rows_result()
-            .map_err(|e| store_err("read feed head", e))?;
+            .select(&self.st.meta_head, (), "read feed head")
+            .await?;
         let head = rows
             .maybe_first_row::<(Option<i64>,)>()
             .map_err(|e| store_err("read feed head", e))?
@@ -556,12 +548,12 @@ impl Shared {
 
     async fn feed_page(&self, from: i64) -> Result<Vec<RecordedEvent>> {
         let rows = self
-            .session
-            .execute_unpaged(&self.st.read_feed, (self.feed_bucket(from), from, PAGE))
-            .await
-            .map_err(|e| store_err("read feed", e))?
-            .into_rows_result()
-            .map_err(|e| store_err("read feed", e))?;
+            .select(
+                &self.st.read_feed,
+                (self.feed_bucket(from), from, PAGE),
+                "read feed",
+            )
+            .await?;
         let mut page = Vec::new();
         type FeedRow = (
             i64,

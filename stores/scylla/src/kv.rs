@@ -24,12 +24,8 @@ fn ttl_secs(ttl: Duration) -> i32 {
 impl Shared {
     async fn read_lease(&self, name: &str) -> Result<Option<(Option<String>, i64)>> {
         let rows = self
-            .session
-            .execute_unpaged(&self.st.lease_read, (name,))
-            .await
-            .map_err(|e| store_err(format!("read lease `{name}`"), e))?
-            .into_rows_result()
-            .map_err(|e| store_err(format!("read lease `{name}`"), e))?;
+            .select(&self.st.lease_read, (name,), format!("read lease `{name}`"))
+            .await?;
         let row = rows
             .maybe_first_row::<(Option<String>, Option<i64>)>()
             .map_err(|e| store_err(format!("read lease `{name}`"), e))?;
@@ -166,12 +162,8 @@ impl SnapshotStore for KeelScylla {
         let op = || format!("load snapshot of `{stream}`");
         let rows = self
             .shared
-            .session
-            .execute_unpaged(&self.shared.st.load_snapshot, (stream.as_str(),))
-            .await
-            .map_err(|e| store_err(op(), e))?
-            .into_rows_result()
-            .map_err(|e| store_err(op(), e))?;
+            .select(&self.shared.st.load_snapshot, (stream.as_str(),), op())
+            .await?;
         let row = rows
             .maybe_first_row::<(i64, i32, Bytes, CqlTimestamp)>()
             .map_err(|e| store_err(op(), e))?;
@@ -193,12 +185,8 @@ impl CheckpointStore for KeelScylla {
         let op = || format!("load checkpoint `{name}`");
         let rows = self
             .shared
-            .session
-            .execute_unpaged(&self.shared.st.load_checkpoint, (name,))
-            .await
-            .map_err(|e| store_err(op(), e))?
-            .into_rows_result()
-            .map_err(|e| store_err(op(), e))?;
+            .select(&self.shared.st.load_checkpoint, (name,), op())
+            .await?;
         let row = rows
             .maybe_first_row::<(Option<i64>,)>()
             .map_err(|e| store_err(op(), e))?;

@@ -339,6 +339,24 @@ pub(crate) struct Shared {
 
 pub(crate) type StreamKey = String;
 
+impl Shared {
+    /// Runs a prepared read and returns its rows; failures name the operation.
+    pub(crate) async fn select(
+        &self,
+        statement: &PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow,
+        operation: impl Into<String>,
+    ) -> keel::Result<scylla::response::query_result::QueryRowsResult> {
+        let operation = operation.into();
+        self.session
+            .execute_unpaged(statement, values)
+            .await
+            .map_err(|e| error::store_err(operation.clone(), e))?
+            .into_rows_result()
+            .map_err(|e| error::store_err(operation, e))
+    }
+}
+
 impl KeelScylla {
     /// A builder; at least a node (or a session) is needed.
     pub fn builder() -> KeelScyllaBuilder {

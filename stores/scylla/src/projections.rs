@@ -40,12 +40,12 @@ impl ProjectionStore for KeelScylla {
     async fn load_status(&self, name: &str) -> Result<Option<ProjectionStatus>> {
         let rows = self
             .shared
-            .session
-            .execute_unpaged(&self.shared.st.load_status, (name,))
-            .await
-            .map_err(|e| store_err(format!("load status of `{name}`"), e))?
-            .into_rows_result()
-            .map_err(|e| store_err(format!("load status of `{name}`"), e))?;
+            .select(
+                &self.shared.st.load_status,
+                (name,),
+                format!("load status of `{name}`"),
+            )
+            .await?;
         match rows
             .maybe_first_row::<(Option<Vec<u8>>,)>()
             .map_err(|e| store_err(format!("load status of `{name}`"), e))?
@@ -58,12 +58,8 @@ impl ProjectionStore for KeelScylla {
     async fn list_status(&self) -> Result<Vec<ProjectionStatus>> {
         let rows = self
             .shared
-            .session
-            .execute_unpaged(&self.shared.st.list_status, ())
-            .await
-            .map_err(|e| store_err("list projection status", e))?
-            .into_rows_result()
-            .map_err(|e| store_err("list projection status", e))?;
+            .select(&self.shared.st.list_status, (), "list projection status")
+            .await?;
         let mut all = Vec::new();
         for row in rows
             .rows::<(Option<Vec<u8>>,)>()
@@ -149,12 +145,8 @@ impl ProjectionStore for KeelScylla {
         let op = || format!("read dead letters of `{name}`");
         let rows = self
             .shared
-            .session
-            .execute_unpaged(&self.shared.st.dead_letters, (name,))
-            .await
-            .map_err(|e| store_err(op(), e))?
-            .into_rows_result()
-            .map_err(|e| store_err(op(), e))?;
+            .select(&self.shared.st.dead_letters, (name,), op())
+            .await?;
         rows.rows::<(Vec<u8>,)>()
             .map_err(|e| store_err(op(), e))?
             .map(|row| decode("dead letter", &row.map_err(|e| store_err(op(), e))?.0))
@@ -167,12 +159,8 @@ impl KeelScylla {
         let op = || format!("read request for `{name}`");
         let rows = self
             .shared
-            .session
-            .execute_unpaged(&self.shared.st.request_read, (name,))
-            .await
-            .map_err(|e| store_err(op(), e))?
-            .into_rows_result()
-            .map_err(|e| store_err(op(), e))?;
+            .select(&self.shared.st.request_read, (name,), op())
+            .await?;
         match rows
             .maybe_first_row::<(Option<Vec<u8>>, Option<Uuid>)>()
             .map_err(|e| store_err(op(), e))?

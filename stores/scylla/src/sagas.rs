@@ -55,12 +55,8 @@ impl SagaStore for KeelScylla {
         let op = || format!("load saga `{id}`");
         let rows = self
             .shared
-            .session
-            .execute_unpaged(&self.shared.st.saga_load, (id,))
-            .await
-            .map_err(|e| store_err(op(), e))?
-            .into_rows_result()
-            .map_err(|e| store_err(op(), e))?;
+            .select(&self.shared.st.saga_load, (id,), op())
+            .await?;
         rows.maybe_first_row::<Row>()
             .map_err(|e| store_err(op(), e))?
             .map(record)
@@ -91,12 +87,8 @@ impl SagaStore for KeelScylla {
     async fn list_sagas(&self, unfinished_only: bool) -> Result<Vec<SagaRecord>> {
         let rows = self
             .shared
-            .session
-            .execute_unpaged(&self.shared.st.saga_list, ())
-            .await
-            .map_err(|e| store_err("list sagas", e))?
-            .into_rows_result()
-            .map_err(|e| store_err("list sagas", e))?;
+            .select(&self.shared.st.saga_list, (), "list sagas")
+            .await?;
         let mut all = Vec::new();
         for row in rows.rows::<Row>().map_err(|e| store_err("list sagas", e))? {
             let r = record(row.map_err(|e| store_err("list sagas", e))?)?;
