@@ -546,11 +546,12 @@ impl Shared {
         Ok(head.unwrap_or(0).max(0) as u64)
     }
 
-    async fn feed_page(&self, from: i64) -> Result<Vec<RecordedEvent>> {
+    /// The feed rows at positions `start..end` (one feed bucket), up to the first gap.
+    async fn feed_range(&self, start: i64, end: i64) -> Result<Vec<RecordedEvent>> {
         let rows = self
             .select(
                 &self.st.read_feed,
-                (self.feed_bucket(from), from, PAGE),
+                (self.feed_bucket(start), start, end),
                 "read feed",
             )
             .await?;
@@ -569,7 +570,7 @@ impl Shared {
         let typed = rows
             .rows::<FeedRow>()
             .map_err(|e| store_err("read feed", e))?;
-        for (expected, row) in (from..).zip(typed) {
+        for (expected, row) in (start..).zip(typed) {
             let (
                 position,
                 stream,
@@ -603,15 +604,39 @@ impl Shared {
     }
 
     /// The feed from `from`, page by page, up to the first position not written yet.
+    ///
+    /// Pages end on multiples of the page size, and a feed bucket's size is a multiple of it,
+    /// so no page crosses a bucket and the next page's range is known before this one arrives:
+    /// it is fetched while this one is consumed.
     pub(crate) fn feed_from(&self, from: u64) -> EventStream<'_> {
-        let pages = stream::try_unfold(from.max(1) as i64, move |next| async move {
-            let page = self.feed_page(next).await?;
-            if page.is_empty() {
-                return Ok::<_, Error>(None);
-            }
-            let after = next + page.len() as i64;
-            Ok(Some((stream::iter(page.into_iter().map(Ok)), after)))
+        let page = PAGE as i64;
+        let first = from.max(1) as i64;
+        let ranges = (0..).map(move |k: i64| {
+            let start = if k == 0 {
+                first
+            } else {
+                (first / page + k) * page
+            };
+            (start, (first / page + k + 1) * page)
         });
-        Box::pin(pages.try_flatten())
+        let pages = stream::iter(ranges)
+            .map(move |(start, end)| async move {
+                let events = self.feed_range(start, end).await?;
+                let complete = events.len() as i64 == end - start;
+                Ok::<_, Error>((events, complete))
+            })
+            .buffered(2)
+            .scan(false, |done, page| {
+                if *done {
+                    return futures::future::ready(None);
+                }
+                *done = !matches!(page, Ok((_, true)));
+                futures::future::ready(Some(page.map(|(events, _)| events)))
+            });
+        Box::pin(
+            pages
+                .map_ok(|events| stream::iter(events.into_iter().map(Ok)))
+                .try_flatten(),
+        )
     }
 }

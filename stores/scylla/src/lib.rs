@@ -155,7 +155,8 @@ impl KeelScyllaBuilder {
         self
     }
 
-    /// Positions per feed partition (default 100,000). Fixed when the keyspace is created.
+    /// Positions per feed partition (default 100,000), a multiple of 1,000 (the feed's page).
+    /// Fixed when the keyspace is created.
     pub fn feed_bucket_size(mut self, size: i64) -> Self {
         self.feed_bucket_size = size;
         self
@@ -232,6 +233,16 @@ impl KeelScyllaBuilder {
                     reason: format!("{size} is not a positive size"),
                 });
             }
+        }
+        if self.feed_bucket_size % events::PAGE as i64 != 0 {
+            return Err(Error::InvalidSetting {
+                field: "feed_bucket_size",
+                reason: format!(
+                    "{} is not a multiple of the feed page, {}",
+                    self.feed_bucket_size,
+                    events::PAGE
+                ),
+            });
         }
         let longest_append = self.append_timeout * 2 * events::ATTEMPTS as u32;
         if self.settle_after <= longest_append {
@@ -507,7 +518,7 @@ impl Statements {
             )).await?,
             read_feed: prep(format!(
                 "SELECT position, stream, version, event_id, event_type, schema_version, payload, metadata, recorded_at \
-                 FROM {ks}.feed WHERE bucket = ? AND position >= ? LIMIT ?"
+                 FROM {ks}.feed WHERE bucket = ? AND position >= ? AND position < ?"
             )).await?,
             insert_progress: prep(format!("INSERT INTO {ks}.feed_progress (stream, version) VALUES (?, ?)")).await?,
             read_progress: prep(format!("SELECT version FROM {ks}.feed_progress WHERE stream = ? LIMIT 1")).await?,
