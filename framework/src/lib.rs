@@ -69,6 +69,7 @@ pub mod aggregate;
 pub mod bus;
 pub mod error;
 pub mod event;
+pub mod health;
 pub mod metrics;
 pub mod projection;
 pub mod repository;

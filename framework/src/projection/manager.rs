@@ -412,6 +412,35 @@ impl ProjectionManager {
         self.inner.store.request(name, control).await
     }
 
+    /// Healthy unless a projection failed; reports each projection's state, lease and lag.
+    pub async fn health(&self) -> crate::health::Health {
+        let mut health = crate::health::Health::new("projection manager");
+        for name in self.names() {
+            match self.status(&name).await {
+                Ok(s) => {
+                    let detail = format!(
+                        "{:?}, generation {}, lag {} events{}",
+                        s.state,
+                        s.generation,
+                        s.lag_events,
+                        s.last_error
+                            .map(|e| format!(", last error: {e}"))
+                            .unwrap_or_default()
+                    );
+                    health.check(
+                        format!("projection {name}"),
+                        s.state != ProjectionState::Failed,
+                        detail,
+                    );
+                }
+                Err(e) => {
+                    health.check(format!("projection {name}"), false, e.to_string());
+                }
+            }
+        }
+        health
+    }
+
     /// The current status of `name` in this manager.
     pub async fn status(&self, name: &str) -> Result<ProjectionStatus> {
         let slot = self.slot(name)?;

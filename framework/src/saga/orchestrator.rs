@@ -416,6 +416,49 @@ impl SagaOrchestrator {
         *self.inner.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
     }
 
+    /// Healthy unless a saga waits for an operator (`compensation_failed`) or a deadline
+    /// passed more than `grace` ago without the saga moving on (no orchestrator is running
+    /// recovery, or it keeps failing).
+    pub async fn health(&self, grace: Duration) -> crate::health::Health {
+        let mut health = crate::health::Health::new("saga orchestrator");
+        match self.inner.store.list_sagas(true).await {
+            Err(e) => {
+                health.check("saga store", false, e.to_string());
+            }
+            Ok(records) => {
+                let stuck: Vec<&str> = records
+                    .iter()
+                    .filter(|r| r.status == SagaStatus::CompensationFailed)
+                    .map(|r| r.id.as_str())
+                    .collect();
+                let overdue: Vec<&str> = records
+                    .iter()
+                    .filter(|r| {
+                        r.deadline
+                            .is_some_and(|d| d + (grace.as_millis() as i64) < now_millis())
+                    })
+                    .map(|r| r.id.as_str())
+                    .collect();
+                health.check(
+                    "saga store",
+                    true,
+                    format!("{} unfinished saga(s)", records.len()),
+                );
+                health.check(
+                    "compensation_failed",
+                    stuck.is_empty(),
+                    format!("{} saga(s) need an operator: {stuck:?}", stuck.len()),
+                );
+                health.check(
+                    "overdue deadlines",
+                    overdue.is_empty(),
+                    format!("{} saga(s) past their deadline: {overdue:?}", overdue.len()),
+                );
+            }
+        }
+        health
+    }
+
     /// The counters so far.
     pub fn metrics(&self) -> SagaMetrics {
         let c = &self.inner.counters;

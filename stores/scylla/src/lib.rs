@@ -400,6 +400,67 @@ impl KeelScylla {
         self.feeder.as_ref().as_ref().is_some_and(|f| f.is_leader())
     }
 
+    /// Checks the node (reachable, its release), the schema version, and the feeder.
+    pub async fn health(&self) -> keel::health::Health {
+        let mut health =
+            keel::health::Health::new(format!("scylla store `{}`", self.shared.keyspace));
+        match self
+            .shared
+            .session
+            .query_unpaged("SELECT release_version FROM system.local", ())
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.into_rows_result().map_err(|e| e.to_string()))
+            .and_then(|r| {
+                r.maybe_first_row::<(Option<String>,)>()
+                    .map_err(|e| e.to_string())
+            }) {
+            Ok(row) => {
+                let version = row.and_then(|(v,)| v).unwrap_or_else(|| "unknown".into());
+                health.check("node", true, format!("reachable, release {version}"));
+            }
+            Err(e) => {
+                health.check("node", false, format!("unreachable: {e}"));
+            }
+        }
+        let schema = format!(
+            "SELECT version FROM {}.keel_schema WHERE id = 0",
+            self.shared.keyspace
+        );
+        match self
+            .shared
+            .session
+            .query_unpaged(schema, ())
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.into_rows_result().map_err(|e| e.to_string()))
+            .and_then(|r| {
+                r.maybe_first_row::<(Option<i32>,)>()
+                    .map_err(|e| e.to_string())
+            }) {
+            Ok(Some((Some(v),))) => {
+                health.check(
+                    "schema",
+                    v == SCHEMA_VERSION,
+                    format!("v{v} (this build expects v{SCHEMA_VERSION})"),
+                );
+            }
+            Ok(_) => {
+                health.check("schema", false, "no schema version recorded");
+            }
+            Err(e) => {
+                health.check("schema", false, e);
+            }
+        }
+        let feeder = match self.feeder.as_ref() {
+            None => "disabled in this process".to_owned(),
+            Some(f) if f.is_leader() => "leading: this process publishes the feed".to_owned(),
+            Some(_) => "standby: another process holds the feeder lease".to_owned(),
+        };
+        health.check("feeder", true, feeder);
+        health
+    }
+
     /// Stops the feeder and releases its lease so another process takes over at once.
     pub async fn shutdown(&self) {
         if let Some(feeder) = self.feeder.as_ref() {

@@ -7,6 +7,7 @@
 //! keel projections pause NAME | resume NAME | reset NAME POSITION
 //! keel projections dead-letters NAME
 //! keel sagas list [--unfinished] | show ID | retry ID
+//! keel health
 //! keel stream show ID [--from VERSION]
 //! ```
 //!
@@ -64,6 +65,8 @@ enum Command {
         #[command(subcommand)]
         action: SagaAction,
     },
+    /// The store's, the projections' and the sagas' health; exits non-zero when unhealthy.
+    Health,
     /// Event streams.
     Stream {
         #[command(subcommand)]
@@ -144,6 +147,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         Command::Projections { action } => projections(&store, action, cli.json).await,
         Command::Sagas { action } => sagas(&store, action, cli.json).await,
+        Command::Health => health(&store, cli.json).await,
         Command::Stream {
             action: StreamAction::Show { id, from },
         } => show_stream(&store, &id, from, cli.json).await,
@@ -543,4 +547,70 @@ async fn sagas(
         }
     }
     Ok(())
+}
+
+async fn health(store: &KeelScylla, json: bool) -> Result<(), Box<dyn std::error::Error>> {
+    use keel::health::Health;
+    let mut reports = vec![store.health().await];
+    let mut projections = Health::new("projections");
+    for s in store.list_status().await? {
+        let detail = format!(
+            "{}, lag {} events{}",
+            state_name(s.state),
+            s.lag_events,
+            s.last_error
+                .map(|e| format!(", last error: {e}"))
+                .unwrap_or_default()
+        );
+        projections.check(
+            format!("projection {}", s.name),
+            s.state != ProjectionState::Failed,
+            detail,
+        );
+    }
+    reports.push(projections);
+    let mut sagas = Health::new("sagas");
+    let stuck: Vec<String> = store
+        .list_sagas(true)
+        .await?
+        .into_iter()
+        .filter(|r| r.status == keel::saga::SagaStatus::CompensationFailed)
+        .map(|r| r.id)
+        .collect();
+    sagas.check(
+        "compensation_failed",
+        stuck.is_empty(),
+        format!("{} saga(s) need an operator: {stuck:?}", stuck.len()),
+    );
+    reports.push(sagas);
+    let healthy = reports.iter().all(Health::is_healthy);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "healthy": healthy, "components": reports })
+            )?
+        );
+    } else {
+        for r in &reports {
+            println!(
+                "{} {}",
+                if r.is_healthy() { "ok  " } else { "FAIL" },
+                r.component
+            );
+            for c in &r.checks {
+                println!(
+                    "     {} {:<28} {}",
+                    if c.ok { "ok  " } else { "FAIL" },
+                    c.name,
+                    c.detail
+                );
+            }
+        }
+    }
+    if healthy {
+        Ok(())
+    } else {
+        Err("unhealthy".into())
+    }
 }

@@ -103,6 +103,9 @@ async fn the_operator_command_lists_shows_and_steers() {
     manager.start();
     wait_for_state(&store, ProjectionState::Running).await;
 
+    let health = store.health().await;
+    assert!(health.is_healthy(), "{health:?}");
+    assert!(manager.health().await.is_healthy());
     let (ok, out, err) = keel(&keyspace, &["projections", "list", "--json"]).await;
     assert!(ok, "{err}");
     let list: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -273,6 +276,14 @@ mod sagas {
             out.contains("book") && out.contains("pay") && out.contains("card declined"),
             "{out}"
         );
+
+        let (ok, out, _) = keel(&keyspace, &["health"]).await;
+        assert!(
+            !ok && out.contains("FAIL") && out.contains("trip-1"),
+            "a stuck saga is unhealthy: {out}"
+        );
+        let report = orchestrator.health(Duration::from_secs(60)).await;
+        assert!(!report.is_healthy(), "{report:?}");
 
         UNDO_WORKS.store(true, Ordering::SeqCst);
         let (ok, out, err) = keel(&keyspace, &["sagas", "retry", "trip-1"]).await;
