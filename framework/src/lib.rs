@@ -67,6 +67,7 @@
 
 pub mod aggregate;
 pub mod bus;
+pub mod config;
 pub mod error;
 pub mod event;
 pub mod health;

@@ -153,6 +153,23 @@ impl<A: Aggregate> RepositoryBuilder<A> {
         self
     }
 
+    /// Applies a [`RepositoryConfig`](crate::config::RepositoryConfig): retries, and the
+    /// snapshot policy into `snapshots` when it sets `snapshot_every`.
+    pub fn config(
+        mut self,
+        config: &crate::config::RepositoryConfig,
+        snapshots: Option<Arc<dyn SnapshotStore>>,
+    ) -> Self {
+        self = self.retries(
+            config.max_retries,
+            Duration::from_millis(config.retry_backoff_ms),
+        );
+        if let (Some(every), Some(store)) = (config.snapshot_every, snapshots) {
+            self = self.snapshots(store, SnapshotPolicy::Every(every));
+        }
+        self
+    }
+
     /// The repository.
     pub fn build(self) -> Repository<A> {
         self.repo

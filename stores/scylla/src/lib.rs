@@ -53,6 +53,29 @@ pub const DEFAULT_BUCKET_SIZE: i64 = 10_000;
 /// Positions per feed partition unless configured otherwise.
 pub const DEFAULT_FEED_BUCKET_SIZE: i64 = 100_000;
 
+/// The store's settings as data (serde), for configuration files; apply with
+/// [`KeelScyllaBuilder::config`]. Missing fields keep the builder's defaults.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScyllaConfig {
+    /// Nodes, `host:port`.
+    pub nodes: Vec<String>,
+    /// The keyspace.
+    pub keyspace: Option<String>,
+    /// `local_serial` (default) or `serial` (multi-data-centre linearisability).
+    pub serial_consistency: Option<String>,
+    /// Client-side timeout of an append's LWT, milliseconds.
+    pub append_timeout_ms: Option<u64>,
+    /// Versions per event partition (fixed once the keyspace exists).
+    pub bucket_size: Option<i64>,
+    /// Positions per feed partition (fixed once the keyspace exists).
+    pub feed_bucket_size: Option<i64>,
+    /// Whether this process runs a feeder.
+    pub feeder: Option<bool>,
+    /// The feeder lease's time to live, milliseconds.
+    pub feeder_lease_ttl_ms: Option<u64>,
+}
+
 /// Counters of one store, as a snapshot.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ScyllaMetrics {
@@ -117,6 +140,42 @@ impl Default for KeelScyllaBuilder {
 }
 
 impl KeelScyllaBuilder {
+    /// Applies a [`ScyllaConfig`]; a bad value is an error naming its field.
+    pub fn config(mut self, config: &ScyllaConfig) -> Result<Self, Error> {
+        self = self.known_nodes(config.nodes.iter().cloned());
+        if let Some(ks) = &config.keyspace {
+            self = self.keyspace(ks.clone());
+        }
+        if let Some(serial) = &config.serial_consistency {
+            self.serial = match serial.as_str() {
+                "serial" => SerialConsistency::Serial,
+                "local_serial" => SerialConsistency::LocalSerial,
+                other => {
+                    return Err(Error::InvalidSetting {
+                        field: "serial_consistency",
+                        reason: format!("`{other}`: use `serial` or `local_serial`"),
+                    })
+                }
+            };
+        }
+        if let Some(ms) = config.append_timeout_ms {
+            self = self.append_timeout(Duration::from_millis(ms));
+        }
+        if let Some(size) = config.bucket_size {
+            self = self.bucket_size(size);
+        }
+        if let Some(size) = config.feed_bucket_size {
+            self = self.feed_bucket_size(size);
+        }
+        if let Some(feeder) = config.feeder {
+            self = self.feeder(feeder);
+        }
+        if let Some(ms) = config.feeder_lease_ttl_ms {
+            self = self.feeder_lease_ttl(Duration::from_millis(ms));
+        }
+        Ok(self)
+    }
+
     /// A node to connect to, `host:port`.
     pub fn known_node(mut self, node: impl Into<String>) -> Self {
         self.nodes.push(node.into());

@@ -141,3 +141,49 @@ async fn tenants_in_separate_keyspaces_do_not_see_each_other() {
     assert_eq!(tenant_a.stream_version(&stream).await.unwrap(), Some(1));
     assert_eq!(tenant_b.stream_version(&stream).await.unwrap(), Some(2));
 }
+
+#[tokio::test]
+async fn configuration_applies_and_names_bad_fields() {
+    let bad: keel_scylla::ScyllaConfig =
+        serde_json::from_str(r#"{"serial_consistency": "quorum"}"#).unwrap();
+    match KeelScylla::builder().config(&bad) {
+        Err(Error::InvalidSetting { field, .. }) => assert_eq!(field, "serial_consistency"),
+        other => panic!("expected InvalidSetting, got {:?}", other.err()),
+    }
+    let unknown =
+        serde_json::from_str::<keel_scylla::ScyllaConfig>(r#"{"bucketsize": 5}"#).unwrap_err();
+    assert!(unknown.to_string().contains("unknown field"), "{unknown}");
+    let keyspace = common::fresh_keyspace("keel_conf");
+    let config: keel_scylla::ScyllaConfig = serde_json::from_value(serde_json::json!({
+        "nodes": common::nodes(),
+        "keyspace": keyspace,
+        "serial_consistency": "serial",
+        "bucket_size": 50,
+        "feed_bucket_size": 2000,
+        "feeder": false
+    }))
+    .unwrap();
+    let store = KeelScylla::builder()
+        .config(&config)
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(store.keyspace(), keyspace);
+    assert!(!store.is_feeding());
+    let stream = StreamId::new("s-cfg");
+    store
+        .append(
+            &stream,
+            ExpectedVersion::NoStream,
+            vec![NewEvent::new("E", 1, &b"{}"[..])],
+        )
+        .await
+        .unwrap();
+    // The recorded bucket sizes are the configured ones: a builder with others is refused.
+    assert!(common::builder(&keyspace)
+        .feeder(false)
+        .build()
+        .await
+        .is_err());
+}
