@@ -1,0 +1,105 @@
+//! What Keel records through the `metrics` facade, read back with a debugging recorder
+//! (installed once for this test binary: a recorder is process-wide).
+
+use std::sync::Arc;
+
+use keel::bus::{Command, CommandBus, MetricsLayer};
+use keel::doc::Counter;
+use keel::projection::{Generations, Projection, ProjectionManager};
+use keel::{BoxError, RecordedEvent, Repository};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+#[derive(Clone)]
+struct Bump(String);
+impl Command for Bump {
+    type Output = u64;
+}
+
+#[derive(Default)]
+struct Count(Generations<u64>);
+
+#[async_trait::async_trait]
+impl Projection for Count {
+    fn name(&self) -> &str {
+        "count"
+    }
+    async fn apply(&self, generation: u64, _: &RecordedEvent) -> Result<(), BoxError> {
+        self.0.update(generation, |n| *n += 1);
+        Ok(())
+    }
+    async fn reset(&self, generation: u64) -> Result<(), BoxError> {
+        self.0.reset(generation);
+        Ok(())
+    }
+    async fn activate(&self, generation: u64) -> Result<(), BoxError> {
+        self.0.activate(generation);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn components_record_their_documented_metrics() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    recorder
+        .install()
+        .expect("the only recorder of this test binary");
+
+    let store = Arc::new(keel_memory::MemoryStore::new());
+    let repo = Repository::<Counter>::new(store.clone());
+    let bus = CommandBus::builder()
+        .layer(MetricsLayer::new())
+        .command(move |Bump(id), meta| {
+            let repo = repo.clone();
+            async move { Ok(repo.execute_with(&id, 1, &meta).await?.version) }
+        })
+        .unwrap()
+        .build();
+    for _ in 0..3 {
+        bus.send(Bump("a".into())).await.unwrap();
+    }
+    let manager =
+        ProjectionManager::builder(store.clone(), store.clone(), store.clone(), store.clone())
+            .projection(Arc::new(Count::default()))
+            .build();
+    manager.catch_up("count").await.unwrap();
+
+    let snapshot = snapshotter.snapshot().into_vec();
+    let counter = |name: &str| -> u64 {
+        snapshot
+            .iter()
+            .filter(|(key, ..)| key.key().name() == name)
+            .map(|(.., value)| match value {
+                DebugValue::Counter(n) => *n,
+                _ => 0,
+            })
+            .sum()
+    };
+    let histogram_len = |name: &str| -> usize {
+        snapshot
+            .iter()
+            .filter(|(key, ..)| key.key().name() == name)
+            .map(|(.., value)| match value {
+                DebugValue::Histogram(v) => v.len(),
+                _ => 0,
+            })
+            .sum()
+    };
+    assert_eq!(counter(keel::metrics::DISPATCHED), 3);
+    assert_eq!(counter(keel::metrics::DISPATCH_FAILURES), 0);
+    assert_eq!(histogram_len(keel::metrics::DISPATCH_SECONDS), 3);
+    assert_eq!(counter(keel::metrics::APPENDS), 3);
+    assert_eq!(counter(keel::metrics::LOADS), 3);
+    assert_eq!(
+        counter(keel::metrics::EVENTS_REPLAYED),
+        3,
+        "0 + 1 + 2 events replayed"
+    );
+    assert_eq!(histogram_len(keel::metrics::EVENTS_PER_APPEND), 3);
+    assert_eq!(counter("keel_projection_events_total"), 3);
+    let labelled = snapshot.iter().any(|(key, ..)| {
+        key.key().name() == keel::metrics::DISPATCHED
+            && key.key().labels().any(|l| l.value() == "Bump")
+    });
+    assert!(labelled, "dispatch metrics carry the message type");
+}
