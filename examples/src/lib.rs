@@ -6,5 +6,6 @@
 
 pub mod bank;
 pub mod blog;
+pub mod metrics;
 pub mod orders;
 pub mod store;
