@@ -140,6 +140,10 @@ pub struct Metadata {
     /// The message (command or event) that directly caused this event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub causation_id: Option<Uuid>,
+    /// The id of the command that produced this event, when its sender gave one because it may
+    /// send the command again (a saga does): a repository applies a command id once per stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_id: Option<Uuid>,
     /// Free-form key/value data (user id, tenant, client ip ...).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub user: BTreeMap<String, String>,
@@ -160,6 +164,12 @@ impl Metadata {
         self
     }
 
+    /// Sets the command id (see [`Metadata::command_id`]).
+    pub fn with_command_id(mut self, command_id: Uuid) -> Self {
+        self.command_id = Some(command_id);
+        self
+    }
+
     /// Adds a user key/value pair.
     pub fn with(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.user.insert(key.into(), value.into());
@@ -168,7 +178,10 @@ impl Metadata {
 
     /// Whether nothing is set.
     pub fn is_empty(&self) -> bool {
-        self.correlation_id.is_none() && self.causation_id.is_none() && self.user.is_empty()
+        self.correlation_id.is_none()
+            && self.causation_id.is_none()
+            && self.command_id.is_none()
+            && self.user.is_empty()
     }
 }
 

@@ -232,7 +232,7 @@ impl<A: Aggregate> Repository<A> {
         let mut seen = false;
         while let Some(page) = pages.try_next().await? {
             for recorded in page.iter() {
-                seen |= command_id.is_some() && recorded.metadata.causation_id == command_id;
+                seen |= command_id.is_some() && recorded.metadata.command_id == command_id;
                 let event: A::Event = self.upcasters.decode(recorded)?;
                 loaded.state.apply(&event);
                 loaded.version = recorded.version;
@@ -330,20 +330,24 @@ impl<A: Aggregate> Repository<A> {
     /// whole cycle on a version conflict up to the configured number of times.
     ///
     /// A refused command gives [`Error::Rejected`] holding the aggregate's error.
+    ///
+    /// Inside a bus handler the events get the dispatch's metadata (its correlation id, and
+    /// its id as causation id) without the handler passing it on.
     pub async fn execute(&self, id: &str, command: A::Command) -> Result<Executed<A::Event>>
     where
         A::Command: Clone,
     {
-        self.execute_with(id, command, &Metadata::default()).await
+        let metadata = crate::bus::current_metadata().unwrap_or_default();
+        self.execute_with(id, command, &metadata).await
     }
 
     /// [`execute`](Repository::execute) with metadata for the events (correlation and
     /// causation ids, user data).
     ///
-    /// The causation id doubles as the command's id: when an event in the stream (after its
-    /// latest snapshot) already carries it, the command was applied before and is not applied
-    /// again; the result is then empty. Senders that may repeat a command (a saga after a
-    /// crash) give it the same causation id every time.
+    /// When the metadata carries a [`command_id`](Metadata::command_id) that an event in the
+    /// stream (after its latest snapshot) already carries, the command was applied before and
+    /// is not applied again; the result is then empty. Senders that may repeat a command (a
+    /// saga after a crash) give it the same command id every time.
     pub async fn execute_with(
         &self,
         id: &str,
@@ -376,9 +380,9 @@ impl<A: Aggregate> Repository<A> {
         metadata: &Metadata,
     ) -> Result<Executed<A::Event>> {
         let (Loaded { mut state, version }, repeated) =
-            self.load_stream(stream, metadata.causation_id).await?;
+            self.load_stream(stream, metadata.command_id).await?;
         if repeated {
-            tracing::debug!(stream = %stream, command_id = ?metadata.causation_id, "command already applied; skipped");
+            tracing::debug!(stream = %stream, command_id = ?metadata.command_id, "command already applied; skipped");
             return Ok(Executed {
                 events: Vec::new(),
                 version,

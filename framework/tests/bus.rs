@@ -267,3 +267,90 @@ async fn handlers_receive_the_senders_metadata() {
     let meta = Metadata::correlated(uuid::Uuid::new_v4()).with("user", "ada");
     assert_eq!(bus.send_with(Add(0, 0), meta).await.unwrap(), 3);
 }
+
+#[derive(Clone, Debug)]
+struct Bump(String);
+impl Command for Bump {
+    type Output = ();
+}
+
+#[derive(Clone, Debug)]
+struct BumpTwice(String);
+impl Command for BumpTwice {
+    type Output = ();
+}
+
+#[tokio::test]
+async fn correlation_and_causation_flow_from_commands_into_events() {
+    use futures::TryStreamExt;
+    use keel::{Aggregate, CommandBus as Bus, EventStore, Repository};
+    let store = Arc::new(keel_memory::MemoryStore::new());
+    let repo = Repository::<keel::doc::Counter>::new(store.clone());
+    let bus: Arc<std::sync::OnceLock<Bus>> = Arc::default();
+    let (inner, r) = (bus.clone(), repo.clone());
+    let built = Bus::builder()
+        // The handler does not pass any metadata on: the repository picks it up.
+        .command(move |Bump(id), _| {
+            let repo = r.clone();
+            async move { repo.execute(&id, 1).await.map(|_| ()) }
+        })
+        .unwrap()
+        // A handler that sends two more commands: same conversation, each its own id.
+        .command(move |BumpTwice(id), _| {
+            let bus = inner.clone();
+            async move {
+                let bus = bus.get().expect("bus built");
+                bus.send(Bump(id.clone())).await?;
+                bus.send(Bump(id)).await
+            }
+        })
+        .unwrap()
+        .build();
+    bus.set(built).ok().unwrap();
+    let bus = bus.get().unwrap();
+
+    let conversation = uuid::Uuid::new_v4();
+    bus.send_with(Bump("a".into()), Metadata::correlated(conversation))
+        .await
+        .unwrap();
+    bus.send(Bump("a".into())).await.unwrap();
+    bus.send(BumpTwice("b".into())).await.unwrap();
+
+    let read = |id: &str| {
+        let (store, stream) = (store.clone(), keel::doc::Counter::stream_id(id));
+        async move {
+            store
+                .read_stream(&stream, 1)
+                .try_collect::<Vec<_>>()
+                .await
+                .unwrap()
+        }
+    };
+    let a = read("a").await;
+    assert_eq!(
+        a[0].metadata.correlation_id,
+        Some(conversation),
+        "the sender's conversation"
+    );
+    assert!(
+        a[1].metadata
+            .correlation_id
+            .is_some_and(|c| c != conversation),
+        "a new conversation"
+    );
+    assert!(
+        a.iter().all(|e| e.metadata.causation_id.is_some()),
+        "every event names its command"
+    );
+    assert_ne!(a[0].metadata.causation_id, a[1].metadata.causation_id);
+    let b = read("b").await;
+    assert_eq!(b.len(), 2, "two commands of one handler are both applied");
+    assert_eq!(
+        b[0].metadata.correlation_id, b[1].metadata.correlation_id,
+        "one conversation"
+    );
+    assert_ne!(
+        b[0].metadata.causation_id, b[1].metadata.causation_id,
+        "two commands"
+    );
+}

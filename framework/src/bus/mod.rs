@@ -89,6 +89,7 @@ where
             return Box::pin(async move { Err(Error::HandlerNotFound { type_name }) });
         };
         let message = message.clone();
+        let metadata = request.metadata.clone();
         // A handler can panic while building its future or while running it; both are caught.
         let fut = match std::panic::catch_unwind(AssertUnwindSafe(|| {
             (self.f)(message, request.metadata)
@@ -99,13 +100,25 @@ where
                 return Box::pin(async move { Err(err) });
             }
         };
-        Box::pin(async move {
+        // The handler runs with the dispatch's metadata in scope, so a repository it calls
+        // stamps the events with it even when the handler does not pass it on.
+        Box::pin(DISPATCH.scope(metadata, async move {
             match AssertUnwindSafe(fut).catch_unwind().await {
                 Ok(out) => out.map(|o| Arc::new(o) as Reply),
                 Err(panic) => Err(panicked(type_name, panic)),
             }
-        })
+        }))
     }
+}
+
+tokio::task_local! {
+    static DISPATCH: Metadata;
+}
+
+/// The metadata of the command or query being handled by the current task, if any: what
+/// [`Repository::execute`](crate::Repository::execute) stamps on the events it appends.
+pub fn current_metadata() -> Option<Metadata> {
+    DISPATCH.try_with(Metadata::clone).ok()
 }
 
 fn panicked(type_name: &'static str, panic: Box<dyn Any + Send>) -> Error {
@@ -191,6 +204,18 @@ where
     O: Clone + Send + Sync + 'static,
 {
     let type_name = message.type_name();
+    // Every dispatch has an id (the causation id of what it causes) and belongs to a
+    // conversation (the correlation id): the sender's, or a new one starting here. Inside
+    // another dispatch the conversation carries on.
+    let mut metadata = metadata;
+    if metadata.correlation_id.is_none() {
+        metadata.correlation_id = current_metadata()
+            .and_then(|m| m.correlation_id)
+            .or_else(|| Some(uuid::Uuid::new_v4()));
+    }
+    if metadata.causation_id.is_none() {
+        metadata.causation_id = Some(uuid::Uuid::new_v4());
+    }
     let reply = pipeline
         .call(Request {
             kind,

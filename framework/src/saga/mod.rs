@@ -6,10 +6,10 @@
 //! command, records each step's outcome before starting the next, and on a failure or a timeout
 //! sends the compensations of the completed steps in reverse order.
 //!
-//! Every command a saga sends carries metadata: the saga id as correlation id and a command id
-//! derived from (saga, step, do/undo) as causation id. [`Repository::execute_with`](crate::Repository::execute_with)
-//! skips a command whose causation id already produced events in the stream, so a step that is
-//! sent again after a crash is applied once.
+//! Every command a saga sends carries metadata: a correlation id derived from the saga id and a
+//! command id derived from (saga, step, do/undo), also its causation id.
+//! [`Repository::execute_with`](crate::Repository::execute_with) skips a command whose command
+//! id already produced events in the stream, so a step sent again after a crash is applied once.
 //!
 //! ```
 //! use keel::saga::SagaCommand;

@@ -565,8 +565,10 @@ impl SagaOrchestrator {
             (true, Some(c)) => c,
             (true, None) => return Ok(()),
         };
+        let id = command_id(&saga.id, &step.id, undo);
         let metadata = Metadata::correlated(correlation_of(&saga.id))
-            .caused_by(command_id(&saga.id, &step.id, undo))
+            .caused_by(id)
+            .with_command_id(id)
             .with("saga", saga.id.clone())
             .with("saga_step", step.id.clone());
         let span = tracing::info_span!("keel.saga_step", saga = %saga.id, step = %step.id, undo);
