@@ -46,7 +46,7 @@ fn command(c: &mut Criterion) {
         let mut n = 0u64;
         b.iter(|| {
             n += 1;
-            let id = format!("c-{}", n % 1_000);
+            let id = format!("c-{}", n % 100_000);
             let events = streams.entry(id).or_default();
             let mut state = Counter::default();
             for payload in events.iter() {
@@ -72,7 +72,7 @@ fn command(c: &mut Criterion) {
         let mut n = 0u64;
         b.iter(|| {
             n += 1;
-            let id = format!("c-{}", n % 1_000);
+            let id = format!("c-{}", n % 100_000);
             rt.block_on(bus.send(Increment { id, by: 1 })).unwrap()
         })
     });

@@ -74,6 +74,35 @@ pub struct RepositoryMetrics {
     pub retries: u64,
 }
 
+/// The facade's metric handles, registered once per repository (with the recorder installed
+/// at that time) instead of looked up on every command.
+struct Handles {
+    loads: metrics::Counter,
+    events_replayed: metrics::Counter,
+    load_seconds: metrics::Histogram,
+    appends: metrics::Counter,
+    events_per_append: metrics::Histogram,
+    conflicts: metrics::Counter,
+    retries: metrics::Counter,
+    snapshots: metrics::Counter,
+}
+
+impl Handles {
+    fn register(aggregate: &'static str) -> Self {
+        use crate::metrics as m;
+        Handles {
+            loads: metrics::counter!(m::LOADS, "aggregate" => aggregate),
+            events_replayed: metrics::counter!(m::EVENTS_REPLAYED, "aggregate" => aggregate),
+            load_seconds: metrics::histogram!(m::LOAD_SECONDS, "aggregate" => aggregate),
+            appends: metrics::counter!(m::APPENDS, "aggregate" => aggregate),
+            events_per_append: metrics::histogram!(m::EVENTS_PER_APPEND, "aggregate" => aggregate),
+            conflicts: metrics::counter!(m::CONFLICTS, "aggregate" => aggregate),
+            retries: metrics::counter!(m::RETRIES, "aggregate" => aggregate),
+            snapshots: metrics::counter!(m::SNAPSHOTS, "aggregate" => aggregate),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Counters {
     loads: AtomicU64,
@@ -108,6 +137,7 @@ pub struct Repository<A: Aggregate> {
     max_retries: u32,
     retry_backoff: Duration,
     counters: Arc<Counters>,
+    handles: Arc<Handles>,
     _aggregate: PhantomData<fn() -> A>,
 }
 
@@ -121,6 +151,7 @@ impl<A: Aggregate> Clone for Repository<A> {
             max_retries: self.max_retries,
             retry_backoff: self.retry_backoff,
             counters: self.counters.clone(),
+            handles: self.handles.clone(),
             _aggregate: PhantomData,
         }
     }
@@ -187,6 +218,7 @@ impl<A: Aggregate> Repository<A> {
             max_retries: 3,
             retry_backoff: Duration::from_millis(1),
             counters: Arc::default(),
+            handles: Arc::new(Handles::register(A::TYPE)),
             _aggregate: PhantomData,
         }
     }
@@ -243,10 +275,10 @@ impl<A: Aggregate> Repository<A> {
         self.counters
             .events_replayed
             .fetch_add(replayed, Ordering::Relaxed);
-        metrics::counter!(crate::metrics::LOADS, "aggregate" => A::TYPE).increment(1);
-        metrics::counter!(crate::metrics::EVENTS_REPLAYED, "aggregate" => A::TYPE)
-            .increment(replayed);
-        metrics::histogram!(crate::metrics::LOAD_SECONDS, "aggregate" => A::TYPE)
+        self.handles.loads.increment(1);
+        self.handles.events_replayed.increment(replayed);
+        self.handles
+            .load_seconds
             .record(started.elapsed().as_secs_f64());
         Ok((loaded, seen))
     }
@@ -310,16 +342,14 @@ impl<A: Aggregate> Repository<A> {
         {
             Ok(r) => {
                 self.counters.appends.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!(crate::metrics::APPENDS, "aggregate" => A::TYPE).increment(1);
-                metrics::histogram!(crate::metrics::EVENTS_PER_APPEND, "aggregate" => A::TYPE)
-                    .record(events.len() as f64);
+                self.handles.appends.increment(1);
+                self.handles.events_per_append.record(events.len() as f64);
                 Ok(r)
             }
             Err(e) => {
                 if e.is_conflict() {
                     self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!(crate::metrics::CONFLICTS, "aggregate" => A::TYPE)
-                        .increment(1);
+                    self.handles.conflicts.increment(1);
                 }
                 Err(e)
             }
@@ -364,7 +394,7 @@ impl<A: Aggregate> Repository<A> {
                 Err(e) if e.is_conflict() && attempt < self.max_retries => {
                     attempt += 1;
                     self.counters.retries.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!(crate::metrics::RETRIES, "aggregate" => A::TYPE).increment(1);
+                    self.handles.retries.increment(1);
                     tracing::debug!(stream = %stream, attempt, "conflict; reloading and retrying");
                     tokio::time::sleep(self.retry_backoff * 2u32.saturating_pow(attempt - 1)).await;
                 }
@@ -436,7 +466,7 @@ impl<A: Aggregate> Repository<A> {
                 self.counters
                     .snapshots_taken
                     .fetch_add(1, Ordering::Relaxed);
-                metrics::counter!(crate::metrics::SNAPSHOTS, "aggregate" => A::TYPE).increment(1);
+                self.handles.snapshots.increment(1);
             }
             Err(e) => tracing::warn!(stream = %stream, error = %e, "snapshot save failed"),
         }
