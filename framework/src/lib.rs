@@ -61,8 +61,8 @@
 //! ```
 //!
 //! # Features
-//! - `conformance`: the store [conformance suite](conformance), for store authors.
-//! - `test-util`: the [`testing::AggregateTest`] given/when/then fixture.
+//! - `conformance`: the store conformance suite (`keel::conformance`), for store authors.
+//! - `test-util`: the `testing::AggregateTest` given/when/then fixture.
 #![deny(missing_docs)]
 
 pub mod aggregate;

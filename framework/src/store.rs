@@ -3,7 +3,7 @@
 //! Each trait is small and object safe, so applications hold `Arc<dyn EventStore>` and pick
 //! the backend at start-up. `keel-memory` implements all of them on DashMap; `keel-scylla` on
 //! ScyllaDB (or Cassandra 5). Every implementation runs the same
-//! [conformance suite](crate::conformance) (feature `conformance`).
+//! conformance suite (`keel::conformance`, feature `conformance`).
 //!
 //! | trait | holds | used by |
 //! |---|---|---|

@@ -5,7 +5,7 @@ use scylla::client::session::Session;
 use crate::error::Error;
 
 /// The schema version this code creates and expects. Bump it with a migration step in
-/// [`ensure`] when a table changes.
+/// `schema::ensure` when a table changes.
 pub const SCHEMA_VERSION: i32 = 1;
 
 /// Checks a user-supplied name against the plain CQL identifier rule Keel allows: a lowercase
