@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::{Saga, SagaRecord, SagaState, SagaStatus, SagaStep, SagaStore, StepOutcome, StepState};
@@ -530,9 +531,7 @@ impl SagaOrchestrator {
         };
         let span =
             tracing::info_span!("keel.saga", saga = id, correlation_id = %correlation_of(id));
-        let _guard = span.enter();
-        let result = self.drive_held(id).await;
-        drop(_guard);
+        let result = self.drive_held(id).instrument(span).await;
         if let Err(e) = self.inner.leases.release(&lease).await {
             tracing::warn!(saga = id, error = %e, "saga lease release failed; it expires by itself");
         }
@@ -573,17 +572,14 @@ impl SagaOrchestrator {
             .with("saga_step", step.id.clone());
         let span = tracing::info_span!("keel.saga_step", saga = %saga.id, step = %step.id, undo);
         let started = Instant::now();
-        let _ = &span;
-        let result =
-            match tokio::time::timeout(step.timeout, command.dispatch(&self.inner.bus, metadata))
-                .await
-            {
-                Ok(result) => result,
-                Err(_) => Err(Error::Timeout {
-                    operation: format!("saga `{}` step `{}`", saga.id, step.id),
-                    after: step.timeout,
-                }),
-            };
+        let sent = tokio::time::timeout(step.timeout, command.dispatch(&self.inner.bus, metadata));
+        let result = match sent.instrument(span).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Timeout {
+                operation: format!("saga `{}` step `{}`", saga.id, step.id),
+                after: step.timeout,
+            }),
+        };
         let elapsed = started.elapsed();
         self.inner.counters.steps.fetch_add(1, Ordering::Relaxed);
         self.inner

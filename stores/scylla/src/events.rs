@@ -17,6 +17,7 @@ use scylla::serialize::writers::RowWriter;
 use scylla::serialize::SerializationError;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::value::{CqlTimestamp, CqlValue, Row};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::error::{outcome_unknown, store_err};
@@ -522,34 +523,39 @@ impl EventStore for KeelScylla {
         }
         let span =
             tracing::debug_span!("keel_scylla.append", stream = %stream, events = events.len());
-        let _enter = span.enter();
-        if events.is_empty() {
-            let actual = shared.current_version(stream.as_str()).await?;
-            if !expected.accepts(actual) {
-                return Err(shared.conflict(stream, expected).await);
-            }
-            let v = actual.unwrap_or(0);
-            return Ok(AppendResult {
-                first_version: v + 1,
-                last_version: v,
-            });
-        }
-        match expected {
-            ExpectedVersion::NoStream => shared.append_exact(stream, expected, 0, &events).await,
-            ExpectedVersion::Exact(n) => {
-                shared
-                    .append_exact(stream, expected, n as i64, &events)
-                    .await
-            }
-            ExpectedVersion::Any => loop {
-                // "Any" has no conflict to report: retry at the version just read.
-                let n = shared.current_version(stream.as_str()).await?.unwrap_or(0) as i64;
-                match shared.append_exact(stream, expected, n, &events).await {
-                    Err(e) if e.is_conflict() => tokio::task::yield_now().await,
-                    other => return other,
+        async move {
+            if events.is_empty() {
+                let actual = shared.current_version(stream.as_str()).await?;
+                if !expected.accepts(actual) {
+                    return Err(shared.conflict(stream, expected).await);
                 }
-            },
+                let v = actual.unwrap_or(0);
+                return Ok(AppendResult {
+                    first_version: v + 1,
+                    last_version: v,
+                });
+            }
+            match expected {
+                ExpectedVersion::NoStream => {
+                    shared.append_exact(stream, expected, 0, &events).await
+                }
+                ExpectedVersion::Exact(n) => {
+                    shared
+                        .append_exact(stream, expected, n as i64, &events)
+                        .await
+                }
+                ExpectedVersion::Any => loop {
+                    // "Any" has no conflict to report: retry at the version just read.
+                    let n = shared.current_version(stream.as_str()).await?.unwrap_or(0) as i64;
+                    match shared.append_exact(stream, expected, n, &events).await {
+                        Err(e) if e.is_conflict() => tokio::task::yield_now().await,
+                        other => return other,
+                    }
+                },
+            }
         }
+        .instrument(span)
+        .await
     }
 
     fn read_stream<'a>(&'a self, stream: &'a StreamId, from_version: u64) -> EventStream<'a> {

@@ -209,10 +209,7 @@ impl FeederState {
     async fn hold_lease(&mut self) -> bool {
         let current = self.lease.lock().unwrap_or_else(|p| p.into_inner()).clone();
         match current {
-            Some(lease) if self.renewed.elapsed() < self.config.lease_ttl / 3 => {
-                let _ = lease;
-                true
-            }
+            Some(_) if self.renewed.elapsed() < self.config.lease_ttl / 3 => true,
             Some(lease) => match self.shared.renew_lease(&lease).await {
                 Ok(true) => {
                     self.renewed = Instant::now();
