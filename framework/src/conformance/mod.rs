@@ -797,17 +797,19 @@ pub async fn lease_release_only_by_holder<S: LeaseStore>(store: Arc<S>) {
 /// An unrenewed lease expires and another holder takes it.
 pub async fn lease_expires<S: LeaseStore>(store: Arc<S>) {
     let name = format!("conf-lease-{}", Uuid::new_v4().simple());
+    // 3 s: long enough that a slow first acquire on a cold node cannot let it lapse before
+    // b's attempt, short enough to wait out.
     let a = store
-        .acquire(&name, "a", Duration::from_secs(1))
+        .acquire(&name, "a", Duration::from_secs(3))
         .await
         .unwrap()
         .unwrap();
     assert!(store
-        .acquire(&name, "b", Duration::from_secs(1))
+        .acquire(&name, "b", Duration::from_secs(3))
         .await
         .unwrap()
         .is_none());
-    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    tokio::time::sleep(Duration::from_millis(4_200)).await;
     let b = store
         .acquire(&name, "b", Duration::from_secs(5))
         .await

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::event::{now_millis, RecordedEvent};
 use crate::store::{CheckpointStore, EventStore, Lease, LeaseStore};
 
-/// How often a busy projection reads operator requests and the feed head.
+/// How often a busy projection reads operator requests.
 const POLL_EVERY: Duration = Duration::from_millis(200);
 
 /// What a projection does when `apply` fails.
@@ -574,8 +574,8 @@ impl Inner {
     }
 
     async fn step(&self, slot: &Slot, runner: &mut Runner) -> Result<Step> {
-        // Requests and the feed head are looked at after every idle step and at least every
-        // POLL_EVERY while busy, so a long catch-up does not pay two reads per batch.
+        // Requests are looked at after every idle step and at least every POLL_EVERY while
+        // busy, so a long catch-up does not pay a request read per batch.
         let poll = runner.poll_due || runner.last_poll.elapsed() >= POLL_EVERY;
         if poll {
             if let Some(control) = self.store.take_request(&runner.name).await? {
@@ -596,8 +596,9 @@ impl Inner {
                 ProjectionState::Running
             };
         }
-        if poll || runner.head == 0 {
-            runner.head = self.events.feed_head().await?;
+        // The head is a cheap read and the status's lag depends on it: read it every step.
+        runner.head = self.events.feed_head().await?;
+        if poll {
             runner.last_poll = Instant::now();
             runner.poll_due = false;
         }
