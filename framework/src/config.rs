@@ -77,7 +77,33 @@ impl Default for RepositoryConfig {
     }
 }
 
-/// Keel's configuration: the command bus, the query bus, the repository.
+/// How payloads are stored: see [`Codec`](crate::codec::Codec) and
+/// [`Codec::from_config`](crate::codec::Codec::from_config).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PayloadConfig {
+    /// Compress (LZ4) payloads longer than this many bytes (`null`: never). Default null.
+    pub compress_above_bytes: Option<usize>,
+    /// Encrypt payloads (AES-256-GCM) with a key per stream. Default false.
+    pub encrypt: bool,
+    /// How long keys read from the key store are reused, in milliseconds. Default 60,000.
+    pub key_cache_ttl_ms: u64,
+    /// The largest payload decompressed; larger ones read as corrupt. Default 64 MiB.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for PayloadConfig {
+    fn default() -> Self {
+        PayloadConfig {
+            compress_above_bytes: None,
+            encrypt: false,
+            key_cache_ttl_ms: 60_000,
+            max_payload_bytes: crate::codec::DEFAULT_MAX_PAYLOAD,
+        }
+    }
+}
+
+/// Keel's configuration: the command bus, the query bus, the repository, payloads.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KeelConfig {
@@ -87,6 +113,8 @@ pub struct KeelConfig {
     pub queries: BusConfig,
     /// The repository.
     pub repository: RepositoryConfig,
+    /// How payloads are stored.
+    pub payloads: PayloadConfig,
 }
 
 fn refuse(field: &str, reason: impl Into<String>) -> Error {
@@ -172,6 +200,18 @@ impl KeelConfig {
                 "more than a minute between retries",
             ));
         }
+        if self.payloads.max_payload_bytes == 0 {
+            return Err(refuse(
+                "payloads.max_payload_bytes",
+                "0 bytes would refuse every compressed payload",
+            ));
+        }
+        if self.payloads.max_payload_bytes > u32::MAX as usize {
+            return Err(refuse(
+                "payloads.max_payload_bytes",
+                "more than 4 GiB; a stored payload records its length in 32 bits",
+            ));
+        }
         Ok(())
     }
 
@@ -208,8 +248,9 @@ impl KeelConfig {
                 continue;
             };
             let rest = rest.to_ascii_lowercase();
-            let Some((section, field)) =
-                ["commands", "queries", "repository"].iter().find_map(|s| {
+            let Some((section, field)) = ["commands", "queries", "repository", "payloads"]
+                .iter()
+                .find_map(|s| {
                     rest.strip_prefix(&format!("{s}_"))
                         .map(|f| (*s, f.to_owned()))
                 })

@@ -80,6 +80,48 @@ pub enum Error {
         reason: String,
     },
 
+    /// The event's subject was crypto-shredded: its key is deleted and its payload can no
+    /// longer be read. Projections skip such events.
+    #[error("event `{event_type}` at stream `{stream}` version {version} is shredded (the key of subject `{subject}` was deleted)")]
+    Shredded {
+        /// The stream holding the event.
+        stream: StreamId,
+        /// The event's version in its stream.
+        version: u64,
+        /// The stored type name.
+        event_type: String,
+        /// The subject whose key was deleted.
+        subject: String,
+    },
+
+    /// A stored payload failed authentication: it was altered, or copied from another event.
+    #[error(
+        "event `{event_type}` at stream `{stream}` version {version} was tampered with: {reason}"
+    )]
+    Tampered {
+        /// The stream holding the event.
+        stream: StreamId,
+        /// The event's version in its stream.
+        version: u64,
+        /// The stored type name.
+        event_type: String,
+        /// What failed.
+        reason: String,
+    },
+
+    /// A stored payload is malformed or does not decompress.
+    #[error("event `{event_type}` at stream `{stream}` version {version} is corrupt: {reason}")]
+    Corrupt {
+        /// The stream holding the event.
+        stream: StreamId,
+        /// The event's version in its stream.
+        version: u64,
+        /// The stored type name.
+        event_type: String,
+        /// What failed.
+        reason: String,
+    },
+
     /// An event or command could not be encoded.
     #[error("cannot encode {what}: {reason}")]
     Encode {
@@ -185,6 +227,11 @@ impl Error {
     /// Whether this is an optimistic-concurrency conflict (worth retrying after a reload).
     pub fn is_conflict(&self) -> bool {
         matches!(self, Error::Conflict { .. })
+    }
+
+    /// Whether this is [`Error::Shredded`]: the event's subject was forgotten.
+    pub fn is_shredded(&self) -> bool {
+        matches!(self, Error::Shredded { .. })
     }
 
     /// The aggregate's own error, when the command was rejected with an error of type `E`.

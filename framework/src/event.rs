@@ -258,6 +258,10 @@ pub struct RecordedEvent {
     pub payload: Bytes,
     /// Metadata.
     pub metadata: Arc<Metadata>,
+    /// Why the payload could not be opened, when read through a
+    /// [`Codec`](crate::codec::Codec) that could not decrypt or decompress it (its subject was
+    /// shredded, it was tampered with). Decoding such an event gives the matching error.
+    pub unreadable: Option<crate::codec::Unreadable>,
 }
 
 impl RecordedEvent {
@@ -273,7 +277,26 @@ impl RecordedEvent {
             schema_version: event.schema_version,
             payload: event.payload,
             metadata: Arc::new(event.metadata),
+            unreadable: None,
         }
+    }
+
+    /// Whether the event's subject was crypto-shredded (its payload can no longer be read).
+    pub fn is_shredded(&self) -> bool {
+        matches!(
+            self.unreadable,
+            Some(crate::codec::Unreadable::Shredded { .. })
+        )
+    }
+
+    /// The payload's JSON: the payload itself unless a codec encoded it (compressed payloads
+    /// read without a codec are decompressed here). An unreadable payload gives its error
+    /// ([`Error::Shredded`], [`Error::Tampered`], [`Error::Corrupt`]).
+    pub fn json(&self) -> Result<std::borrow::Cow<'_, [u8]>> {
+        if let Some(why) = &self.unreadable {
+            return Err(why.to_error(self));
+        }
+        crate::codec::plain_json(&self.payload).map_err(|why| why.to_error(self))
     }
 }
 
@@ -282,7 +305,7 @@ impl RecordedEvent {
     /// [`Upcasters::decode`](crate::Upcasters::decode) for that). A failure names the stream,
     /// version and event type.
     pub fn decode<E: DomainEvent>(&self) -> Result<E> {
-        crate::upcast::decode_json(self, &self.payload)
+        crate::upcast::decode_json(self, &self.json()?)
     }
 }
 

@@ -67,6 +67,7 @@
 
 pub mod aggregate;
 pub mod bus;
+pub mod codec;
 pub mod config;
 pub mod error;
 pub mod event;

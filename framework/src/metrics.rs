@@ -19,6 +19,11 @@
 //! | `keel_conflicts_total` | counter | `aggregate` |
 //! | `keel_retries_total` | counter | `aggregate` |
 //! | `keel_snapshots_total` | counter | `aggregate` |
+//! | `keel_payloads_compressed_total` | counter | |
+//! | `keel_payloads_encrypted_total` | counter | |
+//! | `keel_payloads_unreadable_total` | counter | `reason` (shredded/tampered/corrupt/sealed) |
+//! | `keel_subjects_shredded_total` | counter | |
+//! | `keel_projection_events_shredded_total` | counter | `projection` |
 
 /// Commands and queries dispatched.
 pub const DISPATCHED: &str = "keel_dispatch_total";
@@ -42,3 +47,13 @@ pub const CONFLICTS: &str = "keel_conflicts_total";
 pub const RETRIES: &str = "keel_retries_total";
 /// Snapshots written.
 pub const SNAPSHOTS: &str = "keel_snapshots_total";
+/// Payloads a codec compressed.
+pub const PAYLOADS_COMPRESSED: &str = "keel_payloads_compressed_total";
+/// Payloads a codec encrypted.
+pub const PAYLOADS_ENCRYPTED: &str = "keel_payloads_encrypted_total";
+/// Payloads read that could not be opened.
+pub const PAYLOADS_UNREADABLE: &str = "keel_payloads_unreadable_total";
+/// Subjects whose keys were deleted.
+pub const SUBJECTS_SHREDDED: &str = "keel_subjects_shredded_total";
+/// Shredded events a projection skipped.
+pub const PROJECTION_SHREDDED: &str = "keel_projection_events_shredded_total";

@@ -70,11 +70,11 @@ impl Upcasters {
 
     /// Decodes a recorded event into the domain type, upcasting old schema versions first.
     pub fn decode<E: DomainEvent>(&self, event: &RecordedEvent) -> Result<E> {
+        let json = event.json()?;
         if self.by_type.is_empty() || !self.handles(&event.event_type, event.schema_version) {
-            return decode_json(event, &event.payload);
+            return decode_json(event, &json);
         }
-        let mut value: Value =
-            serde_json::from_slice(&event.payload).map_err(|e| decode_error(event, e))?;
+        let mut value: Value = serde_json::from_slice(&json).map_err(|e| decode_error(event, e))?;
         // The payload is serde's externally tagged form: `{"Variant": body}` or `"Variant"`.
         let (tag, mut body) = match value.take() {
             Value::Object(map) if map.len() == 1 => map.into_iter().next().unwrap_or_default(),

@@ -13,7 +13,9 @@
 //! those plus [`ProjectionStore`](crate::projection::ProjectionStore), running a
 //! [`ProjectionManager`](crate::projection::ProjectionManager) on the store), `sagas`
 //! ([`EventStore`] + [`LeaseStore`] + [`SagaStore`](crate::saga::SagaStore), running a
-//! [`SagaOrchestrator`](crate::saga::SagaOrchestrator)). Each case uses fresh stream and
+//! [`SagaOrchestrator`](crate::saga::SagaOrchestrator)), `codecs` (the projection host plus
+//! [`SnapshotStore`] and [`KeyStore`](crate::codec::KeyStore): keys, codec round trips,
+//! crypto-shredding, tampering). Each case uses fresh stream and
 //! worker names, so the factory may hand every case the same database; feed cases only look at
 //! their own streams and tolerate other writers.
 //!
@@ -29,9 +31,11 @@ use bytes::Bytes;
 use futures::TryStreamExt;
 use uuid::Uuid;
 
+mod codecs;
 mod projections;
 mod sagas;
 
+pub use codecs::*;
 pub use projections::*;
 pub use sagas::*;
 
@@ -108,6 +112,12 @@ macro_rules! conformance_tests {
             saga_deadline_fires_after_restart, saga_steps_complete_by_reply,
             saga_recovery_applies_a_step_once, saga_compensation_failure_then_retry,
             saga_has_one_active_orchestrator, saga_commands_carry_correlation);
+    };
+    (codecs, $factory:expr) => {
+        $crate::conformance_tests!(@section codecs, $factory;
+            keys_are_stable_per_subject, shredding_deletes_the_key, codec_round_trips,
+            shredded_events_read_as_shredded, projections_skip_shredded_events,
+            tampered_payloads_are_detected);
     };
     (leases, $factory:expr) => {
         $crate::conformance_tests!(@section leases, $factory;

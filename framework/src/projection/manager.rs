@@ -735,6 +735,15 @@ impl Inner {
             let position = event.position.unwrap_or(next);
             if projection.handles(&event.event_type) {
                 if let Err(e) = projection.apply(generation, event).await {
+                    if event.is_shredded() || is_shredded(&*e) {
+                        // A forgotten subject: nothing to project, and nothing wrong.
+                        metrics::counter!(crate::metrics::PROJECTION_SHREDDED, "projection" => runner.name.clone()).increment(1);
+                        tracing::debug!(projection = %runner.name, stream = %event.stream,
+                            version = event.version, "shredded event skipped");
+                        runner.lag_ms = now_millis() - event.recorded_at;
+                        next = position + 1;
+                        continue;
+                    }
                     let failed = FailedEvent {
                         stream: event.stream.to_string(),
                         version: event.version,
@@ -773,4 +782,18 @@ impl Inner {
         }
         Ok((events.len(), next))
     }
+}
+
+/// Whether a projection's error is (or wraps) [`Error::Shredded`](crate::Error::Shredded).
+fn is_shredded(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if e.downcast_ref::<crate::Error>()
+            .is_some_and(crate::Error::is_shredded)
+        {
+            return true;
+        }
+        current = e.source();
+    }
+    false
 }

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use dashmap::DashMap;
 use futures::stream;
+use keel::codec::{DataKey, KeyStore};
 use keel::projection::{Control, DeadLetter, ProjectionStatus, ProjectionStore};
 use keel::saga::{SagaRecord, SagaStore};
 use keel::{
@@ -58,6 +59,7 @@ struct Inner {
     requests: DashMap<String, Control>,
     dead_letters: DashMap<String, Vec<DeadLetter>>,
     sagas: DashMap<String, SagaRecord>,
+    keys: DashMap<String, DataKey>,
 }
 
 /// One stream: its appends, each kept as one shared slice, so loads borrow instead of copy.
@@ -428,5 +430,28 @@ impl SagaStore for MemoryStore {
             .filter(|r| !unfinished_only || !r.status.is_finished())
             .map(|r| r.clone())
             .collect())
+    }
+}
+
+#[async_trait]
+impl KeyStore for MemoryStore {
+    async fn key_for(&self, subject: &str) -> Result<DataKey> {
+        if let Some(key) = self.inner.keys.get(subject) {
+            return Ok(key.clone());
+        }
+        Ok(self
+            .inner
+            .keys
+            .entry(subject.to_owned())
+            .or_insert_with(DataKey::generate)
+            .clone())
+    }
+
+    async fn find_key(&self, subject: &str) -> Result<Option<DataKey>> {
+        Ok(self.inner.keys.get(subject).map(|k| k.clone()))
+    }
+
+    async fn shred(&self, subject: &str) -> Result<bool> {
+        Ok(self.inner.keys.remove(subject).is_some())
     }
 }

@@ -14,3 +14,4 @@ keel::conformance_tests!(checkpoints, store);
 keel::conformance_tests!(leases, store);
 keel::conformance_tests!(projections, store);
 keel::conformance_tests!(sagas, store);
+keel::conformance_tests!(codecs, store);

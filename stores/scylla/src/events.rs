@@ -435,6 +435,7 @@ impl Shared {
             schema_version: schema_version as u32,
             payload,
             metadata: Arc::new(metadata),
+            unreadable: None,
         })
     }
 

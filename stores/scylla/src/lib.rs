@@ -30,6 +30,7 @@
 mod error;
 mod events;
 mod feed;
+mod keys;
 mod kv;
 mod projections;
 mod sagas;
@@ -115,6 +116,7 @@ pub struct KeelScyllaBuilder {
     settle_after: Duration,
     feeder_gather: Duration,
     create_schema: bool,
+    master_key: Option<keel::codec::MasterKey>,
 }
 
 impl Default for KeelScyllaBuilder {
@@ -135,11 +137,20 @@ impl Default for KeelScyllaBuilder {
             settle_after: Duration::from_secs(60),
             feeder_gather: Duration::from_millis(20),
             create_schema: true,
+            master_key: None,
         }
     }
 }
 
 impl KeelScyllaBuilder {
+    /// The key that wraps the data keys this store keeps for payload encryption (its
+    /// [`KeyStore`](keel::codec::KeyStore)). Without one, the key store refuses to create or
+    /// read keys (shredding still works). Keep it outside the database.
+    pub fn master_key(mut self, key: keel::codec::MasterKey) -> Self {
+        self.master_key = Some(key);
+        self
+    }
+
     /// Applies a [`ScyllaConfig`]; a bad value is an error naming its field.
     pub fn config(mut self, config: &ScyllaConfig) -> Result<Self, Error> {
         self = self.known_nodes(config.nodes.iter().cloned());
@@ -363,6 +374,7 @@ impl KeelScyllaBuilder {
             wake: feed::Wake::default(),
             markers: std::sync::Mutex::new(std::collections::HashMap::new()),
             marker_reuse,
+            master_key: self.master_key.clone(),
         });
         let feeder = if self.feeder {
             Some(feed::Feeder::start(
@@ -405,6 +417,8 @@ pub(crate) struct Shared {
     /// When this process last wrote a marker for each stream.
     pub(crate) markers: std::sync::Mutex<std::collections::HashMap<StreamKey, std::time::Instant>>,
     pub(crate) marker_reuse: Duration,
+    /// Wraps the data keys of the key store.
+    pub(crate) master_key: Option<keel::codec::MasterKey>,
 }
 
 pub(crate) type StreamKey = String;
@@ -572,6 +586,9 @@ pub(crate) struct Statements {
     pub(crate) saga_update: PreparedStatement,
     pub(crate) saga_load: PreparedStatement,
     pub(crate) saga_list: PreparedStatement,
+    pub(crate) key_insert: PreparedStatement,
+    pub(crate) key_read: PreparedStatement,
+    pub(crate) key_delete: PreparedStatement,
     pub(crate) append_timeout: Duration,
 }
 
@@ -687,6 +704,11 @@ impl Statements {
             )).await?),
             saga_load: prep(format!("SELECT id, revision, status, deadline, data FROM {ks}.sagas WHERE id = ?")).await?,
             saga_list: prep(format!("SELECT id, revision, status, deadline, data FROM {ks}.sagas")).await?,
+            key_insert: lwt(prep(format!(
+                "INSERT INTO {ks}.keys (subject, key_id, wrapped, created_at) VALUES (?, ?, ?, ?) IF NOT EXISTS"
+            )).await?),
+            key_read: serial_select(prep(format!("SELECT key_id, wrapped FROM {ks}.keys WHERE subject = ?")).await?),
+            key_delete: lwt(prep(format!("DELETE FROM {ks}.keys WHERE subject = ? IF EXISTS")).await?),
             append_timeout: cfg.append_timeout,
         })
     }

@@ -169,6 +169,12 @@ const TABLES: &[(&str, &str)] = &[
         )",
     ),
     (
+        "keys",
+        "CREATE TABLE IF NOT EXISTS {ks}.keys (
+            subject text PRIMARY KEY, key_id uuid, wrapped blob, created_at timestamp
+        )",
+    ),
+    (
         "keel_schema",
         "CREATE TABLE IF NOT EXISTS {ks}.keel_schema (
             id int PRIMARY KEY, version int, bucket_size bigint, feed_bucket_size bigint

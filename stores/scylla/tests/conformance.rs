@@ -8,3 +8,4 @@ keel::conformance_tests!(checkpoints, common::shared_store);
 keel::conformance_tests!(leases, common::shared_store);
 keel::conformance_tests!(projections, common::shared_store);
 keel::conformance_tests!(sagas, common::shared_store);
+keel::conformance_tests!(codecs, common::shared_store);

@@ -37,6 +37,7 @@ pub fn builder(keyspace: &str) -> KeelScyllaBuilder {
         .feed_bucket_size(1_000)
         .feeder_lease_ttl(std::time::Duration::from_secs(3))
         .feeder_interval(std::time::Duration::from_millis(20))
+        .master_key(keel::codec::MasterKey::generate())
 }
 
 /// Opens a store, failing loudly with what to do when there is no node.

@@ -1,0 +1,90 @@
+//! The key store for payload encryption: one row per subject in `keys`, the data key wrapped
+//! with the builder's master key. Every write is conditional, so of concurrent creators one
+//! key wins and all of them use it; shredding deletes the row.
+
+use async_trait::async_trait;
+use keel::codec::{DataKey, KeyStore, MasterKey};
+use keel::Result;
+use scylla::value::CqlTimestamp;
+use uuid::Uuid;
+
+use crate::error::store_err;
+use crate::events::Lwt;
+use crate::{KeelScylla, Shared};
+
+impl Shared {
+    fn master_key(&self, subject: &str) -> Result<&MasterKey> {
+        self.master_key.as_ref().ok_or_else(|| keel::Error::Config {
+            field: "master_key".to_owned(),
+            reason: format!(
+                "the ScyllaDB key store needs a master key to wrap the key of subject `{subject}`: set one with `KeelScyllaBuilder::master_key`"
+            ),
+        })
+    }
+
+    async fn read_key(&self, subject: &str) -> Result<Option<DataKey>> {
+        let master = self.master_key(subject)?;
+        let op = || format!("read the key of subject `{subject}`");
+        let rows = self.select(&self.st.key_read, (subject,), op()).await?;
+        let row = rows
+            .maybe_first_row::<(Uuid, Vec<u8>)>()
+            .map_err(|e| store_err(op(), e))?;
+        row.map(|(id, wrapped)| master.unwrap(subject, id, &wrapped))
+            .transpose()
+    }
+}
+
+#[async_trait]
+impl KeyStore for KeelScylla {
+    async fn key_for(&self, subject: &str) -> Result<DataKey> {
+        let shared = &self.shared;
+        if let Some(key) = shared.read_key(subject).await? {
+            return Ok(key);
+        }
+        let key = DataKey::generate();
+        let wrapped = shared.master_key(subject)?.wrap(subject, &key);
+        let op = || format!("create the key of subject `{subject}`");
+        let result = shared
+            .session
+            .execute_unpaged(
+                &shared.st.key_insert,
+                (
+                    subject,
+                    key.id(),
+                    wrapped,
+                    CqlTimestamp(keel::event::now_millis()),
+                ),
+            )
+            .await
+            .map_err(|e| store_err(op(), e))?;
+        let lwt =
+            Lwt::from_result(result).map_err(|r| store_err(op(), std::io::Error::other(r)))?;
+        if lwt.applied {
+            return Ok(key);
+        }
+        // Another creator won: use its key.
+        shared.read_key(subject).await?.ok_or_else(|| {
+            store_err(
+                op(),
+                std::io::Error::other("the key was created and deleted at once; try again"),
+            )
+        })
+    }
+
+    async fn find_key(&self, subject: &str) -> Result<Option<DataKey>> {
+        self.shared.read_key(subject).await
+    }
+
+    async fn shred(&self, subject: &str) -> Result<bool> {
+        let shared = &self.shared;
+        let op = || format!("shred subject `{subject}`");
+        let result = shared
+            .session
+            .execute_unpaged(&shared.st.key_delete, (subject,))
+            .await
+            .map_err(|e| store_err(op(), e))?;
+        let lwt =
+            Lwt::from_result(result).map_err(|r| store_err(op(), std::io::Error::other(r)))?;
+        Ok(lwt.applied)
+    }
+}
