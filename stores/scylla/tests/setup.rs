@@ -187,3 +187,69 @@ async fn configuration_applies_and_names_bad_fields() {
         .await
         .is_err());
 }
+
+#[tokio::test]
+async fn data_keys_are_stored_wrapped_and_open_only_with_their_master_key() {
+    use keel::codec::{KeyStore, MasterKey};
+    let keyspace = common::fresh_keyspace("keel_keys");
+    let master = MasterKey::generate();
+    let store = common::open(
+        common::builder(&keyspace)
+            .feeder(false)
+            .master_key(master.clone()),
+    )
+    .await;
+    let key = store.key_for("alice").await.unwrap();
+
+    let (wrapped,): (Vec<u8>,) = store
+        .session()
+        .query_unpaged(
+            format!("SELECT wrapped FROM {keyspace}.keys WHERE subject = 'alice'"),
+            (),
+        )
+        .await
+        .unwrap()
+        .into_rows_result()
+        .unwrap()
+        .single_row()
+        .unwrap();
+    assert!(
+        !wrapped.windows(32).any(|w| w == key.material().as_slice()),
+        "the key material is not stored in the clear"
+    );
+
+    let same = common::open(common::builder(&keyspace).feeder(false).master_key(master)).await;
+    assert_eq!(same.find_key("alice").await.unwrap(), Some(key));
+
+    let other = common::open(
+        common::builder(&keyspace)
+            .feeder(false)
+            .master_key(MasterKey::generate()),
+    )
+    .await;
+    let err = other.find_key("alice").await.unwrap_err();
+    assert!(
+        matches!(&err, keel::Error::Config { field, reason } if field == "master_key" && reason.contains("alice")),
+        "{err}"
+    );
+
+    let none = common::open(
+        KeelScylla::builder()
+            .known_nodes(common::nodes())
+            .keyspace(&keyspace)
+            .feeder(false)
+            .bucket_size(500)
+            .feed_bucket_size(1_000),
+    )
+    .await;
+    let err = none.key_for("bob").await.unwrap_err();
+    assert!(
+        err.to_string().contains("KeelScyllaBuilder::master_key"),
+        "{err}"
+    );
+    assert!(
+        none.shred("alice").await.unwrap(),
+        "shredding needs no master key"
+    );
+    assert_eq!(same.find_key("alice").await.unwrap(), None);
+}
