@@ -205,9 +205,41 @@ fn rebuild(c: &mut Criterion) {
     group.finish();
 }
 
+/// Appending one 1 KB event, and reading back and parsing a 1,000-event stream, with each
+/// payload codec against plain JSON in the same run.
+fn codecs(c: &mut Criterion) {
+    let rt = runtime();
+    let store = Arc::new(MemoryStore::new());
+    let mut append = c.benchmark_group("codec_append_1kb");
+    for (name, codec) in keel_benches::codecs(store.clone()) {
+        let events = keel_benches::encoded(store.clone(), &codec);
+        let stream = keel::StreamId::new(format!("append-{name}"));
+        let payload = keel_benches::order_payload(1);
+        append.bench_function(name, |b| {
+            b.iter(|| {
+                let event = NewEvent::new("OrderPlaced", 1, payload.clone());
+                rt.block_on(events.append(&stream, ExpectedVersion::Any, vec![event]))
+                    .unwrap()
+            })
+        });
+    }
+    append.finish();
+    let mut load = c.benchmark_group("codec_read_1000x1kb");
+    load.throughput(criterion::Throughput::Elements(1_000));
+    for (name, codec) in keel_benches::codecs(store.clone()) {
+        let events = keel_benches::encoded(store.clone(), &codec);
+        let stream = keel::StreamId::new(format!("read-{name}"));
+        rt.block_on(keel_benches::fill(&*events, &stream, 1_000));
+        load.bench_function(name, |b| {
+            b.iter(|| rt.block_on(keel_benches::read_and_parse(&*events, &stream)))
+        });
+    }
+    load.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
-    targets = command, replay, snapshot, rebuild
+    targets = command, replay, snapshot, rebuild, codecs
 }
 criterion_main!(benches);

@@ -41,6 +41,7 @@ fn setup() -> Bench {
             KeelScylla::builder()
                 .known_nodes(nodes.split(','))
                 .keyspace(&keyspace)
+                .master_key(keel::codec::MasterKey::generate())
                 .build(),
         )
         .unwrap_or_else(|e| panic!("no CQL node at {nodes}: {e}; run ./scripts/scylla-node start"));
@@ -278,11 +279,53 @@ fn feed(c: &mut Criterion, b: &Bench) {
     group.finish();
 }
 
+/// One 1 KB event per append, and reading and parsing a 1,000-event stream, with each payload
+/// codec against plain JSON, in the same run.
+fn codecs(c: &mut Criterion, b: &Bench) {
+    let store: Arc<KeelScylla> = Arc::new(b.store.clone());
+    let mut append = c.benchmark_group("scylla_codec_append_1kb");
+    append
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(5));
+    for (name, codec) in keel_benches::codecs(store.clone()) {
+        let events = keel_benches::encoded(store.clone(), &codec);
+        let stream = StreamId::new(format!("codec-append-{name}"));
+        let at = AtomicI64::new(0);
+        let payload = keel_benches::order_payload(1);
+        append.bench_function(name, |bench| {
+            bench.to_async(&b.rt).iter(|| async {
+                let v = at.load(Ordering::Relaxed) as u64;
+                let event = NewEvent::new("OrderPlaced", 1, payload.clone());
+                let r = events
+                    .append(&stream, ExpectedVersion::from_version(v), vec![event])
+                    .await
+                    .unwrap();
+                at.store(r.last_version as i64, Ordering::Relaxed);
+            })
+        });
+    }
+    append.finish();
+    let mut load = c.benchmark_group("scylla_codec_read_1000x1kb");
+    load.sample_size(20).throughput(Throughput::Elements(1_000));
+    for (name, codec) in keel_benches::codecs(store.clone()) {
+        let events = keel_benches::encoded(store.clone(), &codec);
+        let stream = StreamId::new(format!("codec-read-{name}"));
+        b.rt.block_on(keel_benches::fill(&*events, &stream, 1_000));
+        load.bench_function(name, |bench| {
+            bench
+                .to_async(&b.rt)
+                .iter(|| keel_benches::read_and_parse(&*events, &stream))
+        });
+    }
+    load.finish();
+}
+
 fn all(c: &mut Criterion) {
     let b = setup();
     appends(c, &b);
     loads(c, &b);
     feed(c, &b);
+    codecs(c, &b);
     b.rt.block_on(b.store.shutdown());
 }
 
