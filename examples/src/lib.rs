@@ -3,9 +3,12 @@
 //! - [`bank`]: an `Account` aggregate with an overdraft rule (`cargo run --example bank`).
 //! - [`blog`]: posts and two projections, posts by author and by tag (`cargo run --example blog`).
 //! - [`orders`]: an order saga over inventory, order and payment (`cargo run --example orders`).
+//! - [`privacy`]: customers encrypted under keys of their own, forgotten by crypto-shredding
+//!   (`cargo run --example privacy`).
 
 pub mod bank;
 pub mod blog;
 pub mod metrics;
 pub mod orders;
+pub mod privacy;
 pub mod store;

@@ -2,17 +2,24 @@
 
 use std::sync::Arc;
 
+use keel::codec::KeyStore;
 use keel::projection::ProjectionStore;
 use keel::saga::SagaStore;
 use keel::{CheckpointStore, EventStore, LeaseStore, SnapshotStore};
 
 /// Every store trait at once: both stores implement all of them.
 pub trait AllStores:
-    EventStore + SnapshotStore + CheckpointStore + LeaseStore + ProjectionStore + SagaStore
+    EventStore + SnapshotStore + CheckpointStore + LeaseStore + ProjectionStore + SagaStore + KeyStore
 {
 }
 impl<S> AllStores for S where
-    S: EventStore + SnapshotStore + CheckpointStore + LeaseStore + ProjectionStore + SagaStore
+    S: EventStore
+        + SnapshotStore
+        + CheckpointStore
+        + LeaseStore
+        + ProjectionStore
+        + SagaStore
+        + KeyStore
 {
 }
 
@@ -49,6 +56,11 @@ impl Stores {
         self.all.clone()
     }
 
+    /// The key store (payload encryption).
+    pub fn keys(&self) -> Arc<dyn KeyStore> {
+        self.all.clone()
+    }
+
     /// The lease store.
     pub fn leases(&self) -> Arc<dyn LeaseStore> {
         self.all.clone()
@@ -60,7 +72,8 @@ impl Stores {
 /// `--store scylla` connects to the nodes in `KEEL_SCYLLA_NODES` (default `127.0.0.1:9042`,
 /// as started by `scripts/scylla-node start`) and creates a keyspace of its own for the run,
 /// `keel_example_<random>`, dropped again by [`Stores::finish`]: each run starts from an empty
-/// history.
+/// history. Its key store's master key comes from `KEEL_MASTER_KEY` (64 hex digits), or is
+/// made up for the run (the keyspace is thrown away anyway).
 pub async fn from_args() -> Result<Stores, String> {
     let args: Vec<String> = std::env::args().collect();
     let name = args
@@ -81,9 +94,14 @@ pub async fn from_args() -> Result<Stores, String> {
                 "keel_example_{}",
                 &uuid::Uuid::new_v4().simple().to_string()[..12]
             );
+            let master_key = match std::env::var("KEEL_MASTER_KEY") {
+                Ok(hex) => keel::codec::MasterKey::from_hex(&hex).map_err(|e| e.to_string())?,
+                Err(_) => keel::codec::MasterKey::generate(),
+            };
             let store = keel_scylla::KeelScylla::builder()
                 .known_nodes(nodes.split(','))
                 .keyspace(keyspace)
+                .master_key(master_key)
                 .build()
                 .await
                 .map_err(|e| format!("cannot open the ScyllaDB store at {nodes}: {e}"))?;
