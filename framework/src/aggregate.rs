@@ -79,6 +79,6 @@ pub trait Aggregate: Default + Serialize + DeserializeOwned + Send + Sync + 'sta
 
     /// The stream holding the aggregate with this id.
     fn stream_id(id: &str) -> StreamId {
-        StreamId::new(format!("{}-{}", Self::TYPE, id))
+        StreamId::of(Self::TYPE, id)
     }
 }

@@ -57,10 +57,54 @@ impl StreamId {
         StreamId(Arc::from(id.as_ref()))
     }
 
+    /// `"<kind>-<id>"`, the stream of an aggregate (see
+    /// [`Aggregate::stream_id`](crate::Aggregate::stream_id)), built with one allocation.
+    ///
+    /// ```
+    /// use keel::StreamId;
+    /// assert_eq!(StreamId::of("account", "acc-1").as_str(), "account-acc-1");
+    /// let long = "é".repeat(100); // past the stack buffer: built another way, same result
+    /// assert_eq!(StreamId::of("account", &long).as_str(), format!("account-{long}"));
+    /// ```
+    pub fn of(kind: &str, id: &str) -> Self {
+        let len = kind.len() + 1 + id.len();
+        let mut buf = [0u8; 128];
+        if len <= buf.len() {
+            buf[..kind.len()].copy_from_slice(kind.as_bytes());
+            buf[kind.len()] = b'-';
+            buf[kind.len() + 1..len].copy_from_slice(id.as_bytes());
+            if let Ok(joined) = std::str::from_utf8(&buf[..len]) {
+                return StreamId(Arc::from(joined));
+            }
+        }
+        StreamId::from(format!("{kind}-{id}"))
+    }
+
     /// The id as a string slice.
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// A shared `Arc<str>` for a static name: event type names repeat on every event, so each
+/// thread keeps one copy per name instead of allocating one per event.
+pub(crate) fn intern(name: &'static str) -> Arc<str> {
+    type Names = std::collections::HashMap<(usize, usize), Arc<str>, foldhash::fast::RandomState>;
+    thread_local! {
+        static NAMES: std::cell::RefCell<Names> = std::cell::RefCell::default();
+    }
+    NAMES
+        .try_with(|names| {
+            let mut names = names.borrow_mut();
+            if names.len() > 4096 {
+                names.clear(); // a bound, for programs that make up names at run time
+            }
+            names
+                .entry((name.as_ptr() as usize, name.len()))
+                .or_insert_with(|| Arc::from(name))
+                .clone()
+        })
+        .unwrap_or_else(|_| Arc::from(name))
 }
 
 impl fmt::Display for StreamId {
@@ -220,7 +264,7 @@ impl NewEvent {
         })?;
         Ok(NewEvent {
             event_id: Uuid::new_v4(),
-            event_type: Arc::from(event.event_type()),
+            event_type: intern(event.event_type()),
             schema_version: event.schema_version(),
             payload: Bytes::from(payload),
             metadata,

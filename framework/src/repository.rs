@@ -130,28 +130,26 @@ struct Counters {
 /// # Ok(()) }
 /// ```
 pub struct Repository<A: Aggregate> {
+    inner: Arc<Settings>,
+    _aggregate: PhantomData<fn() -> A>,
+}
+
+/// Everything a repository holds, shared by its clones (a clone is one reference count).
+struct Settings {
     events: Arc<dyn EventStore>,
     snapshots: Option<Arc<dyn SnapshotStore>>,
     policy: SnapshotPolicy,
     upcasters: Arc<Upcasters>,
     max_retries: u32,
     retry_backoff: Duration,
-    counters: Arc<Counters>,
-    handles: Arc<Handles>,
-    _aggregate: PhantomData<fn() -> A>,
+    counters: Counters,
+    handles: Handles,
 }
 
 impl<A: Aggregate> Clone for Repository<A> {
     fn clone(&self) -> Self {
         Repository {
-            events: self.events.clone(),
-            snapshots: self.snapshots.clone(),
-            policy: self.policy,
-            upcasters: self.upcasters.clone(),
-            max_retries: self.max_retries,
-            retry_backoff: self.retry_backoff,
-            counters: self.counters.clone(),
-            handles: self.handles.clone(),
+            inner: self.inner.clone(),
             _aggregate: PhantomData,
         }
     }
@@ -159,28 +157,29 @@ impl<A: Aggregate> Clone for Repository<A> {
 
 /// Configures a [`Repository`].
 pub struct RepositoryBuilder<A: Aggregate> {
-    repo: Repository<A>,
+    settings: Settings,
+    _aggregate: PhantomData<fn() -> A>,
 }
 
 impl<A: Aggregate> RepositoryBuilder<A> {
     /// Snapshots into `store` following `policy`.
     pub fn snapshots(mut self, store: Arc<dyn SnapshotStore>, policy: SnapshotPolicy) -> Self {
-        self.repo.snapshots = Some(store);
-        self.repo.policy = policy;
+        self.settings.snapshots = Some(store);
+        self.settings.policy = policy;
         self
     }
 
     /// Upcasts old event shapes on load.
     pub fn upcasters(mut self, upcasters: Upcasters) -> Self {
-        self.repo.upcasters = Arc::new(upcasters);
+        self.settings.upcasters = Arc::new(upcasters);
         self
     }
 
     /// How many times [`Repository::execute`] retries a command after a version conflict
     /// (default 3), and the first backoff, doubled on each retry (default 1 ms).
     pub fn retries(mut self, max_retries: u32, backoff: Duration) -> Self {
-        self.repo.max_retries = max_retries;
-        self.repo.retry_backoff = backoff;
+        self.settings.max_retries = max_retries;
+        self.settings.retry_backoff = backoff;
         self
     }
 
@@ -203,36 +202,39 @@ impl<A: Aggregate> RepositoryBuilder<A> {
 
     /// The repository.
     pub fn build(self) -> Repository<A> {
-        self.repo
+        Repository {
+            inner: Arc::new(self.settings),
+            _aggregate: PhantomData,
+        }
     }
 }
 
 impl<A: Aggregate> Repository<A> {
     /// A repository on `events`, without snapshots, retrying conflicts 3 times.
     pub fn new(events: Arc<dyn EventStore>) -> Self {
-        Repository {
-            events,
-            snapshots: None,
-            policy: SnapshotPolicy::Never,
-            upcasters: Arc::new(Upcasters::new()),
-            max_retries: 3,
-            retry_backoff: Duration::from_millis(1),
-            counters: Arc::default(),
-            handles: Arc::new(Handles::register(A::TYPE)),
-            _aggregate: PhantomData,
-        }
+        Self::builder(events).build()
     }
 
     /// A builder for a repository on `events`.
     pub fn builder(events: Arc<dyn EventStore>) -> RepositoryBuilder<A> {
         RepositoryBuilder {
-            repo: Self::new(events),
+            settings: Settings {
+                events,
+                snapshots: None,
+                policy: SnapshotPolicy::Never,
+                upcasters: Arc::new(Upcasters::new()),
+                max_retries: 3,
+                retry_backoff: Duration::from_millis(1),
+                counters: Counters::default(),
+                handles: Handles::register(A::TYPE),
+            },
+            _aggregate: PhantomData,
         }
     }
 
     /// The event store.
     pub fn event_store(&self) -> &Arc<dyn EventStore> {
-        &self.events
+        &self.inner.events
     }
 
     /// Loads the aggregate `id`: its latest usable snapshot, then the events after it.
@@ -253,31 +255,39 @@ impl<A: Aggregate> Repository<A> {
         let started = Instant::now();
         let mut loaded = self.load_snapshot(stream).await;
         if loaded.is_some() {
-            self.counters.snapshot_hits.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .counters
+                .snapshot_hits
+                .fetch_add(1, Ordering::Relaxed);
         }
         let mut loaded = loaded.take().unwrap_or_else(|| Loaded {
             state: A::default(),
             version: 0,
         });
-        let mut pages = self.events.read_stream_pages(stream, loaded.version + 1);
+        let mut pages = self
+            .inner
+            .events
+            .read_stream_pages(stream, loaded.version + 1);
         let mut replayed = 0u64;
         let mut seen = false;
         while let Some(page) = pages.try_next().await? {
             for recorded in page.iter() {
                 seen |= command_id.is_some() && recorded.metadata.command_id == command_id;
-                let event: A::Event = self.upcasters.decode(recorded)?;
+                let event: A::Event = self.inner.upcasters.decode(recorded)?;
                 loaded.state.apply(&event);
                 loaded.version = recorded.version;
             }
             replayed += page.len() as u64;
         }
-        self.counters.loads.fetch_add(1, Ordering::Relaxed);
-        self.counters
+        self.inner.counters.loads.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .counters
             .events_replayed
             .fetch_add(replayed, Ordering::Relaxed);
-        self.handles.loads.increment(1);
-        self.handles.events_replayed.increment(replayed);
-        self.handles
+        self.inner.handles.loads.increment(1);
+        self.inner.handles.events_replayed.increment(replayed);
+        self.inner
+            .handles
             .load_seconds
             .record(started.elapsed().as_secs_f64());
         Ok((loaded, seen))
@@ -287,7 +297,7 @@ impl<A: Aggregate> Repository<A> {
     /// schema version, undecodable, store failure): the caller then replays from the start,
     /// which is always correct.
     async fn load_snapshot(&self, stream: &StreamId) -> Option<Loaded<A>> {
-        let store = self.snapshots.as_ref()?;
+        let store = self.inner.snapshots.as_ref()?;
         let snapshot = match store.load_snapshot(stream).await {
             Ok(Some(s)) if s.schema_version == A::SNAPSHOT_VERSION => s,
             Ok(_) => return None,
@@ -335,21 +345,28 @@ impl<A: Aggregate> Repository<A> {
         let span = tracing::debug_span!("keel.append", stream = %stream, expected = %expected,
             events = events.len(), correlation_id = ?metadata.correlation_id);
         match self
+            .inner
             .events
             .append(stream, expected, encoded)
             .instrument(span)
             .await
         {
             Ok(r) => {
-                self.counters.appends.fetch_add(1, Ordering::Relaxed);
-                self.handles.appends.increment(1);
-                self.handles.events_per_append.record(events.len() as f64);
+                self.inner.counters.appends.fetch_add(1, Ordering::Relaxed);
+                self.inner.handles.appends.increment(1);
+                self.inner
+                    .handles
+                    .events_per_append
+                    .record(events.len() as f64);
                 Ok(r)
             }
             Err(e) => {
                 if e.is_conflict() {
-                    self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
-                    self.handles.conflicts.increment(1);
+                    self.inner
+                        .counters
+                        .conflicts
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.inner.handles.conflicts.increment(1);
                 }
                 Err(e)
             }
@@ -391,12 +408,13 @@ impl<A: Aggregate> Repository<A> {
         let mut attempt = 0;
         loop {
             match self.execute_once(&stream, command.clone(), metadata).await {
-                Err(e) if e.is_conflict() && attempt < self.max_retries => {
+                Err(e) if e.is_conflict() && attempt < self.inner.max_retries => {
                     attempt += 1;
-                    self.counters.retries.fetch_add(1, Ordering::Relaxed);
-                    self.handles.retries.increment(1);
+                    self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
+                    self.inner.handles.retries.increment(1);
                     tracing::debug!(stream = %stream, attempt, "conflict; reloading and retrying");
-                    tokio::time::sleep(self.retry_backoff * 2u32.saturating_pow(attempt - 1)).await;
+                    tokio::time::sleep(self.inner.retry_backoff * 2u32.saturating_pow(attempt - 1))
+                        .await;
                 }
                 other => return other,
             }
@@ -428,6 +446,7 @@ impl<A: Aggregate> Repository<A> {
         let expected = ExpectedVersion::from_version(version);
         let appended = self.append(stream, expected, &events, metadata).await?;
         if self
+            .inner
             .policy
             .due(appended.first_version, appended.last_version)
         {
@@ -446,7 +465,9 @@ impl<A: Aggregate> Repository<A> {
     /// Writes a snapshot; a failure is logged, never returned: the events are committed and a
     /// missing snapshot only costs a longer replay.
     async fn take_snapshot(&self, stream: &StreamId, state: &A, version: u64) {
-        let Some(store) = &self.snapshots else { return };
+        let Some(store) = &self.inner.snapshots else {
+            return;
+        };
         let payload = match serde_json::to_vec(state) {
             Ok(p) => Bytes::from(p),
             Err(e) => {
@@ -463,10 +484,11 @@ impl<A: Aggregate> Repository<A> {
         };
         match store.save_snapshot(snapshot).await {
             Ok(()) => {
-                self.counters
+                self.inner
+                    .counters
                     .snapshots_taken
                     .fetch_add(1, Ordering::Relaxed);
-                self.handles.snapshots.increment(1);
+                self.inner.handles.snapshots.increment(1);
             }
             Err(e) => tracing::warn!(stream = %stream, error = %e, "snapshot save failed"),
         }
@@ -474,7 +496,7 @@ impl<A: Aggregate> Repository<A> {
 
     /// The counters so far.
     pub fn metrics(&self) -> RepositoryMetrics {
-        let c = &self.counters;
+        let c = &self.inner.counters;
         RepositoryMetrics {
             loads: c.loads.load(Ordering::Relaxed),
             events_replayed: c.events_replayed.load(Ordering::Relaxed),

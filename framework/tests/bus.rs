@@ -354,3 +354,41 @@ async fn correlation_and_causation_flow_from_commands_into_events() {
         "two commands"
     );
 }
+
+/// Counts its clones, to see whether the bus copies messages.
+#[derive(Debug)]
+struct Counted(Arc<AtomicU32>);
+
+impl Clone for Counted {
+    fn clone(&self) -> Self {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Counted(self.0.clone())
+    }
+}
+
+impl Command for Counted {
+    type Output = ();
+}
+
+#[tokio::test]
+async fn the_handler_gets_the_message_moved_unless_a_layer_may_send_it_again() {
+    let clones = Arc::new(AtomicU32::new(0));
+    let plain = CommandBus::builder()
+        .command(|_: Counted, _| async { Ok(()) })
+        .unwrap()
+        .build();
+    plain.send(Counted(clones.clone())).await.unwrap();
+    assert_eq!(clones.load(Ordering::SeqCst), 0, "moved, not cloned");
+
+    let retrying = CommandBus::builder()
+        .layer(RetryLayer::new(2, Duration::from_millis(1)))
+        .command(|_: Counted, _| async { Ok(()) })
+        .unwrap()
+        .build();
+    retrying.send(Counted(clones.clone())).await.unwrap();
+    assert_eq!(
+        clones.load(Ordering::SeqCst),
+        1,
+        "cloned once: the retry layer keeps the original"
+    );
+}

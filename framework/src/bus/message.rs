@@ -61,6 +61,10 @@ pub trait Message: Send + Sync + 'static {
     fn cache_key(&self) -> Option<u64>;
     /// The typed message, for downcasting.
     fn as_any(&self) -> &dyn Any;
+    /// The shared message as `Any`, so the handler can take it without a copy when no layer
+    /// kept a reference.
+    #[doc(hidden)]
+    fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
 }
 
 pub(crate) struct CommandMessage<C>(pub C);
@@ -79,6 +83,9 @@ impl<C: Command> Message for CommandMessage<C> {
     fn as_any(&self) -> &dyn Any {
         &self.0
     }
+    fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
+        self
+    }
 }
 
 impl<Q: Query> Message for QueryMessage<Q> {
@@ -96,6 +103,22 @@ impl<Q: Query> Message for QueryMessage<Q> {
     fn as_any(&self) -> &dyn Any {
         &self.0
     }
+    fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
+        self
+    }
+}
+
+/// Takes the typed `M` out of an erased message: moved when this was the last reference,
+/// cloned when a layer still holds one. `None` when the message is not an `M`.
+pub(crate) fn take<M: Clone + Send + Sync + 'static>(message: Arc<dyn Message>) -> Option<M> {
+    let any = message.into_any();
+    let any = match any.downcast::<CommandMessage<M>>() {
+        Ok(m) => return Some(Arc::try_unwrap(m).map_or_else(|s| s.0.clone(), |o| o.0)),
+        Err(any) => any,
+    };
+    any.downcast::<QueryMessage<M>>()
+        .ok()
+        .map(|m| Arc::try_unwrap(m).map_or_else(|s| s.0.clone(), |o| o.0))
 }
 
 /// One dispatch travelling through the layers. Cloning is cheap (the message is shared), which

@@ -82,30 +82,30 @@ where
     O: Send + Sync + 'static,
 {
     fn call(&self, request: Request) -> BoxFuture<'static, Result<Reply>> {
-        let type_name = request.type_name();
-        let Some(message) = request.message.as_any().downcast_ref::<M>() else {
+        let Request {
+            message, metadata, ..
+        } = request;
+        let Some(message) = message::take::<M>(message) else {
             // The router keys handlers by TypeId, so this is unreachable by construction;
             // answer with an error rather than a panic all the same.
+            let type_name = message::short_type_name::<M>();
             return Box::pin(async move { Err(Error::HandlerNotFound { type_name }) });
         };
-        let message = message.clone();
-        let metadata = request.metadata.clone();
+        let scope = metadata.clone();
         // A handler can panic while building its future or while running it; both are caught.
-        let fut = match std::panic::catch_unwind(AssertUnwindSafe(|| {
-            (self.f)(message, request.metadata)
-        })) {
+        let fut = match std::panic::catch_unwind(AssertUnwindSafe(|| (self.f)(message, metadata))) {
             Ok(fut) => fut,
             Err(panic) => {
-                let err = panicked(type_name, panic);
+                let err = panicked(message::short_type_name::<M>(), panic);
                 return Box::pin(async move { Err(err) });
             }
         };
         // The handler runs with the dispatch's metadata in scope, so a repository it calls
         // stamps the events with it even when the handler does not pass it on.
-        Box::pin(DISPATCH.scope(metadata, async move {
+        Box::pin(DISPATCH.scope(scope, async move {
             match AssertUnwindSafe(fut).catch_unwind().await {
                 Ok(out) => out.map(|o| Arc::new(o) as Reply),
-                Err(panic) => Err(panicked(type_name, panic)),
+                Err(panic) => Err(panicked(message::short_type_name::<M>(), panic)),
             }
         }))
     }
@@ -130,9 +130,32 @@ fn panicked(type_name: &'static str, panic: Box<dyn Any + Send>) -> Error {
     Error::HandlerPanicked { type_name, message }
 }
 
+/// Hashes a `TypeId` by what it already is: a hash.
+#[derive(Default)]
+struct TypeIdHasher(u64);
+
+impl std::hash::Hasher for TypeIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 ^= n;
+    }
+    fn write_u128(&mut self, n: u128) {
+        self.0 ^= n as u64 ^ (n >> 64) as u64;
+    }
+}
+
+type HandlerMap = HashMap<TypeId, Arc<dyn Service>, std::hash::BuildHasherDefault<TypeIdHasher>>;
+
 /// The innermost service: finds the handler by the message's type.
 struct Router {
-    handlers: HashMap<TypeId, Arc<dyn Service>>,
+    handlers: HandlerMap,
 }
 
 impl Service for Router {
@@ -149,14 +172,14 @@ impl Service for Router {
 
 /// Handlers and layers being assembled; shared by both buses.
 struct Assembly {
-    handlers: HashMap<TypeId, Arc<dyn Service>>,
+    handlers: HandlerMap,
     layers: Vec<Arc<dyn Layer>>,
 }
 
 impl Assembly {
     fn new() -> Self {
         Assembly {
-            handlers: HashMap::new(),
+            handlers: HandlerMap::default(),
             layers: Vec::new(),
         }
     }
@@ -194,7 +217,7 @@ impl Assembly {
     }
 }
 
-async fn dispatch<O>(
+async fn dispatch<M: 'static, O>(
     pipeline: &Arc<dyn Service>,
     kind: Kind,
     message: Arc<dyn Message>,
@@ -203,14 +226,15 @@ async fn dispatch<O>(
 where
     O: Clone + Send + Sync + 'static,
 {
-    let type_name = message.type_name();
     // Every dispatch has an id (the causation id of what it causes) and belongs to a
     // conversation (the correlation id): the sender's, or a new one starting here. Inside
     // another dispatch the conversation carries on.
     let mut metadata = metadata;
     if metadata.correlation_id.is_none() {
-        metadata.correlation_id = current_metadata()
-            .and_then(|m| m.correlation_id)
+        metadata.correlation_id = DISPATCH
+            .try_with(|m| m.correlation_id)
+            .ok()
+            .flatten()
             .or_else(|| Some(uuid::Uuid::new_v4()));
     }
     if metadata.causation_id.is_none() {
@@ -227,7 +251,7 @@ where
         Ok(out) => Ok(Arc::try_unwrap(out).unwrap_or_else(|shared| (*shared).clone())),
         // Only a layer that replaced the reply with another type gets here.
         Err(_) => Err(Error::Encode {
-            what: format!("reply to `{type_name}`"),
+            what: format!("reply to `{}`", message::short_type_name::<M>()),
             reason: "a layer returned a reply of another type".to_owned(),
         }),
     }
@@ -256,7 +280,7 @@ macro_rules! bus {
 
             #[doc = "Dispatches `message` to its handler through the layers and returns the handler's output."]
             pub async fn $send<M: $trait>(&self, message: M) -> Result<M::Output> {
-                dispatch(&self.pipeline, $kind, Arc::new($wrap(message)), Metadata::default()).await
+                dispatch::<M, M::Output>(&self.pipeline, $kind, Arc::new($wrap(message)), Metadata::default()).await
             }
 
             #[doc = "Dispatches with metadata (correlation and causation ids) that the handler receives."]
@@ -265,7 +289,7 @@ macro_rules! bus {
                 message: M,
                 metadata: Metadata,
             ) -> Result<M::Output> {
-                dispatch(&self.pipeline, $kind, Arc::new($wrap(message)), metadata).await
+                dispatch::<M, M::Output>(&self.pipeline, $kind, Arc::new($wrap(message)), metadata).await
             }
         }
 

@@ -50,8 +50,8 @@ pub struct MemoryStore {
 
 #[derive(Default)]
 struct Inner {
-    streams: DashMap<StreamId, StreamLog>,
-    feed: RwLock<Vec<RecordedEvent>>,
+    streams: DashMap<StreamId, StreamLog, foldhash::fast::RandomState>,
+    feed: RwLock<Feed>,
     snapshots: DashMap<StreamId, Snapshot>,
     checkpoints: DashMap<String, u64>,
     leases: Mutex<std::collections::HashMap<String, HeldLease>>,
@@ -111,6 +111,40 @@ impl StreamLog {
     }
 }
 
+/// The feed: the same shared slices as the streams', in commit order, with the position of
+/// each slice's first event.
+#[derive(Default)]
+struct Feed {
+    chunks: Vec<Arc<[RecordedEvent]>>,
+    starts: Vec<u64>,
+    len: u64,
+}
+
+impl Feed {
+    fn push(&mut self, chunk: Arc<[RecordedEvent]>) {
+        self.starts.push(self.len + 1);
+        self.len += chunk.len() as u64;
+        self.chunks.push(chunk);
+    }
+
+    /// Up to `max` events from `position`, copied out.
+    fn copy_from(&self, position: u64, max: usize) -> Vec<RecordedEvent> {
+        let position = position.max(1);
+        if position > self.len {
+            return Vec::new();
+        }
+        let first = self.starts.partition_point(|&s| s <= position) - 1;
+        let skip = (position - self.starts[first]) as usize;
+        self.chunks[first..]
+            .iter()
+            .flat_map(|c| c.iter())
+            .skip(skip)
+            .take(max)
+            .cloned()
+            .collect()
+    }
+}
+
 struct HeldLease {
     holder: String,
     epoch: u64,
@@ -125,7 +159,7 @@ impl MemoryStore {
 
     /// Number of events in the feed.
     pub fn len(&self) -> usize {
-        read_lock(&self.inner.feed).len()
+        read_lock(&self.inner.feed).len as usize
     }
 
     /// Whether the store holds no events.
@@ -191,9 +225,9 @@ impl EventStore for MemoryStore {
             return outcome;
         }
         let mut feed = write_lock(&self.inner.feed);
-        let first_position = feed.len() as u64 + 1;
+        let first_position = feed.len + 1;
         let count = events.len() as u64;
-        let recorded: Vec<RecordedEvent> = events
+        let recorded: Arc<[RecordedEvent]> = events
             .into_iter()
             .enumerate()
             .map(|(i, event)| {
@@ -205,8 +239,8 @@ impl EventStore for MemoryStore {
                 )
             })
             .collect();
-        feed.extend(recorded.iter().cloned());
-        entry.chunks.push(recorded.into());
+        feed.push(recorded.clone());
+        entry.chunks.push(recorded);
         entry.len += count;
         Ok(AppendResult {
             first_version: current + 1,
@@ -223,22 +257,17 @@ impl EventStore for MemoryStore {
     }
 
     fn read_stream_pages<'a>(&'a self, stream: &'a StreamId, from_version: u64) -> PageStream<'a> {
-        let pages = stream::once(async move {
-            match self.inner.streams.get(stream) {
-                Some(log) => log.pages_from(from_version),
-                None => Vec::new(),
-            }
-        });
-        Box::pin(futures::StreamExt::flat_map(pages, |pages| {
-            stream::iter(pages.into_iter().map(Ok))
-        }))
+        // Taken at once: lending the shared slices needs no waiting.
+        let pages = match self.inner.streams.get(stream) {
+            Some(log) => log.pages_from(from_version),
+            None => Vec::new(),
+        };
+        Box::pin(stream::iter(pages.into_iter().map(Ok)))
     }
 
     fn read_all(&self, from_position: u64) -> EventStream<'_> {
-        let start = from_position.saturating_sub(1) as usize;
-        paged(start, move |at| {
-            let feed = read_lock(&self.inner.feed);
-            feed.iter().skip(at).take(PAGE).cloned().collect()
+        paged(from_position.max(1) as usize, move |at| {
+            read_lock(&self.inner.feed).copy_from(at as u64, PAGE)
         })
     }
 
