@@ -305,7 +305,7 @@ pub struct RecordedEvent {
     /// Why the payload could not be opened, when read through a
     /// [`Codec`](crate::codec::Codec) that could not decrypt or decompress it (its subject was
     /// shredded, it was tampered with). Decoding such an event gives the matching error.
-    pub unreadable: Option<crate::codec::Unreadable>,
+    pub unreadable: Option<Box<crate::codec::Unreadable>>,
 }
 
 impl RecordedEvent {
@@ -328,7 +328,7 @@ impl RecordedEvent {
     /// Whether the event's subject was crypto-shredded (its payload can no longer be read).
     pub fn is_shredded(&self) -> bool {
         matches!(
-            self.unreadable,
+            self.unreadable.as_deref(),
             Some(crate::codec::Unreadable::Shredded { .. })
         )
     }

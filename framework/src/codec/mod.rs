@@ -622,7 +622,7 @@ impl Codec {
             Err(why) => {
                 metrics::counter!(crate::metrics::PAYLOADS_UNREADABLE, "reason" => why.kind())
                     .increment(1);
-                event.unreadable = Some(why);
+                event.unreadable = Some(Box::new(why));
             }
         }
         Ok(event)

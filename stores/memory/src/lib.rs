@@ -258,11 +258,12 @@ impl EventStore for MemoryStore {
 
     fn read_stream_pages<'a>(&'a self, stream: &'a StreamId, from_version: u64) -> PageStream<'a> {
         // Taken at once: lending the shared slices needs no waiting.
-        let pages = match self.inner.streams.get(stream) {
-            Some(log) => log.pages_from(from_version),
-            None => Vec::new(),
-        };
-        Box::pin(stream::iter(pages.into_iter().map(Ok)))
+        match self.inner.streams.get(stream) {
+            Some(log) => Box::pin(stream::iter(
+                log.pages_from(from_version).into_iter().map(Ok),
+            )),
+            None => Box::pin(stream::empty()),
+        }
     }
 
     fn read_all(&self, from_position: u64) -> EventStream<'_> {
