@@ -70,10 +70,13 @@ impl Upcasters {
 
     /// Decodes a recorded event into the domain type, upcasting old schema versions first.
     pub fn decode<E: DomainEvent>(&self, event: &RecordedEvent) -> Result<E> {
-        let json = event.json()?;
-        if self.by_type.is_empty() || !self.handles(&event.event_type, event.schema_version) {
-            return decode_json(event, &json);
+        if let Some(why) = &event.unreadable {
+            return Err(why.to_error(event));
         }
+        if self.by_type.is_empty() || !self.handles(&event.event_type, event.schema_version) {
+            return decode_json(event, &event.payload);
+        }
+        let json = event.json()?;
         let mut value: Value = serde_json::from_slice(&json).map_err(|e| decode_error(event, e))?;
         // The payload is serde's externally tagged form: `{"Variant": body}` or `"Variant"`.
         let (tag, mut body) = match value.take() {
@@ -102,11 +105,36 @@ impl Upcasters {
 }
 
 /// Decodes an event's JSON payload, naming the event on failure.
+///
+/// Keep this exactly this small: anything more here (even a cold branch) stops the compiler
+/// inlining serde's `from_slice` through it, which costs replays a quarter of their time
+/// (`cargo bench -p keel-benches --bench memory -- replay`). Encoded payloads are told apart
+/// in [`decode_error`], off the hot path.
 pub(crate) fn decode_json<T: DeserializeOwned>(event: &RecordedEvent, bytes: &[u8]) -> Result<T> {
     serde_json::from_slice(bytes).map_err(|e| decode_error(event, e))
 }
 
+#[cold]
 fn decode_error(event: &RecordedEvent, e: serde_json::Error) -> Error {
+    if crate::codec::is_envelope(&event.payload) {
+        // JSON never starts with NUL: a codec encoded this payload. Name what it needs.
+        let reason = match event.json() {
+            Err(error) => return error,
+            Ok(json) => match serde_json::from_slice::<serde::de::IgnoredAny>(&json) {
+                // The JSON inside is broken itself.
+                Err(inner) => format!("inside the compressed payload: {inner}"),
+                Ok(_) if e.is_data() => format!("inside the compressed payload: {e}"),
+                Ok(_) => "the payload is compressed; decode it with `RecordedEvent::json` or read it through a `keel::codec::Codec` store".to_owned(),
+            },
+        };
+        return Error::Decode {
+            stream: event.stream.clone(),
+            version: event.version,
+            event_type: event.event_type.to_string(),
+            schema_version: event.schema_version,
+            reason,
+        };
+    }
     let reason = e.to_string();
     if reason.starts_with("unknown variant") {
         Error::UnknownEventType {

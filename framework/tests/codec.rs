@@ -44,7 +44,7 @@ async fn payloads_below_the_threshold_are_stored_as_plain_json() {
 }
 
 #[tokio::test]
-async fn compressed_payloads_decode_without_the_codec() {
+async fn compressed_payloads_read_as_json_without_the_codec() {
     let store = Arc::new(MemoryStore::new());
     let codec = Codec::builder().compress_above(64).build();
     let s = stream("lz4");
@@ -61,6 +61,9 @@ async fn compressed_payloads_decode_without_the_codec() {
         stored[0].payload.len()
     );
     assert_eq!(&*stored[0].json().unwrap(), &event.payload[..]);
+    // `decode` keeps to plain JSON (its hot path stays one serde call) and says what to do.
+    let err = stored[0].decode::<CounterEvent>().unwrap_err();
+    assert!(err.to_string().contains("RecordedEvent::json"), "{err}");
 }
 
 #[tokio::test]

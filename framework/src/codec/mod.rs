@@ -206,6 +206,7 @@ struct Envelope<'a> {
 }
 
 /// Whether a stored payload is an envelope (not plain JSON).
+#[inline]
 pub(crate) fn is_envelope(payload: &[u8]) -> bool {
     payload.first() == Some(&MARKER)
 }
