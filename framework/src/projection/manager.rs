@@ -740,7 +740,6 @@ impl Inner {
                         metrics::counter!(crate::metrics::PROJECTION_SHREDDED, "projection" => runner.name.clone()).increment(1);
                         tracing::debug!(projection = %runner.name, stream = %event.stream,
                             version = event.version, "shredded event skipped");
-                        runner.lag_ms = now_millis() - event.recorded_at;
                         next = position + 1;
                         continue;
                     }
@@ -777,8 +776,11 @@ impl Inner {
                     }
                 }
             }
-            runner.lag_ms = now_millis() - event.recorded_at;
             next = position + 1;
+        }
+        // The lag of the batch's last event: one clock read per batch, not per event.
+        if let Some(last) = events.last() {
+            runner.lag_ms = now_millis() - last.recorded_at;
         }
         Ok((events.len(), next))
     }

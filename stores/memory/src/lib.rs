@@ -134,14 +134,17 @@ impl Feed {
             return Vec::new();
         }
         let first = self.starts.partition_point(|&s| s <= position) - 1;
-        let skip = (position - self.starts[first]) as usize;
-        self.chunks[first..]
-            .iter()
-            .flat_map(|c| c.iter())
-            .skip(skip)
-            .take(max)
-            .cloned()
-            .collect()
+        let mut skip = (position - self.starts[first]) as usize;
+        let mut out = Vec::with_capacity(max.min((self.len - position + 1) as usize));
+        for chunk in &self.chunks[first..] {
+            let take = (max - out.len()).min(chunk.len() - skip);
+            out.extend_from_slice(&chunk[skip..skip + take]);
+            if out.len() == max {
+                break;
+            }
+            skip = 0;
+        }
+        out
     }
 }
 
