@@ -9,6 +9,8 @@
 //! keel sagas list [--unfinished] | show ID | retry ID
 //! keel health
 //! keel stream show ID [--from VERSION]
+//! keel subjects show SUBJECT
+//! keel subjects shred SUBJECT --yes    # crypto-shredding: deletes the subject's key
 //! ```
 //!
 //! Where: `--nodes host:port,...` (or `KEEL_SCYLLA_NODES`, default `127.0.0.1:9042`) and
@@ -71,6 +73,25 @@ enum Command {
     Stream {
         #[command(subcommand)]
         action: StreamAction,
+    },
+    /// Encryption subjects (payload codecs): their keys, and forgetting them.
+    Subjects {
+        #[command(subcommand)]
+        action: SubjectAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum SubjectAction {
+    /// Whether the subject has a key, its id and when it was made (never the key itself).
+    Show { subject: String },
+    /// Delete the subject's key: every event and snapshot encrypted for it becomes unreadable
+    /// for good (crypto-shredding). Irreversible; needs `--yes`.
+    Shred {
+        subject: String,
+        /// Confirms that the subject's data is to be made unreadable for good.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -151,7 +172,70 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Command::Stream {
             action: StreamAction::Show { id, from },
         } => show_stream(&store, &id, from, cli.json).await,
+        Command::Subjects { action } => subjects(&store, action, cli.json).await,
     }
+}
+
+async fn subjects(
+    store: &KeelScylla,
+    action: SubjectAction,
+    json: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    match action {
+        SubjectAction::Show { subject } => {
+            // Read the row itself: showing that a key exists needs no master key.
+            let rows = store
+                .session()
+                .query_unpaged(
+                    format!(
+                        "SELECT key_id, created_at FROM {}.keys WHERE subject = ?",
+                        store.keyspace()
+                    ),
+                    (&subject,),
+                )
+                .await?
+                .into_rows_result()?;
+            let row = rows.maybe_first_row::<(uuid::Uuid, scylla::value::CqlTimestamp)>()?;
+            if json {
+                let value = match row {
+                    Some((id, at)) => serde_json::json!({
+                        "subject": subject, "has_key": true, "key_id": id, "created_at": at.0
+                    }),
+                    None => serde_json::json!({ "subject": subject, "has_key": false }),
+                };
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                match row {
+                    Some((id, at)) => {
+                        println!("subject {subject}: key {id}, created at {} ms", at.0)
+                    }
+                    None => {
+                        println!("subject {subject}: no key (never encrypted for, or shredded)")
+                    }
+                }
+            }
+        }
+        SubjectAction::Shred { subject, yes } => {
+            if !yes {
+                return Err(format!(
+                    "shredding `{subject}` makes its events unreadable for good; add --yes to do it"
+                )
+                .into());
+            }
+            let had = keel::codec::KeyStore::shred(store, &subject).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "subject": subject, "shredded": had })
+                );
+            } else if had {
+                println!("subject {subject}: key deleted; its events can no longer be read");
+            } else {
+                println!("subject {subject}: had no key; nothing to do");
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn status_of(
@@ -362,8 +446,7 @@ async fn show_stream(
                     "schema_version": e.schema_version,
                     "recorded_at": e.recorded_at,
                     "metadata": &*e.metadata,
-                    "payload": serde_json::from_slice::<serde_json::Value>(&e.payload)
-                        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&e.payload).into_owned())),
+                    "payload": payload_json(e),
                 })
             })
             .collect();
@@ -397,9 +480,31 @@ async fn show_stream(
                 meta.join(" ")
             }
         );
-        println!("          {}", String::from_utf8_lossy(&e.payload));
+        match e.json() {
+            Ok(json) => println!("          {}", String::from_utf8_lossy(&json)),
+            Err(why) => println!("          <{}>", payload_note(&why)),
+        }
     }
     Ok(())
+}
+
+/// The payload as JSON: decompressed if need be; encrypted ones as a note, never bytes.
+fn payload_json(e: &keel::RecordedEvent) -> serde_json::Value {
+    match e.json() {
+        Ok(json) => serde_json::from_slice(&json).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&json).into_owned())
+        }),
+        Err(why) => serde_json::json!({ "unreadable": payload_note(&why) }),
+    }
+}
+
+fn payload_note(error: &keel::Error) -> String {
+    match error {
+        keel::Error::Decode { reason, .. }
+        | keel::Error::Corrupt { reason, .. }
+        | keel::Error::Tampered { reason, .. } => reason.clone(),
+        other => other.to_string(),
+    }
 }
 
 /// A saga as stored, read as JSON: the CLI does not know the application's command types, so
