@@ -24,6 +24,17 @@
 //! | `keel_payloads_unreadable_total` | counter | `reason` (shredded/tampered/corrupt/sealed) |
 //! | `keel_subjects_shredded_total` | counter | |
 //! | `keel_projection_events_shredded_total` | counter | `projection` |
+//!
+//! # Spans
+//!
+//! | span | level | fields |
+//! |---|---|---|
+//! | `keel.dispatch` (`TraceLayer`) | info | `kind`, `type`, `correlation_id` |
+//! | `keel.load` | debug | `aggregate`, `stream`, `version` (recorded when loaded) |
+//! | `keel.append` | debug | `aggregate`, `stream`, `expected`, `events`, `event_type` (the first event's), `version` (recorded when appended), `correlation_id` |
+//! | `keel_scylla.append` | debug | `stream`, `events` |
+//! | `keel.project` | debug | `projection`, `generation`, `from`, `events` (one per batch) |
+//! | `keel.saga` / `keel.saga_step` | info | `saga`, `correlation_id`; `step`, `undo`, `command` |
 
 /// Commands and queries dispatched.
 pub const DISPATCHED: &str = "keel_dispatch_total";

@@ -241,8 +241,15 @@ impl<A: Aggregate> Repository<A> {
     /// An aggregate with no events loads as `A::default()` at version 0.
     pub async fn load(&self, id: &str) -> Result<Loaded<A>> {
         let stream = A::stream_id(id);
-        let span = tracing::debug_span!("keel.load", aggregate = A::TYPE, stream = %stream);
-        Ok(self.load_stream(&stream, None).instrument(span).await?.0)
+        let span = tracing::debug_span!("keel.load", aggregate = A::TYPE, stream = %stream,
+            version = tracing::field::Empty);
+        let loaded = self
+            .load_stream(&stream, None)
+            .instrument(span.clone())
+            .await?
+            .0;
+        span.record("version", loaded.version);
+        Ok(loaded)
     }
 
     /// Loads the stream; with `command_id`, also tells whether an event after the snapshot was
@@ -342,16 +349,19 @@ impl<A: Aggregate> Repository<A> {
             .iter()
             .map(|e| NewEvent::encode(e, metadata.clone()))
             .collect::<Result<Vec<_>>>()?;
-        let span = tracing::debug_span!("keel.append", stream = %stream, expected = %expected,
-            events = events.len(), correlation_id = ?metadata.correlation_id);
+        let span = tracing::debug_span!("keel.append", aggregate = A::TYPE, stream = %stream,
+            expected = %expected, events = events.len(), version = tracing::field::Empty,
+            event_type = events.first().map(crate::event::DomainEvent::event_type),
+            correlation_id = metadata.correlation_id.map(tracing::field::display));
         match self
             .inner
             .events
             .append(stream, expected, encoded)
-            .instrument(span)
+            .instrument(span.clone())
             .await
         {
             Ok(r) => {
+                span.record("version", r.last_version);
                 self.inner.counters.appends.fetch_add(1, Ordering::Relaxed);
                 self.inner.handles.appends.increment(1);
                 self.inner

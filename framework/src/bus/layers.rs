@@ -58,7 +58,7 @@ impl Around for TraceLayer {
             "keel.dispatch",
             kind = request.kind.as_str(),
             r#type = request.type_name(),
-            correlation_id = ?request.metadata.correlation_id,
+            correlation_id = request.metadata.correlation_id.map(tracing::field::display),
         );
         Box::pin(
             async move {

@@ -565,12 +565,14 @@ impl SagaOrchestrator {
             (true, None) => return Ok(()),
         };
         let id = command_id(&saga.id, &step.id, undo);
-        let metadata = Metadata::correlated(correlation_of(&saga.id))
+        let correlation_id = correlation_of(&saga.id);
+        let metadata = Metadata::correlated(correlation_id)
             .caused_by(id)
             .with_command_id(id)
             .with("saga", saga.id.clone())
             .with("saga_step", step.id.clone());
-        let span = tracing::info_span!("keel.saga_step", saga = %saga.id, step = %step.id, undo);
+        let span = tracing::info_span!("keel.saga_step", saga = %saga.id, step = %step.id, undo,
+            command = command.typetag_name(), correlation_id = %correlation_id);
         let started = Instant::now();
         let sent = tokio::time::timeout(step.timeout, command.dispatch(&self.inner.bus, metadata));
         let result = match sent.instrument(span).await {
