@@ -379,34 +379,30 @@ pub async fn tampered_payloads_are_detected<S: CodecHost>(store: Arc<S>) {
     let read: Vec<RecordedEvent> = encoded.read_stream(&stream, 1).try_collect().await.unwrap();
     assert_eq!(read.len(), 4, "reading goes on past unreadable events");
     assert_eq!(read[0].payload, original.payload);
-    let kinds: Vec<String> = read[1..]
+    let kinds: Vec<&str> = read[1..]
         .iter()
-        .map(|e| match e.json().unwrap_err() {
-            Error::Tampered {
-                stream: s,
-                version,
-                event_type,
-                ..
-            } => {
-                assert_eq!(
-                    (&s, version, event_type.as_str()),
-                    (&stream, e.version, "Noted")
-                );
-                "tampered".to_owned()
-            }
-            Error::Corrupt {
-                stream: s,
-                version,
-                event_type,
-                ..
-            } => {
-                assert_eq!(
-                    (&s, version, event_type.as_str()),
-                    (&stream, e.version, "Noted")
-                );
-                "corrupt".to_owned()
-            }
-            other => format!("unexpected: {other}"),
+        .map(|e| {
+            let (kind, s, version, event_type) = match e.json().unwrap_err() {
+                Error::Tampered {
+                    stream,
+                    version,
+                    event_type,
+                    ..
+                } => ("tampered", stream, version, event_type),
+                Error::Corrupt {
+                    stream,
+                    version,
+                    event_type,
+                    ..
+                } => ("corrupt", stream, version, event_type),
+                other => panic!("expected Tampered or Corrupt, got {other}"),
+            };
+            assert_eq!(
+                (&s, version, event_type.as_str()),
+                (&stream, e.version, "Noted"),
+                "the error names the event"
+            );
+            kind
         })
         .collect();
     assert_eq!(kinds, ["tampered", "corrupt", "corrupt"]);

@@ -13,6 +13,28 @@ fn nodes() -> String {
     std::env::var("KEEL_SCYLLA_NODES").unwrap_or_else(|_| "127.0.0.1:9042".into())
 }
 
+/// A fresh keyspace name with `prefix`.
+fn fresh_keyspace(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    )
+}
+
+/// Opens a store on the test node, failing loudly with what to do when there is none.
+async fn open(builder: keel_scylla::KeelScyllaBuilder) -> KeelScylla {
+    builder
+        .known_nodes(nodes().split(','))
+        .build()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "no CQL node at {}: {e}; run ./scripts/scylla-node start",
+                nodes()
+            )
+        })
+}
+
 /// Runs `keel` with the arguments; returns (success, stdout, stderr).
 async fn keel(keyspace: &str, args: &[&str]) -> (bool, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel"));
@@ -67,22 +89,13 @@ async fn wait_for_state(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_operator_command_lists_shows_and_steers() {
-    let keyspace = format!(
-        "keel_cli_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..10]
-    );
-    let store = KeelScylla::builder()
-        .known_nodes(nodes().split(','))
-        .keyspace(&keyspace)
-        .feeder_interval(Duration::from_millis(20))
-        .build()
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "no CQL node at {}: {e}; run ./scripts/scylla-node start",
-                nodes()
-            )
-        });
+    let keyspace = fresh_keyspace("keel_cli");
+    let store = open(
+        KeelScylla::builder()
+            .keyspace(&keyspace)
+            .feeder_interval(Duration::from_millis(20)),
+    )
+    .await;
     let stream = StreamId::new("order-1");
     let correlation = uuid::Uuid::new_v4();
     let events = vec![
@@ -171,10 +184,7 @@ async fn the_operator_command_lists_shows_and_steers() {
 
 #[tokio::test]
 async fn a_keyspace_without_keel_is_a_clear_error_and_nothing_is_created() {
-    let keyspace = format!(
-        "keel_none_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..10]
-    );
+    let keyspace = fresh_keyspace("keel_none");
     let (ok, _, err) = keel(&keyspace, &["projections", "list"]).await;
     assert!(!ok);
     assert!(err.contains("holds no Keel schema"), "{err}");
@@ -213,24 +223,8 @@ mod sagas {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn sagas_are_listed_shown_and_retried() {
-        let keyspace = format!(
-            "keel_clisaga_{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..10]
-        );
-        let store = Arc::new(
-            KeelScylla::builder()
-                .known_nodes(nodes().split(','))
-                .keyspace(&keyspace)
-                .feeder(false)
-                .build()
-                .await
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "no CQL node at {}: {e}; run ./scripts/scylla-node start",
-                        nodes()
-                    )
-                }),
-        );
+        let keyspace = fresh_keyspace("keel_clisaga");
+        let store = Arc::new(open(KeelScylla::builder().keyspace(&keyspace).feeder(false)).await);
         let bus = CommandBus::builder()
             .command(|_: Book, _| async { Ok(()) })
             .unwrap()
@@ -307,19 +301,15 @@ mod sagas {
 #[tokio::test]
 async fn subjects_are_shown_and_shredded_and_encrypted_payloads_never_printed() {
     use keel::codec::{Codec, MasterKey};
-    let keyspace = format!(
-        "keel_cli_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..10]
-    );
+    let keyspace = fresh_keyspace("keel_cli");
     let store = Arc::new(
-        KeelScylla::builder()
-            .known_nodes(nodes().split(','))
-            .keyspace(&keyspace)
-            .feeder(false)
-            .master_key(MasterKey::generate())
-            .build()
-            .await
-            .unwrap_or_else(|e| panic!("no CQL node at {}: {e}", nodes())),
+        open(
+            KeelScylla::builder()
+                .keyspace(&keyspace)
+                .feeder(false)
+                .master_key(MasterKey::generate()),
+        )
+        .await,
     );
     let codec = Codec::builder().encrypt_streams(store.clone()).build();
     let stream = StreamId::new("customer-ada");
