@@ -64,6 +64,30 @@ async fn components_record_their_documented_metrics() {
             .build();
     manager.catch_up("count").await.unwrap();
 
+    // Payload codecs: one compressed and encrypted append, a shredding, an unreadable read.
+    let codec = keel::codec::Codec::builder()
+        .compress_above(16)
+        .encrypt_streams(store.clone())
+        .build();
+    let encoded = codec.events(store.clone());
+    let stream = keel::StreamId::new("secret-1");
+    let body =
+        serde_json::to_vec(&serde_json::json!({ "Noted": { "text": "x".repeat(200) } })).unwrap();
+    keel::EventStore::append(
+        &*encoded,
+        &stream,
+        keel::ExpectedVersion::NoStream,
+        vec![keel::NewEvent::new("Noted", 1, body)],
+    )
+    .await
+    .unwrap();
+    codec.shred("secret-1").await.unwrap();
+    let read: Vec<RecordedEvent> =
+        futures::TryStreamExt::try_collect(keel::EventStore::read_stream(&*encoded, &stream, 1))
+            .await
+            .unwrap();
+    assert!(read[0].is_shredded());
+
     let snapshot = snapshotter.snapshot().into_vec();
     let counter = |name: &str| -> u64 {
         snapshot
@@ -97,6 +121,14 @@ async fn components_record_their_documented_metrics() {
     );
     assert_eq!(histogram_len(keel::metrics::EVENTS_PER_APPEND), 3);
     assert_eq!(counter("keel_projection_events_total"), 3);
+    assert_eq!(counter(keel::metrics::PAYLOADS_COMPRESSED), 1);
+    assert_eq!(counter(keel::metrics::PAYLOADS_ENCRYPTED), 1);
+    assert_eq!(counter(keel::metrics::SUBJECTS_SHREDDED), 1);
+    assert_eq!(counter(keel::metrics::PAYLOADS_UNREADABLE), 1);
+    assert!(snapshot.iter().any(|(key, ..)| {
+        key.key().name() == keel::metrics::PAYLOADS_UNREADABLE
+            && key.key().labels().any(|l| l.value() == "shredded")
+    }));
     let labelled = snapshot.iter().any(|(key, ..)| {
         key.key().name() == keel::metrics::DISPATCHED
             && key.key().labels().any(|l| l.value() == "Bump")

@@ -233,6 +233,9 @@ impl Shared {
         } else {
             let mut batch = Batch::new(BatchType::Logged);
             batch.set_serial_consistency(self.st.head_cond.get_serial_consistency());
+            if let Some(level) = self.st.head_cond.get_consistency() {
+                batch.set_consistency(level);
+            }
             batch.set_is_idempotent(false);
             batch.set_request_timeout(Some(self.st.append_timeout));
             let guard = if fresh {

@@ -69,6 +69,9 @@ impl Shared {
                 batch.append_statement(self.st.lease_take.clone());
                 batch.append_statement(self.st.lease_bump.clone());
                 batch.set_serial_consistency(self.st.lease_take.get_serial_consistency());
+                if let Some(level) = self.st.lease_take.get_consistency() {
+                    batch.set_consistency(level);
+                }
                 let result = self
                     .session
                     .batch(

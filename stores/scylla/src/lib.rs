@@ -65,6 +65,9 @@ pub struct ScyllaConfig {
     pub keyspace: Option<String>,
     /// `local_serial` (default) or `serial` (multi-data-centre linearisability).
     pub serial_consistency: Option<String>,
+    /// Consistency of plain reads and writes and of an LWT's commit: `local_quorum` (default),
+    /// `quorum`, `each_quorum`, `all`, `local_one` or `one`.
+    pub consistency: Option<String>,
     /// Client-side timeout of an append's LWT, milliseconds.
     pub append_timeout_ms: Option<u64>,
     /// Versions per event partition (fixed once the keyspace exists).
@@ -109,6 +112,7 @@ pub struct KeelScyllaBuilder {
     feed_bucket_size: i64,
     append_timeout: Duration,
     serial: SerialConsistency,
+    consistency: Consistency,
     feeder: bool,
     feeder_id: String,
     feeder_lease_ttl: Duration,
@@ -130,6 +134,7 @@ impl Default for KeelScyllaBuilder {
             feed_bucket_size: DEFAULT_FEED_BUCKET_SIZE,
             append_timeout: Duration::from_secs(5),
             serial: SerialConsistency::LocalSerial,
+            consistency: Consistency::LocalQuorum,
             feeder: true,
             feeder_id: uuid::Uuid::new_v4().to_string(),
             feeder_lease_ttl: Duration::from_secs(10),
@@ -165,6 +170,24 @@ impl KeelScyllaBuilder {
                     return Err(Error::InvalidSetting {
                         field: "serial_consistency",
                         reason: format!("`{other}`: use `serial` or `local_serial`"),
+                    })
+                }
+            };
+        }
+        if let Some(level) = &config.consistency {
+            self.consistency = match level.as_str() {
+                "local_quorum" => Consistency::LocalQuorum,
+                "quorum" => Consistency::Quorum,
+                "each_quorum" => Consistency::EachQuorum,
+                "all" => Consistency::All,
+                "local_one" => Consistency::LocalOne,
+                "one" => Consistency::One,
+                other => {
+                    return Err(Error::InvalidSetting {
+                        field: "consistency",
+                        reason: format!(
+                        "`{other}`: use local_quorum, quorum, each_quorum, all, local_one or one"
+                    ),
                     })
                 }
             };
@@ -242,6 +265,15 @@ impl KeelScyllaBuilder {
     /// `Serial` for multi-data-centre linearisability; `LocalSerial` (default) otherwise.
     pub fn serial_consistency(mut self, serial: SerialConsistency) -> Self {
         self.serial = serial;
+        self
+    }
+
+    /// Consistency of plain reads and writes and of an LWT's commit phase (default
+    /// `LocalQuorum`). Below a quorum, a read may miss a write another node acknowledged: the
+    /// feed and the read-back of unknown outcomes rely on quorum reads, so weaker levels suit
+    /// only single-node set-ups. SERIAL reads keep their serial level whatever this says.
+    pub fn consistency(mut self, consistency: Consistency) -> Self {
+        self.consistency = consistency;
         self
     }
 
@@ -599,14 +631,17 @@ impl Statements {
             SerialConsistency::Serial => Consistency::Serial,
             SerialConsistency::LocalSerial => Consistency::LocalSerial,
         };
+        let consistency = cfg.consistency;
         let prep = |cql: String| async move {
-            session
+            let mut statement = session
                 .prepare(cql.clone())
                 .await
                 .map_err(|e| Error::Schema {
                     step: format!("prepare `{cql}`"),
                     reason: e.to_string(),
-                })
+                })?;
+            statement.set_consistency(consistency);
+            Ok::<_, Error>(statement)
         };
         let lwt = |mut s: PreparedStatement| {
             s.set_serial_consistency(Some(serial));

@@ -150,6 +150,15 @@ async fn configuration_applies_and_names_bad_fields() {
         Err(Error::InvalidSetting { field, .. }) => assert_eq!(field, "serial_consistency"),
         other => panic!("expected InvalidSetting, got {:?}", other.err()),
     }
+    let bad: keel_scylla::ScyllaConfig =
+        serde_json::from_str(r#"{"consistency": "serial"}"#).unwrap();
+    match KeelScylla::builder().config(&bad) {
+        Err(Error::InvalidSetting { field, reason }) => {
+            assert_eq!(field, "consistency");
+            assert!(reason.contains("local_quorum"), "{reason}");
+        }
+        other => panic!("expected InvalidSetting, got {:?}", other.err()),
+    }
     let unknown =
         serde_json::from_str::<keel_scylla::ScyllaConfig>(r#"{"bucketsize": 5}"#).unwrap_err();
     assert!(unknown.to_string().contains("unknown field"), "{unknown}");
@@ -158,6 +167,7 @@ async fn configuration_applies_and_names_bad_fields() {
         "nodes": common::nodes(),
         "keyspace": keyspace,
         "serial_consistency": "serial",
+        "consistency": "quorum",
         "bucket_size": 50,
         "feed_bucket_size": 2000,
         "feeder": false
