@@ -479,7 +479,8 @@ impl Shared {
             (start, from),
             move |(mut bucket, mut next)| async move {
                 loop {
-                    let page = self.read_page(stream, bucket, next, PAGE).await?;
+                    let size = self.read_page_size;
+                    let page = self.read_page(stream, bucket, next, size).await?;
                     if page.is_empty() {
                         if bucket >= self.bucket_of(next) {
                             return Ok::<_, Error>(None);
@@ -488,7 +489,7 @@ impl Shared {
                         continue;
                     }
                     next = page.last().map_or(next, |e| e.version as i64 + 1);
-                    if page.len() < PAGE as usize {
+                    if page.len() < size as usize {
                         bucket += 1;
                     }
                     return Ok(Some((page, (bucket, next))));

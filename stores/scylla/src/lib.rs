@@ -70,6 +70,8 @@ pub struct ScyllaConfig {
     pub consistency: Option<String>,
     /// Client-side timeout of an append's LWT, milliseconds.
     pub append_timeout_ms: Option<u64>,
+    /// Events per read when loading a stream (1 to 10,000; default 1,000).
+    pub read_page_size: Option<i32>,
     /// Versions per event partition (fixed once the keyspace exists).
     pub bucket_size: Option<i64>,
     /// Positions per feed partition (fixed once the keyspace exists).
@@ -113,6 +115,7 @@ pub struct KeelScyllaBuilder {
     append_timeout: Duration,
     serial: SerialConsistency,
     consistency: Consistency,
+    read_page_size: i32,
     feeder: bool,
     feeder_id: String,
     feeder_lease_ttl: Duration,
@@ -135,6 +138,7 @@ impl Default for KeelScyllaBuilder {
             append_timeout: Duration::from_secs(5),
             serial: SerialConsistency::LocalSerial,
             consistency: Consistency::LocalQuorum,
+            read_page_size: events::PAGE,
             feeder: true,
             feeder_id: uuid::Uuid::new_v4().to_string(),
             feeder_lease_ttl: Duration::from_secs(10),
@@ -191,6 +195,9 @@ impl KeelScyllaBuilder {
                     })
                 }
             };
+        }
+        if let Some(size) = config.read_page_size {
+            self = self.read_page_size(size);
         }
         if let Some(ms) = config.append_timeout_ms {
             self = self.append_timeout(Duration::from_millis(ms));
@@ -277,6 +284,13 @@ impl KeelScyllaBuilder {
         self
     }
 
+    /// Events fetched per read when loading a stream (default 1,000; 1 to 10,000). Larger
+    /// pages mean fewer round trips for long histories and more memory per read.
+    pub fn read_page_size(mut self, events: i32) -> Self {
+        self.read_page_size = events;
+        self
+    }
+
     /// Whether this store runs a feeder (default yes). Exactly one feeder per keyspace works
     /// at a time (a lease decides); turning it off suits short-lived tools.
     pub fn feeder(mut self, enabled: bool) -> Self {
@@ -335,6 +349,12 @@ impl KeelScyllaBuilder {
                     reason: format!("{size} is not a positive size"),
                 });
             }
+        }
+        if !(1..=10_000).contains(&self.read_page_size) {
+            return Err(Error::InvalidSetting {
+                field: "read_page_size",
+                reason: format!("{} events: use 1 to 10,000", self.read_page_size),
+            });
         }
         if self.feed_bucket_size % events::PAGE as i64 != 0 {
             return Err(Error::InvalidSetting {
@@ -407,6 +427,7 @@ impl KeelScyllaBuilder {
             markers: std::sync::Mutex::new(std::collections::HashMap::new()),
             marker_reuse,
             master_key: self.master_key.clone(),
+            read_page_size: self.read_page_size,
         });
         let feeder = if self.feeder {
             Some(feed::Feeder::start(
@@ -451,6 +472,8 @@ pub(crate) struct Shared {
     pub(crate) marker_reuse: Duration,
     /// Wraps the data keys of the key store.
     pub(crate) master_key: Option<keel::codec::MasterKey>,
+    /// Events per read when loading a stream.
+    pub(crate) read_page_size: i32,
 }
 
 pub(crate) type StreamKey = String;

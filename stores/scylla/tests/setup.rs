@@ -52,6 +52,15 @@ async fn missing_nodes_and_bad_settings_are_named() {
         Err(Error::InvalidSetting { field, .. }) => assert_eq!(field, "bucket_size"),
         other => panic!("expected InvalidSetting, got {:?}", other.err()),
     }
+    match KeelScylla::builder()
+        .known_node("127.0.0.1:9042")
+        .read_page_size(0)
+        .build()
+        .await
+    {
+        Err(Error::InvalidSetting { field, .. }) => assert_eq!(field, "read_page_size"),
+        other => panic!("expected InvalidSetting, got {:?}", other.err()),
+    }
 }
 
 #[tokio::test]
@@ -168,6 +177,7 @@ async fn configuration_applies_and_names_bad_fields() {
         "keyspace": keyspace,
         "serial_consistency": "serial",
         "consistency": "quorum",
+        "read_page_size": 7,
         "bucket_size": 50,
         "feed_bucket_size": 2000,
         "feeder": false
@@ -182,14 +192,17 @@ async fn configuration_applies_and_names_bad_fields() {
     assert_eq!(store.keyspace(), keyspace);
     assert!(!store.is_feeding());
     let stream = StreamId::new("s-cfg");
-    store
-        .append(
-            &stream,
-            ExpectedVersion::NoStream,
-            vec![NewEvent::new("E", 1, &b"{}"[..])],
-        )
-        .await
-        .unwrap();
+    // 120 events across buckets of 50, read back in pages of 7: all of them, in order.
+    for start in (0..120).step_by(30) {
+        let events: Vec<NewEvent> = (0..30).map(|_| NewEvent::new("E", 1, &b"{}"[..])).collect();
+        store
+            .append(&stream, ExpectedVersion::from_version(start), events)
+            .await
+            .unwrap();
+    }
+    let read: Vec<_> = store.read_stream(&stream, 1).try_collect().await.unwrap();
+    let versions: Vec<u64> = read.iter().map(|e| e.version).collect();
+    assert_eq!(versions, (1..=120).collect::<Vec<u64>>());
     // The recorded bucket sizes are the configured ones: a builder with others is refused.
     assert!(common::builder(&keyspace)
         .feeder(false)
