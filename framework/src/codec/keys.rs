@@ -129,7 +129,7 @@ impl MasterKey {
     }
 
     /// `key`'s material sealed for `subject`: nonce (12 bytes) then ciphertext and tag.
-    pub fn wrap(&self, subject: &str, key: &DataKey) -> Vec<u8> {
+    pub fn wrap_key(&self, subject: &str, key: &DataKey) -> Vec<u8> {
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
         let aad = wrap_aad(subject, key.id);
         let sealed = self
@@ -148,9 +148,9 @@ impl MasterKey {
         out
     }
 
-    /// Opens what [`wrap`](MasterKey::wrap) sealed; a wrong master key, subject or id, or
+    /// Opens what [`wrap_key`](MasterKey::wrap_key) sealed; a wrong master key, subject or id, or
     /// altered bytes give [`Error::Config`] naming the subject.
-    pub fn unwrap(&self, subject: &str, id: Uuid, wrapped: &[u8]) -> Result<DataKey> {
+    pub fn unwrap_key(&self, subject: &str, id: Uuid, wrapped: &[u8]) -> Result<DataKey> {
         let refuse = || {
             Error::Config {
             field: "master_key".to_owned(),
@@ -200,17 +200,19 @@ mod tests {
     fn wrapped_keys_open_only_for_their_subject_and_master() {
         let master = MasterKey::generate();
         let key = DataKey::generate();
-        let wrapped = master.wrap("alice", &key);
-        assert_eq!(master.unwrap("alice", key.id(), &wrapped).unwrap(), key);
-        assert!(master.unwrap("bob", key.id(), &wrapped).is_err());
-        assert!(master.unwrap("alice", Uuid::new_v4(), &wrapped).is_err());
+        let wrapped = master.wrap_key("alice", &key);
+        assert_eq!(master.unwrap_key("alice", key.id(), &wrapped).unwrap(), key);
+        assert!(master.unwrap_key("bob", key.id(), &wrapped).is_err());
+        assert!(master
+            .unwrap_key("alice", Uuid::new_v4(), &wrapped)
+            .is_err());
         assert!(MasterKey::generate()
-            .unwrap("alice", key.id(), &wrapped)
+            .unwrap_key("alice", key.id(), &wrapped)
             .is_err());
         let mut altered = wrapped.clone();
         altered[20] ^= 1;
-        assert!(master.unwrap("alice", key.id(), &altered).is_err());
-        assert!(master.unwrap("alice", key.id(), &wrapped[..5]).is_err());
+        assert!(master.unwrap_key("alice", key.id(), &altered).is_err());
+        assert!(master.unwrap_key("alice", key.id(), &wrapped[..5]).is_err());
     }
 
     #[test]

@@ -29,7 +29,7 @@ impl Shared {
         let row = rows
             .maybe_first_row::<(Uuid, Vec<u8>)>()
             .map_err(|e| store_err(op(), e))?;
-        row.map(|(id, wrapped)| master.unwrap(subject, id, &wrapped))
+        row.map(|(id, wrapped)| master.unwrap_key(subject, id, &wrapped))
             .transpose()
     }
 }
@@ -42,7 +42,7 @@ impl KeyStore for KeelScylla {
             return Ok(key);
         }
         let key = DataKey::generate();
-        let wrapped = shared.master_key(subject)?.wrap(subject, &key);
+        let wrapped = shared.master_key(subject)?.wrap_key(subject, &key);
         let op = || format!("create the key of subject `{subject}`");
         let result = shared
             .session
