@@ -50,6 +50,13 @@ impl DataKey {
     }
 }
 
+impl Drop for DataKey {
+    fn drop(&mut self) {
+        // The cipher zeroes its own key schedule (aes-gcm's `zeroize` feature).
+        zeroize::Zeroize::zeroize(&mut self.material);
+    }
+}
+
 impl fmt::Debug for DataKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DataKey")
@@ -93,10 +100,12 @@ pub struct MasterKey {
 
 impl MasterKey {
     /// A master key from 32 bytes.
-    pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        MasterKey {
+    pub fn from_bytes(mut bytes: [u8; 32]) -> Self {
+        let key = MasterKey {
             cipher: Aes256Gcm::new(&bytes.into()),
-        }
+        };
+        zeroize::Zeroize::zeroize(&mut bytes);
+        key
     }
 
     /// A master key from 64 hexadecimal digits.
@@ -104,6 +113,7 @@ impl MasterKey {
     /// ```
     /// let key = keel::codec::MasterKey::from_hex(&"ab".repeat(32))?;
     /// assert!(keel::codec::MasterKey::from_hex("abc").is_err());
+    /// assert!(keel::codec::MasterKey::from_hex(&"é".repeat(32)).is_err()); // 64 bytes, not hex
     /// # Ok::<(), keel::Error>(())
     /// ```
     pub fn from_hex(hex: &str) -> Result<Self> {
@@ -117,7 +127,7 @@ impl MasterKey {
         }
         let mut bytes = [0u8; 32];
         for (i, byte) in bytes.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+            *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2).unwrap_or("-"), 16)
                 .map_err(|_| refuse("not hexadecimal"))?;
         }
         Ok(MasterKey::from_bytes(bytes))
