@@ -105,11 +105,23 @@ pub enum Unreadable {
 impl Unreadable {
     /// The error decoding `event` gives.
     pub(crate) fn to_error(&self, event: &RecordedEvent) -> Error {
-        let (stream, version, event_type) = (
-            event.stream.clone(),
+        self.error_at(
+            &event.stream,
             event.version,
-            event.event_type.to_string(),
-        );
+            &event.event_type,
+            event.schema_version,
+        )
+    }
+
+    /// The error for a payload at `version` of `stream` (an event's, or a snapshot's).
+    pub(crate) fn error_at(
+        &self,
+        stream: &StreamId,
+        version: u64,
+        event_type: &str,
+        schema_version: u32,
+    ) -> Error {
+        let (stream, event_type) = (stream.clone(), event_type.to_owned());
         match self {
             Unreadable::Shredded { subject } => Error::Shredded {
                 stream,
@@ -133,7 +145,7 @@ impl Unreadable {
                 stream,
                 version,
                 event_type,
-                schema_version: event.schema_version,
+                schema_version,
                 reason: format!(
                     "the payload is encrypted for subject `{subject}`; read it through a `keel::codec::Codec` store"
                 ),

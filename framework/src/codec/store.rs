@@ -6,7 +6,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt};
 
-use super::{is_envelope, Codec, Context};
+use super::{is_envelope, Codec, Context, Unreadable};
 use crate::error::{Error, Result};
 use crate::event::{AppendResult, ExpectedVersion, NewEvent, StreamId};
 use crate::store::{EventPage, EventStore, EventStream, PageStream, Snapshot, SnapshotStore};
@@ -139,23 +139,18 @@ impl SnapshotStore for EncodedSnapshots {
                 snapshot.payload = plain;
                 Ok(Some(snapshot))
             }
-            Err(why) => {
-                // Report it as an event-shaped error at the snapshot's version.
-                let probe = crate::event::RecordedEvent::record(
-                    stream.clone(),
-                    snapshot.version,
-                    None,
-                    NewEvent::new("snapshot", snapshot.schema_version, bytes::Bytes::new()),
-                );
-                Err(match why.to_error(&probe) {
-                    Error::Decode { .. } => Error::store(
-                        "codec",
-                        format!("load_snapshot({stream})"),
-                        "the snapshot is encrypted and this codec does not decrypt",
-                    ),
-                    e => e,
-                })
-            }
+            Err(why @ Unreadable::Sealed { .. }) => Err(Error::store(
+                "codec",
+                format!("load_snapshot({stream})"),
+                format!("{why:?}: this codec does not decrypt"),
+            )),
+            // Named like an event's error, at the snapshot's version.
+            Err(why) => Err(why.error_at(
+                stream,
+                snapshot.version,
+                "snapshot",
+                snapshot.schema_version,
+            )),
         }
     }
 }
