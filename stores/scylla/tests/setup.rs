@@ -43,23 +43,14 @@ async fn missing_nodes_and_bad_settings_are_named() {
         KeelScylla::builder().build().await,
         Err(Error::NoNodes)
     ));
-    match KeelScylla::builder()
-        .known_node("127.0.0.1:9042")
-        .bucket_size(0)
-        .build()
-        .await
-    {
-        Err(Error::InvalidSetting { field, .. }) => assert_eq!(field, "bucket_size"),
-        other => panic!("expected InvalidSetting, got {:?}", other.err()),
-    }
-    match KeelScylla::builder()
-        .known_node("127.0.0.1:9042")
-        .read_page_size(0)
-        .build()
-        .await
-    {
-        Err(Error::InvalidSetting { field, .. }) => assert_eq!(field, "read_page_size"),
-        other => panic!("expected InvalidSetting, got {:?}", other.err()),
+    for (builder, bad) in [
+        (KeelScylla::builder().bucket_size(0), "bucket_size"),
+        (KeelScylla::builder().read_page_size(0), "read_page_size"),
+    ] {
+        match builder.known_node("127.0.0.1:9042").build().await {
+            Err(Error::InvalidSetting { field, .. }) => assert_eq!(field, bad),
+            other => panic!("{bad}: expected InvalidSetting, got {:?}", other.err()),
+        }
     }
 }
 
