@@ -271,3 +271,33 @@ async fn payload_configuration_builds_a_codec_or_names_the_field() {
     .unwrap();
     assert_eq!(env.payloads.compress_above_bytes, Some(512));
 }
+
+#[tokio::test]
+async fn the_key_cache_stays_bounded_over_many_subjects() {
+    let store = Arc::new(MemoryStore::new());
+    let codec = Codec::builder().encrypt_streams(store.clone()).build();
+    let events = codec.events(store.clone());
+    let count = keel::codec::KEY_CACHE_CAPACITY + 50;
+    for i in 0..count {
+        events
+            .append(
+                &StreamId::new(format!("many-{i}")),
+                ExpectedVersion::NoStream,
+                vec![counter(1)],
+            )
+            .await
+            .unwrap();
+    }
+    assert!(codec.cached_keys() <= keel::codec::KEY_CACHE_CAPACITY);
+    assert!(codec.cached_keys() > 0);
+    // Evicted keys are read again from the key store: the first stream still reads.
+    let first: Vec<RecordedEvent> = events
+        .read_stream(&StreamId::new("many-0"), 1)
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(
+        first[0].decode::<CounterEvent>().unwrap(),
+        CounterEvent::Incremented { by: 1 }
+    );
+}

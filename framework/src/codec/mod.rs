@@ -70,6 +70,9 @@ const ENCRYPTED: u8 = 2;
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 
+/// How many subjects' keys a codec keeps in memory at most.
+pub const KEY_CACHE_CAPACITY: usize = 10_000;
+
 /// The largest payload a codec decompresses unless told otherwise (64 MiB): a corrupt length
 /// field cannot make it allocate more.
 pub const DEFAULT_MAX_PAYLOAD: usize = 64 << 20;
@@ -332,6 +335,14 @@ impl Encryption {
     }
 
     fn remember(&self, subject: &str, key: &DataKey) {
+        if self.cache.len() >= KEY_CACHE_CAPACITY {
+            // Bounded: drop what has expired, and everything if that is not enough (a key per
+            // stream over millions of streams must not keep millions of ciphers alive).
+            self.cache.retain(|_, (_, at)| at.elapsed() < self.ttl);
+            if self.cache.len() >= KEY_CACHE_CAPACITY {
+                self.cache.clear();
+            }
+        }
         self.cache
             .insert(subject.to_owned(), (key.clone(), Instant::now()));
     }
@@ -415,7 +426,7 @@ impl CodecBuilder {
     }
 
     /// How long a key read from the key store is reused before it is read again (default 60
-    /// s). Another process's [`Codec::shred`] takes effect here within this time; this
+    /// s; at most [`KEY_CACHE_CAPACITY`] keys are kept). Another process's [`Codec::shred`] takes effect here within this time; this
     /// process's own shredding takes effect at once.
     pub fn key_cache_ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
@@ -482,6 +493,12 @@ impl Codec {
     /// stream's subject key, so shredding a subject makes its snapshots unreadable too).
     pub fn snapshots(self: &Arc<Self>, inner: Arc<dyn SnapshotStore>) -> Arc<EncodedSnapshots> {
         Arc::new(EncodedSnapshots::new(inner, self.clone()))
+    }
+
+    /// How many subjects' keys this codec holds in memory now (at most
+    /// [`KEY_CACHE_CAPACITY`]).
+    pub fn cached_keys(&self) -> usize {
+        self.encryption.as_ref().map_or(0, |e| e.cache.len())
     }
 
     /// Crypto-shredding: deletes `subject`'s key, so that its events and snapshots can no
