@@ -100,6 +100,14 @@ impl Lwt {
         })
     }
 
+    /// The value of column `name`, when the server returned it.
+    pub(crate) fn column(&self, name: &str) -> Option<&CqlValue> {
+        self.columns
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.as_ref())
+    }
+
     pub(crate) fn bigint(&self, name: &str) -> Option<i64> {
         self.columns
             .iter()

@@ -5,7 +5,7 @@
 use async_trait::async_trait;
 use keel::codec::{DataKey, KeyStore, MasterKey};
 use keel::Result;
-use scylla::value::CqlTimestamp;
+use scylla::value::{CqlTimestamp, CqlValue};
 use uuid::Uuid;
 
 use crate::error::store_err;
@@ -37,12 +37,11 @@ impl Shared {
 #[async_trait]
 impl KeyStore for KeelScylla {
     async fn key_for(&self, subject: &str) -> Result<DataKey> {
+        // One Paxos round whether or not the subject has a key: the conditional insert either
+        // stores ours or answers with the key that is there.
         let shared = &self.shared;
-        if let Some(key) = shared.read_key(subject).await? {
-            return Ok(key);
-        }
+        let master = shared.master_key(subject)?;
         let key = DataKey::generate();
-        let wrapped = shared.master_key(subject)?.wrap_key(subject, &key);
         let op = || format!("create the key of subject `{subject}`");
         let result = shared
             .session
@@ -51,7 +50,7 @@ impl KeyStore for KeelScylla {
                 (
                     subject,
                     key.id(),
-                    wrapped,
+                    master.wrap_key(subject, &key),
                     CqlTimestamp(keel::event::now_millis()),
                 ),
             )
@@ -62,13 +61,18 @@ impl KeyStore for KeelScylla {
         if lwt.applied {
             return Ok(key);
         }
-        // Another creator won: use its key.
-        shared.read_key(subject).await?.ok_or_else(|| {
-            store_err(
-                op(),
-                std::io::Error::other("the key was created and deleted at once; try again"),
-            )
-        })
+        match (lwt.column("key_id"), lwt.column("wrapped")) {
+            (Some(CqlValue::Uuid(id)), Some(CqlValue::Blob(wrapped))) => {
+                master.unwrap_key(subject, *id, wrapped)
+            }
+            // A server that does not return the existing row: read it.
+            _ => shared.read_key(subject).await?.ok_or_else(|| {
+                store_err(
+                    op(),
+                    std::io::Error::other("the key was created and deleted at once; try again"),
+                )
+            }),
+        }
     }
 
     async fn find_key(&self, subject: &str) -> Result<Option<DataKey>> {
