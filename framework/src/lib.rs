@@ -6,7 +6,8 @@
 //! applying events), loads and saves them through a [`Repository`], and dispatches commands
 //! and queries through the [`CommandBus`] and [`QueryBus`]. Everything is stored through the
 //! small traits of [`store`]; `keel-memory` implements them in memory and `keel-scylla` on
-//! ScyllaDB (or Cassandra 5).
+//! ScyllaDB (or Cassandra 5). A [`codec::Codec`] in front of a store compresses payloads and
+//! encrypts them with a key per subject, and forgets a subject by deleting its key.
 //!
 //! # Example
 //!
