@@ -336,16 +336,7 @@ impl RecordedEvent {
     /// The payload's JSON: the payload itself unless a codec encoded it (compressed payloads
     /// read without a codec are decompressed here). An unreadable payload gives its error
     /// ([`Error::Shredded`], [`Error::Tampered`], [`Error::Corrupt`]).
-    #[inline]
     pub fn json(&self) -> Result<std::borrow::Cow<'_, [u8]>> {
-        if self.unreadable.is_none() && !crate::codec::is_envelope(&self.payload) {
-            return Ok(std::borrow::Cow::Borrowed(&self.payload));
-        }
-        self.encoded_json()
-    }
-
-    #[cold]
-    fn encoded_json(&self) -> Result<std::borrow::Cow<'_, [u8]>> {
         if let Some(why) = &self.unreadable {
             return Err(why.to_error(self));
         }

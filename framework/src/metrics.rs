@@ -1,8 +1,8 @@
 //! Metric names Keel records through the [`metrics`](https://docs.rs/metrics) facade.
 //!
 //! Install any recorder (Prometheus, StatsD, OpenTelemetry) and these appear; without one,
-//! recording costs next to nothing. Install it at start-up, before building repositories: a
-//! repository registers its handles once, with the recorder installed at that moment. Components also offer in-process snapshots
+//! recording costs next to nothing. Install it at start-up, before building repositories and codecs:
+//! they register their handles once, with the recorder installed at that moment. Components also offer in-process snapshots
 //! ([`Repository::metrics`](crate::Repository::metrics),
 //! [`MetricsLayer::snapshot`](crate::bus::MetricsLayer::snapshot)).
 //!

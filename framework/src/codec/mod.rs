@@ -221,7 +221,6 @@ struct Envelope<'a> {
 }
 
 /// Whether a stored payload is an envelope (not plain JSON).
-#[inline]
 pub(crate) fn is_envelope(payload: &[u8]) -> bool {
     payload.first() == Some(&MARKER)
 }
@@ -313,10 +312,23 @@ pub(crate) fn plain_json(payload: &[u8]) -> std::result::Result<Cow<'_, [u8]>, U
             subject: subject.to_owned(),
         });
     }
-    if envelope.flags & COMPRESSED != 0 {
-        return decompress(envelope.body, DEFAULT_MAX_PAYLOAD).map(Cow::Owned);
+    inflate(
+        envelope.flags,
+        Cow::Borrowed(envelope.body),
+        DEFAULT_MAX_PAYLOAD,
+    )
+}
+
+/// The JSON in an opened body: decompressed when the flags say so.
+fn inflate(
+    flags: u8,
+    body: Cow<'_, [u8]>,
+    max: usize,
+) -> std::result::Result<Cow<'_, [u8]>, Unreadable> {
+    if flags & COMPRESSED == 0 {
+        return Ok(body);
     }
-    Ok(Cow::Borrowed(envelope.body))
+    decompress(&body, max).map(Cow::Owned)
 }
 
 type SubjectFn = dyn Fn(&StreamId) -> Option<String> + Send + Sync;
@@ -379,6 +391,8 @@ pub struct Codec {
     compress_above: Option<usize>,
     max_payload: usize,
     encryption: Option<Encryption>,
+    compressed: metrics::Counter,
+    encrypted: metrics::Counter,
 }
 
 impl std::fmt::Debug for Codec {
@@ -393,14 +407,16 @@ impl std::fmt::Debug for Codec {
 
 /// Configures a [`Codec`].
 pub struct CodecBuilder {
-    codec: Codec,
+    compress_above: Option<usize>,
+    max_payload: usize,
+    keys: Option<(Arc<dyn KeyStore>, Arc<SubjectFn>)>,
     ttl: Duration,
 }
 
 impl CodecBuilder {
     /// Compresses (LZ4) payloads longer than `bytes`, when that makes them smaller.
     pub fn compress_above(mut self, bytes: usize) -> Self {
-        self.codec.compress_above = Some(bytes);
+        self.compress_above = Some(bytes);
         self
     }
 
@@ -416,12 +432,7 @@ impl CodecBuilder {
     where
         F: Fn(&StreamId) -> Option<String> + Send + Sync + 'static,
     {
-        self.codec.encryption = Some(Encryption {
-            keys,
-            subject: Arc::new(subject),
-            cache: DashMap::new(),
-            ttl: self.ttl,
-        });
+        self.keys = Some((keys, Arc::new(subject)));
         self
     }
 
@@ -430,22 +441,31 @@ impl CodecBuilder {
     /// process's own shredding takes effect at once.
     pub fn key_cache_ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
-        if let Some(e) = &mut self.codec.encryption {
-            e.ttl = ttl;
-        }
         self
     }
 
     /// The largest payload decompressed (default [`DEFAULT_MAX_PAYLOAD`]); a larger one is
     /// reported as corrupt.
     pub fn max_payload(mut self, bytes: usize) -> Self {
-        self.codec.max_payload = bytes;
+        self.max_payload = bytes;
         self
     }
 
-    /// The codec, shared.
+    /// The codec, shared. Its metric handles are registered now, with the recorder installed
+    /// at this time (as the repository's are).
     pub fn build(self) -> Arc<Codec> {
-        Arc::new(self.codec)
+        Arc::new(Codec {
+            compress_above: self.compress_above,
+            max_payload: self.max_payload,
+            encryption: self.keys.map(|(keys, subject)| Encryption {
+                keys,
+                subject,
+                cache: DashMap::new(),
+                ttl: self.ttl,
+            }),
+            compressed: metrics::counter!(crate::metrics::PAYLOADS_COMPRESSED),
+            encrypted: metrics::counter!(crate::metrics::PAYLOADS_ENCRYPTED),
+        })
     }
 }
 
@@ -453,11 +473,9 @@ impl Codec {
     /// A builder: no compression, no encryption until told.
     pub fn builder() -> CodecBuilder {
         CodecBuilder {
-            codec: Codec {
-                compress_above: None,
-                max_payload: DEFAULT_MAX_PAYLOAD,
-                encryption: None,
-            },
+            compress_above: None,
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            keys: None,
             ttl: Duration::from_secs(60),
         }
     }
@@ -509,7 +527,6 @@ impl Codec {
             field: "payloads.encrypt".to_owned(),
             reason: format!("cannot shred `{subject}`: this codec does not encrypt"),
         })?;
-        encryption.cache.remove(subject);
         let had = encryption.keys.shred(subject).await?;
         encryption.cache.remove(subject);
         metrics::counter!(crate::metrics::SUBJECTS_SHREDDED).increment(1);
@@ -538,7 +555,7 @@ impl Codec {
                 let mut body = Vec::with_capacity(4 + c.len());
                 body.extend_from_slice(&(plain.len() as u32).to_be_bytes());
                 body.extend_from_slice(&c);
-                metrics::counter!(crate::metrics::PAYLOADS_COMPRESSED).increment(1);
+                self.compressed.increment(1);
                 Cow::Owned(body)
             }
             None => Cow::Borrowed(&plain[..]),
@@ -580,7 +597,7 @@ impl Codec {
             })?;
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&sealed);
-        metrics::counter!(crate::metrics::PAYLOADS_ENCRYPTED).increment(1);
+        self.encrypted.increment(1);
         Ok(Bytes::from(out))
     }
 
@@ -628,13 +645,12 @@ impl Codec {
                 }
             }
         };
-        if envelope.flags & COMPRESSED != 0 {
-            return Ok(decompress(&body, self.max_payload).map(Bytes::from));
-        }
-        Ok(Ok(match body {
-            Cow::Owned(v) => Bytes::from(v),
-            Cow::Borrowed(b) => stored.slice_ref(b),
-        }))
+        Ok(
+            inflate(envelope.flags, body, self.max_payload).map(|json| match json {
+                Cow::Owned(v) => Bytes::from(v),
+                Cow::Borrowed(b) => stored.slice_ref(b),
+            }),
+        )
     }
 
     /// Decodes a recorded event's payload in place; an unreadable one is marked, not failed.

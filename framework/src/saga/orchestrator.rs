@@ -592,21 +592,39 @@ impl SagaOrchestrator {
         result
     }
 
+    /// Ends the saga as completed or compensated. Only the writer whose save wins counts it.
+    async fn finish(&self, saga: &mut Saga, revision: u64, status: SagaStatus) -> Result<Next> {
+        let counters = &self.inner.counters;
+        let (note, counter, metric, message) = if status == SagaStatus::Completed {
+            (
+                "saga_completed",
+                &counters.completed,
+                "keel_sagas_completed_total",
+                "saga completed",
+            )
+        } else {
+            (
+                "saga_compensated",
+                &counters.compensated,
+                "keel_sagas_compensated_total",
+                "saga compensated",
+            )
+        };
+        saga.status = status;
+        saga.note("", note, None);
+        if self.save(saga, revision).await? {
+            counter.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(metric).increment(1);
+            metrics::gauge!("keel_sagas_active").decrement(1.0);
+            tracing::info!(saga = %saga.id, "{message}");
+        }
+        Ok(Next::Again)
+    }
+
     async fn run_step(&self, saga: &mut Saga, revision: u64) -> Result<Next> {
         let index = saga.current;
         if index >= saga.steps.len() {
-            saga.status = SagaStatus::Completed;
-            saga.note("", "saga_completed", None);
-            if self.save(saga, revision).await? {
-                self.inner
-                    .counters
-                    .completed
-                    .fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("keel_sagas_completed_total").increment(1);
-                metrics::gauge!("keel_sagas_active").decrement(1.0);
-                tracing::info!(saga = %saga.id, "saga completed");
-            }
-            return Ok(Next::Again);
+            return self.finish(saga, revision, SagaStatus::Completed).await;
         }
         let step_id = saga.steps[index].id.clone();
         let mut revision = revision;
@@ -666,18 +684,7 @@ impl SagaOrchestrator {
             .rev()
             .find(|&i| saga.states[i] == StepState::Completed)
         else {
-            saga.status = SagaStatus::Compensated;
-            saga.note("", "saga_compensated", None);
-            if self.save(saga, revision).await? {
-                self.inner
-                    .counters
-                    .compensated
-                    .fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("keel_sagas_compensated_total").increment(1);
-                metrics::gauge!("keel_sagas_active").decrement(1.0);
-                tracing::info!(saga = %saga.id, "saga compensated");
-            }
-            return Ok(Next::Again);
+            return self.finish(saga, revision, SagaStatus::Compensated).await;
         };
         let step_id = saga.steps[index].id.clone();
         match self.dispatch(saga, index, true).await {

@@ -51,7 +51,7 @@ pub struct MemoryStore {
 #[derive(Default)]
 struct Inner {
     streams: DashMap<StreamId, StreamLog, foldhash::fast::RandomState>,
-    feed: RwLock<Feed>,
+    feed: RwLock<Chunks>,
     snapshots: DashMap<StreamId, Snapshot>,
     checkpoints: DashMap<String, u64>,
     leases: Mutex<std::collections::HashMap<String, HeldLease>>,
@@ -62,80 +62,42 @@ struct Inner {
     keys: DashMap<String, DataKey>,
 }
 
-/// One stream: its appends, each kept as one shared slice, so loads borrow instead of copy.
+/// Events numbered from 1 (a stream's versions, or the feed's positions), kept as the shared
+/// slices their appends produced, with the number of each slice's first event: loads lend the
+/// slices, and the feed shares them with the streams instead of copying.
 #[derive(Default)]
-struct StreamLog {
-    chunks: Vec<Arc<[RecordedEvent]>>,
-    len: u64,
-}
-
-impl StreamLog {
-    /// The chunk holding `version` and the offset in it.
-    fn locate(&self, version: u64) -> Option<(usize, usize)> {
-        let version = version.max(1);
-        if version > self.len {
-            return None;
-        }
-        let chunk = self.chunks.partition_point(|c| c[0].version <= version) - 1;
-        Some((chunk, (version - self.chunks[chunk][0].version) as usize))
-    }
-
-    /// Up to `max` events from `version`, copied out.
-    fn copy_from(&self, version: u64, max: usize) -> Vec<RecordedEvent> {
-        let Some((chunk, offset)) = self.locate(version) else {
-            return Vec::new();
-        };
-        let mut out = Vec::with_capacity(max.min((self.len - version.max(1) + 1) as usize));
-        for (i, c) in self.chunks[chunk..].iter().enumerate() {
-            let skip = if i == 0 { offset } else { 0 };
-            for e in &c[skip..] {
-                if out.len() == max {
-                    return out;
-                }
-                out.push(e.clone());
-            }
-        }
-        out
-    }
-
-    /// The shared chunks from `version` on.
-    fn pages_from(&self, version: u64) -> Vec<EventPage> {
-        let Some((chunk, offset)) = self.locate(version) else {
-            return Vec::new();
-        };
-        self.chunks[chunk..]
-            .iter()
-            .enumerate()
-            .map(|(i, c)| EventPage::new(c.clone(), if i == 0 { offset } else { 0 }))
-            .collect()
-    }
-}
-
-/// The feed: the same shared slices as the streams', in commit order, with the position of
-/// each slice's first event.
-#[derive(Default)]
-struct Feed {
+struct Chunks {
     chunks: Vec<Arc<[RecordedEvent]>>,
     starts: Vec<u64>,
     len: u64,
 }
 
-impl Feed {
+/// One stream's events, by version.
+type StreamLog = Chunks;
+
+impl Chunks {
     fn push(&mut self, chunk: Arc<[RecordedEvent]>) {
         self.starts.push(self.len + 1);
         self.len += chunk.len() as u64;
         self.chunks.push(chunk);
     }
 
-    /// Up to `max` events from `position`, copied out.
-    fn copy_from(&self, position: u64, max: usize) -> Vec<RecordedEvent> {
-        let position = position.max(1);
-        if position > self.len {
-            return Vec::new();
+    /// The slice holding event `n` and the offset in it.
+    fn locate(&self, n: u64) -> Option<(usize, usize)> {
+        let n = n.max(1);
+        if n > self.len {
+            return None;
         }
-        let first = self.starts.partition_point(|&s| s <= position) - 1;
-        let mut skip = (position - self.starts[first]) as usize;
-        let mut out = Vec::with_capacity(max.min((self.len - position + 1) as usize));
+        let chunk = self.starts.partition_point(|&s| s <= n) - 1;
+        Some((chunk, (n - self.starts[chunk]) as usize))
+    }
+
+    /// Up to `max` events from event `n`, copied out.
+    fn copy_from(&self, n: u64, max: usize) -> Vec<RecordedEvent> {
+        let Some((first, mut skip)) = self.locate(n) else {
+            return Vec::new();
+        };
+        let mut out = Vec::with_capacity(max.min((self.len - n.max(1) + 1) as usize));
         for chunk in &self.chunks[first..] {
             let take = (max - out.len()).min(chunk.len() - skip);
             out.extend_from_slice(&chunk[skip..skip + take]);
@@ -145,6 +107,18 @@ impl Feed {
             skip = 0;
         }
         out
+    }
+
+    /// The shared slices from event `n` on.
+    fn pages_from(&self, n: u64) -> Vec<EventPage> {
+        let Some((first, offset)) = self.locate(n) else {
+            return Vec::new();
+        };
+        self.chunks[first..]
+            .iter()
+            .enumerate()
+            .map(|(i, c)| EventPage::new(c.clone(), if i == 0 { offset } else { 0 }))
+            .collect()
     }
 }
 
@@ -243,8 +217,7 @@ impl EventStore for MemoryStore {
             })
             .collect();
         feed.push(recorded.clone());
-        entry.chunks.push(recorded);
-        entry.len += count;
+        entry.push(recorded);
         Ok(AppendResult {
             first_version: current + 1,
             last_version: current + count,

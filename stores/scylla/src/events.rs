@@ -109,13 +109,10 @@ impl Lwt {
     }
 
     pub(crate) fn bigint(&self, name: &str) -> Option<i64> {
-        self.columns
-            .iter()
-            .find(|(n, _)| n == name)
-            .and_then(|(_, v)| match v {
-                Some(CqlValue::BigInt(i)) => Some(*i),
-                _ => None,
-            })
+        match self.column(name) {
+            Some(CqlValue::BigInt(i)) => Some(*i),
+            _ => None,
+        }
     }
 }
 
