@@ -107,6 +107,34 @@ pub(crate) fn intern(name: &'static str) -> Arc<str> {
         .unwrap_or_else(|_| Arc::from(name))
 }
 
+/// `value` as JSON in bytes of exactly its length.
+///
+/// `serde_json::to_vec` leaves spare capacity, and `Bytes` then needs a second allocation to
+/// share such a buffer; writing into a per-thread buffer and copying out the few bytes gives
+/// one allocation of the right size.
+pub(crate) fn encode_json<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<Bytes> {
+    thread_local! {
+        static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    /// Buffers grown past this by a large payload are not kept.
+    const KEEP: usize = 64 * 1024;
+    BUFFER
+        .try_with(|buffer| {
+            let Ok(mut buffer) = buffer.try_borrow_mut() else {
+                // Re-entered from a `Serialize` impl that encodes an event itself.
+                return serde_json::to_vec(value).map(Bytes::from);
+            };
+            buffer.clear();
+            let written = serde_json::to_writer(&mut *buffer, value);
+            let bytes = written.map(|()| Bytes::copy_from_slice(&buffer));
+            if buffer.capacity() > KEEP {
+                *buffer = Vec::new();
+            }
+            bytes
+        })
+        .unwrap_or_else(|_| serde_json::to_vec(value).map(Bytes::from))
+}
+
 impl fmt::Display for StreamId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -258,7 +286,7 @@ impl NewEvent {
 
     /// Encodes a domain event as JSON.
     pub fn encode<E: DomainEvent>(event: &E, metadata: Metadata) -> Result<Self> {
-        let payload = serde_json::to_vec(event).map_err(|e| Error::Encode {
+        let payload = encode_json(event).map_err(|e| Error::Encode {
             what: format!("event `{}`", event.event_type()),
             reason: e.to_string(),
         })?;
@@ -266,7 +294,7 @@ impl NewEvent {
             event_id: Uuid::new_v4(),
             event_type: intern(event.event_type()),
             schema_version: event.schema_version(),
-            payload: Bytes::from(payload),
+            payload,
             metadata,
         })
     }
@@ -371,4 +399,31 @@ pub struct AppendResult {
     pub first_version: u64,
     /// Version of the last appended event: the stream's version now.
     pub last_version: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A value whose `Serialize` encodes another value with the same per-thread buffer.
+    struct Nested(u32);
+
+    impl Serialize for Nested {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+            let inner = encode_json(&self.0).map_err(serde::ser::Error::custom)?;
+            s.serialize_str(std::str::from_utf8(&inner).map_err(serde::ser::Error::custom)?)
+        }
+    }
+
+    #[test]
+    fn encoded_json_is_exact_and_survives_reentry_and_large_values() {
+        let small = encode_json(&vec![1, 2, 3]).unwrap();
+        assert_eq!(&small[..], b"[1,2,3]");
+        // Re-entered from a Serialize impl: the inner value takes another buffer.
+        assert_eq!(&encode_json(&Nested(42)).unwrap()[..], b"\"42\"");
+        // Past the kept size, and the next small value still comes out alone.
+        let large = "x".repeat(100_000);
+        assert_eq!(encode_json(&large).unwrap().len(), large.len() + 2);
+        assert_eq!(&encode_json(&7).unwrap()[..], b"7");
+    }
 }

@@ -345,10 +345,10 @@ impl<A: Aggregate> Repository<A> {
         events: &[A::Event],
         metadata: &Metadata,
     ) -> Result<AppendResult> {
-        let encoded = events
-            .iter()
-            .map(|e| NewEvent::encode(e, metadata.clone()))
-            .collect::<Result<Vec<_>>>()?;
+        let mut encoded = Vec::with_capacity(events.len());
+        for event in events {
+            encoded.push(NewEvent::encode(event, metadata.clone())?);
+        }
         let span = tracing::debug_span!("keel.append", aggregate = A::TYPE, stream = %stream,
             expected = %expected, events = events.len(), version = tracing::field::Empty,
             event_type = events.first().map(crate::event::DomainEvent::event_type),

@@ -102,12 +102,16 @@ where
         };
         // The handler runs with the dispatch's metadata in scope, so a repository it calls
         // stamps the events with it even when the handler does not pass it on.
-        Box::pin(DISPATCH.scope(scope, async move {
-            match AssertUnwindSafe(fut).catch_unwind().await {
+        //
+        // Combinators rather than an `async` block: a block would hold the handler's future
+        // twice (as captured and as awaited), and a smaller box is a cheaper allocation.
+        let fut = AssertUnwindSafe(fut)
+            .catch_unwind()
+            .map(|outcome| match outcome {
                 Ok(out) => out.map(|o| Arc::new(o) as Reply),
                 Err(panic) => Err(panicked(message::short_type_name::<M>(), panic)),
-            }
-        }))
+            });
+        Box::pin(DISPATCH.scope(scope, fut))
     }
 }
 

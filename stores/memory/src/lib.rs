@@ -51,7 +51,7 @@ pub struct MemoryStore {
 #[derive(Default)]
 struct Inner {
     streams: DashMap<StreamId, StreamLog, foldhash::fast::RandomState>,
-    feed: RwLock<Chunks>,
+    feed: RwLock<Chunks<ByPosition>>,
     snapshots: DashMap<StreamId, Snapshot>,
     checkpoints: DashMap<String, u64>,
     leases: Mutex<std::collections::HashMap<String, HeldLease>>,
@@ -63,21 +63,55 @@ struct Inner {
 }
 
 /// Events numbered from 1 (a stream's versions, or the feed's positions), kept as the shared
-/// slices their appends produced, with the number of each slice's first event: loads lend the
-/// slices, and the feed shares them with the streams instead of copying.
-#[derive(Default)]
-struct Chunks {
+/// slices their appends produced: loads lend the slices, and the feed shares them with the
+/// streams instead of copying. Each slice's first number is read from its first event, so a
+/// stream that is read from its start touches nothing but the slices.
+struct Chunks<N> {
     chunks: Vec<Arc<[RecordedEvent]>>,
-    starts: Vec<u64>,
     len: u64,
+    numbering: std::marker::PhantomData<N>,
+}
+
+/// How a [`Chunks`] numbers its events.
+trait Numbering {
+    /// The number of `event` in this sequence.
+    fn number(event: &RecordedEvent) -> u64;
+}
+
+/// A stream's events, numbered by version.
+struct ByVersion;
+
+impl Numbering for ByVersion {
+    fn number(event: &RecordedEvent) -> u64 {
+        event.version
+    }
+}
+
+/// The feed, numbered by position (which the memory store gives every event it records).
+struct ByPosition;
+
+impl Numbering for ByPosition {
+    fn number(event: &RecordedEvent) -> u64 {
+        event.position.unwrap_or(0)
+    }
 }
 
 /// One stream's events, by version.
-type StreamLog = Chunks;
+type StreamLog = Chunks<ByVersion>;
 
-impl Chunks {
+impl<N> Default for Chunks<N> {
+    fn default() -> Self {
+        Chunks {
+            chunks: Vec::new(),
+            len: 0,
+            numbering: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<N: Numbering> Chunks<N> {
+    /// Adds the events of one append (never empty).
     fn push(&mut self, chunk: Arc<[RecordedEvent]>) {
-        self.starts.push(self.len + 1);
         self.len += chunk.len() as u64;
         self.chunks.push(chunk);
     }
@@ -88,8 +122,11 @@ impl Chunks {
         if n > self.len {
             return None;
         }
-        let chunk = self.starts.partition_point(|&s| s <= n) - 1;
-        Some((chunk, (n - self.starts[chunk]) as usize))
+        if n == 1 {
+            return Some((0, 0));
+        }
+        let chunk = self.chunks.partition_point(|c| N::number(&c[0]) <= n) - 1;
+        Some((chunk, (n - N::number(&self.chunks[chunk][0])) as usize))
     }
 
     /// Up to `max` events from event `n`, copied out.
@@ -109,16 +146,19 @@ impl Chunks {
         out
     }
 
-    /// The shared slices from event `n` on.
-    fn pages_from(&self, n: u64) -> Vec<EventPage> {
+    /// The shared slices from event `n` on, as a stream of pages.
+    fn pages_from(&self, n: u64) -> PageStream<'static> {
         let Some((first, offset)) = self.locate(n) else {
-            return Vec::new();
+            return Box::pin(stream::empty());
         };
-        self.chunks[first..]
-            .iter()
-            .enumerate()
-            .map(|(i, c)| EventPage::new(c.clone(), if i == 0 { offset } else { 0 }))
-            .collect()
+        let page =
+            |i: usize| EventPage::new(self.chunks[i].clone(), if i == first { offset } else { 0 });
+        if first + 1 == self.chunks.len() {
+            // The common case of a short stream: no list of pages to allocate.
+            return Box::pin(stream::once(std::future::ready(Ok(page(first)))));
+        }
+        let pages: Vec<_> = (first..self.chunks.len()).map(|i| Ok(page(i))).collect();
+        Box::pin(stream::iter(pages))
     }
 }
 
@@ -235,9 +275,7 @@ impl EventStore for MemoryStore {
     fn read_stream_pages<'a>(&'a self, stream: &'a StreamId, from_version: u64) -> PageStream<'a> {
         // Taken at once: lending the shared slices needs no waiting.
         match self.inner.streams.get(stream) {
-            Some(log) => Box::pin(stream::iter(
-                log.pages_from(from_version).into_iter().map(Ok),
-            )),
+            Some(log) => log.pages_from(from_version),
             None => Box::pin(stream::empty()),
         }
     }
