@@ -143,17 +143,32 @@ impl LeaseStore for KeelScylla {
 #[async_trait]
 impl SnapshotStore for KeelScylla {
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
-        // Snapshots are derivable data: plain writes, one row per version, newest first.
+        // Snapshots are derivable data: plain writes, newest first. Only the newest is ever
+        // read, so the same one-partition batch (one round trip, applied together) drops the
+        // older ones with a range delete instead of letting a long-lived stream's partition
+        // collect a full state per snapshot. A late save of an older snapshot leaves a newer
+        // one in place (its delete only covers versions below its own).
+        let mut batch = Batch::new(BatchType::Unlogged);
+        batch.append_statement(self.shared.st.save_snapshot.clone());
+        batch.append_statement(self.shared.st.prune_snapshots.clone());
+        if let Some(level) = self.shared.st.save_snapshot.get_consistency() {
+            batch.set_consistency(level);
+        }
+        let stream = snapshot.stream.as_str();
+        let version = snapshot.version as i64;
         self.shared
             .session
-            .execute_unpaged(
-                &self.shared.st.save_snapshot,
+            .batch(
+                &batch,
                 (
-                    snapshot.stream.as_str(),
-                    snapshot.version as i64,
-                    snapshot.schema_version as i32,
-                    &snapshot.payload[..],
-                    CqlTimestamp(snapshot.taken_at),
+                    (
+                        stream,
+                        version,
+                        snapshot.schema_version as i32,
+                        &snapshot.payload[..],
+                        CqlTimestamp(snapshot.taken_at),
+                    ),
+                    (stream, version),
                 ),
             )
             .await

@@ -619,6 +619,7 @@ pub(crate) struct Statements {
     pub(crate) insert_progress: PreparedStatement,
     pub(crate) read_progress: PreparedStatement,
     pub(crate) save_snapshot: PreparedStatement,
+    pub(crate) prune_snapshots: PreparedStatement,
     pub(crate) load_snapshot: PreparedStatement,
     pub(crate) save_checkpoint: PreparedStatement,
     pub(crate) load_checkpoint: PreparedStatement,
@@ -720,6 +721,7 @@ impl Statements {
             save_snapshot: prep(format!(
                 "INSERT INTO {ks}.snapshots (stream, version, schema_version, payload, taken_at) VALUES (?, ?, ?, ?, ?)"
             )).await?,
+            prune_snapshots: prep(format!("DELETE FROM {ks}.snapshots WHERE stream = ? AND version < ?")).await?,
             load_snapshot: prep(format!(
                 "SELECT version, schema_version, payload, taken_at FROM {ks}.snapshots WHERE stream = ? LIMIT 1"
             )).await?,

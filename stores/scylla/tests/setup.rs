@@ -267,3 +267,55 @@ async fn data_keys_are_stored_wrapped_and_open_only_with_their_master_key() {
     );
     assert_eq!(same.find_key("alice").await.unwrap(), None);
 }
+
+#[tokio::test]
+async fn a_new_snapshot_replaces_the_older_ones_of_its_stream() {
+    use keel::{Snapshot, SnapshotStore};
+    let keyspace = common::fresh_keyspace("keel_snapshots");
+    let store = common::open(common::builder(&keyspace).feeder(false)).await;
+    let snapshot = |stream: &str, version: u64| Snapshot {
+        stream: StreamId::new(stream),
+        version,
+        schema_version: 1,
+        payload: format!("{{\"at\":{version}}}").into_bytes().into(),
+        taken_at: 1_000 + version as i64,
+    };
+    for version in [10, 20, 30] {
+        store.save_snapshot(snapshot("a", version)).await.unwrap();
+    }
+    store.save_snapshot(snapshot("b", 5)).await.unwrap();
+    // A late save of an older snapshot does not remove the newer one.
+    store.save_snapshot(snapshot("a", 25)).await.unwrap();
+
+    let versions = |stream: &'static str| {
+        let store = &store;
+        let keyspace = &keyspace;
+        async move {
+            let rows = store
+                .session()
+                .query_unpaged(
+                    format!("SELECT version FROM {keyspace}.snapshots WHERE stream = '{stream}'"),
+                    (),
+                )
+                .await
+                .unwrap()
+                .into_rows_result()
+                .unwrap();
+            rows.rows::<(i64,)>()
+                .unwrap()
+                .map(|r| r.unwrap().0)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(versions("a").await, vec![30, 25], "30 pruned 10 and 20");
+    assert_eq!(versions("b").await, vec![5], "other streams keep theirs");
+    let latest = store
+        .load_snapshot(&StreamId::new("a"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (latest.version, &latest.payload[..]),
+        (30, &b"{\"at\":30}"[..])
+    );
+}
