@@ -85,8 +85,14 @@ pub trait KeyStore: Send + Sync + 'static {
     /// The subject's key, if it has one (`None` once shredded, until a new one is created).
     async fn find_key(&self, subject: &str) -> Result<Option<DataKey>>;
 
-    /// Deletes the subject's key. Returns whether there was one.
+    /// Deletes the subject's key, first recording its id as shredded (see
+    /// [`was_shredded`](KeyStore::was_shredded)). Returns whether there was one.
     async fn shred(&self, subject: &str) -> Result<bool>;
+
+    /// Whether the key with this id was shredded. Stores keep the ids of shredded keys (random
+    /// UUIDs: never the subjects, which may themselves be personal data), so that a reader can
+    /// tell a payload whose key was shredded from one whose key reference was altered.
+    async fn was_shredded(&self, key_id: Uuid) -> Result<bool>;
 }
 
 /// A key-encryption key: wraps data keys (AES-256-GCM, bound to the subject and key id) so a

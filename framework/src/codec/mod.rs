@@ -337,7 +337,17 @@ struct Encryption {
     keys: Arc<dyn KeyStore>,
     subject: Arc<SubjectFn>,
     cache: DashMap<String, (DataKey, Instant)>,
+    /// Ids of keys known to be shredded: shredding is for good, so these never go stale.
+    shredded: DashMap<Uuid, ()>,
     ttl: Duration,
+}
+
+/// Why a sealed payload's key reference leads to no key.
+enum Missing {
+    /// Its key was shredded.
+    Shredded,
+    /// No such key, and none with that id was shredded: the reference was altered.
+    Unknown,
 }
 
 impl Encryption {
@@ -369,17 +379,36 @@ impl Encryption {
         Ok(key)
     }
 
-    /// The key with id `id`, if the subject still has it.
-    async fn opening_key(&self, subject: &str, id: Uuid) -> Result<Option<DataKey>> {
+    /// The key with id `id` of `subject`, or why there is none.
+    async fn opening_key(
+        &self,
+        subject: &str,
+        id: Uuid,
+    ) -> Result<std::result::Result<DataKey, Missing>> {
         if let Some(key) = self.cached(subject).filter(|k| k.id() == id) {
-            return Ok(Some(key));
+            return Ok(Ok(key));
         }
-        let Some(key) = self.keys.find_key(subject).await? else {
-            self.cache.remove(subject);
-            return Ok(None);
-        };
-        self.remember(subject, &key);
-        Ok((key.id() == id).then_some(key))
+        if self.shredded.contains_key(&id) {
+            return Ok(Err(Missing::Shredded));
+        }
+        match self.keys.find_key(subject).await? {
+            Some(key) if key.id() == id => {
+                self.remember(subject, &key);
+                return Ok(Ok(key));
+            }
+            Some(key) => self.remember(subject, &key),
+            None => {
+                self.cache.remove(subject);
+            }
+        }
+        if !self.keys.was_shredded(id).await? {
+            return Ok(Err(Missing::Unknown));
+        }
+        if self.shredded.len() >= KEY_CACHE_CAPACITY {
+            self.shredded.clear();
+        }
+        self.shredded.insert(id, ());
+        Ok(Err(Missing::Shredded))
     }
 }
 
@@ -461,6 +490,7 @@ impl CodecBuilder {
                 keys,
                 subject,
                 cache: DashMap::new(),
+                shredded: DashMap::new(),
                 ttl: self.ttl,
             }),
             compressed: metrics::counter!(crate::metrics::PAYLOADS_COMPRESSED),
@@ -623,10 +653,20 @@ impl Codec {
                         subject: subject.to_owned(),
                     }));
                 };
-                let Some(key) = encryption.opening_key(subject, key_id).await? else {
-                    return Ok(Err(Unreadable::Shredded {
-                        subject: subject.to_owned(),
-                    }));
+                let key = match encryption.opening_key(subject, key_id).await? {
+                    Ok(key) => key,
+                    Err(Missing::Shredded) => {
+                        return Ok(Err(Unreadable::Shredded {
+                            subject: subject.to_owned(),
+                        }))
+                    }
+                    Err(Missing::Unknown) => {
+                        return Ok(Err(Unreadable::Tampered {
+                            reason: format!(
+                                "subject `{subject}` has no key {key_id}, and no key with that id was shredded (the key reference was altered)"
+                            ),
+                        }))
+                    }
                 };
                 let aad = context.aad(envelope.header);
                 match key.cipher().decrypt(

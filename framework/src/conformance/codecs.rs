@@ -73,15 +73,20 @@ pub async fn keys_are_stable_per_subject<S: CodecHost>(store: Arc<S>) {
     assert_ne!(other.material(), keys[0].material());
 }
 
-/// Shredding deletes the key; a key made afterwards is a new one.
+/// Shredding deletes the key and records its id as shredded; a key made afterwards is a new
+/// one.
 pub async fn shredding_deletes_the_key<S: CodecHost>(store: Arc<S>) {
     let s = subject();
     let first = store.key_for(&s).await.unwrap();
+    assert!(!store.was_shredded(first.id()).await.unwrap());
     assert!(store.shred(&s).await.unwrap(), "there was a key");
     assert_eq!(store.find_key(&s).await.unwrap(), None);
+    assert!(store.was_shredded(first.id()).await.unwrap());
     assert!(!store.shred(&s).await.unwrap(), "nothing left to shred");
     let second = store.key_for(&s).await.unwrap();
     assert_ne!(second.id(), first.id());
+    assert!(!store.was_shredded(second.id()).await.unwrap());
+    assert!(!store.was_shredded(uuid::Uuid::new_v4()).await.unwrap());
 }
 
 /// Through each codec, events (by stream, by page, from the feed), snapshots and aggregates
@@ -331,9 +336,9 @@ impl Projection for Totals {
     }
 }
 
-/// An altered ciphertext, a payload copied onto another event, a truncated envelope and a
-/// compressed payload claiming an absurd size are typed errors naming the event; reading goes
-/// on past them and nothing panics.
+/// An altered ciphertext, a payload copied onto another event, a truncated envelope, a
+/// compressed payload claiming an absurd size and an altered key reference (key id or subject)
+/// are typed errors naming the event; reading goes on past them and nothing panics.
 pub async fn tampered_payloads_are_detected<S: CodecHost>(store: Arc<S>) {
     let codec = Codec::builder()
         .compress_above(64)
@@ -358,6 +363,19 @@ pub async fn tampered_payloads_are_detected<S: CodecHost>(store: Arc<S>) {
     };
     let mut claims_4gib = vec![0u8, 1, 1, 0xff, 0xff, 0xff, 0xff];
     claims_4gib.extend_from_slice(&[0x10; 32]);
+    // The key reference altered: another key id, or another subject (one letter changed).
+    let key_id = store.find_key(stream.as_str()).await.unwrap().unwrap().id();
+    let altered = |find: &[u8]| {
+        let at = sealed
+            .windows(find.len())
+            .position(|w| w == find)
+            .expect("the envelope holds the key reference");
+        let mut changed = sealed.to_vec();
+        changed[at + find.len() - 1] ^= 0x01;
+        Bytes::from(changed)
+    };
+    let other_key = altered(key_id.as_bytes());
+    let other_subject = altered(stream.as_str().as_bytes());
     store
         .append(
             &stream,
@@ -366,6 +384,8 @@ pub async fn tampered_payloads_are_detected<S: CodecHost>(store: Arc<S>) {
                 bad(Bytes::from(flipped)),
                 bad(sealed.slice(..12)),
                 bad(Bytes::from(claims_4gib)),
+                bad(other_key),
+                bad(other_subject),
             ],
         )
         .await
@@ -377,7 +397,7 @@ pub async fn tampered_payloads_are_detected<S: CodecHost>(store: Arc<S>) {
         .unwrap();
 
     let read: Vec<RecordedEvent> = encoded.read_stream(&stream, 1).try_collect().await.unwrap();
-    assert_eq!(read.len(), 4, "reading goes on past unreadable events");
+    assert_eq!(read.len(), 6, "reading goes on past unreadable events");
     assert_eq!(read[0].payload, original.payload);
     let kinds: Vec<&str> = read[1..]
         .iter()
@@ -405,7 +425,11 @@ pub async fn tampered_payloads_are_detected<S: CodecHost>(store: Arc<S>) {
             kind
         })
         .collect();
-    assert_eq!(kinds, ["tampered", "corrupt", "corrupt"]);
+    // An altered key reference is not mistaken for a shredded key (projections skip those).
+    assert_eq!(
+        kinds,
+        ["tampered", "corrupt", "corrupt", "tampered", "tampered"]
+    );
 
     let copied: Vec<RecordedEvent> = encoded.read_stream(&moved, 1).try_collect().await.unwrap();
     assert!(

@@ -60,6 +60,8 @@ struct Inner {
     dead_letters: DashMap<String, Vec<DeadLetter>>,
     sagas: DashMap<String, SagaRecord>,
     keys: DashMap<String, DataKey>,
+    /// Ids of shredded keys (never their subjects).
+    shredded_keys: DashMap<uuid::Uuid, ()>,
 }
 
 /// Events numbered from 1 (a stream's versions, or the feed's positions), kept as the shared
@@ -496,6 +498,19 @@ impl KeyStore for MemoryStore {
     }
 
     async fn shred(&self, subject: &str) -> Result<bool> {
-        Ok(self.inner.keys.remove(subject).is_some())
+        let Some(id) = self.inner.keys.get(subject).map(|k| k.id()) else {
+            return Ok(false);
+        };
+        // Recorded before the key goes, so a reader never finds neither.
+        self.inner.shredded_keys.insert(id, ());
+        Ok(self
+            .inner
+            .keys
+            .remove_if(subject, |_, key| key.id() == id)
+            .is_some())
+    }
+
+    async fn was_shredded(&self, key_id: uuid::Uuid) -> Result<bool> {
+        Ok(self.inner.shredded_keys.contains_key(&key_id))
     }
 }

@@ -1,6 +1,7 @@
 //! The key store for payload encryption: one row per subject in `keys`, the data key wrapped
 //! with the builder's master key. Every write is conditional, so of concurrent creators one
-//! key wins and all of them use it; shredding deletes the row.
+//! key wins and all of them use it; shredding deletes the row and records the key's id (not
+//! its subject) in `shredded_keys`.
 
 use async_trait::async_trait;
 use keel::codec::{DataKey, KeyStore, MasterKey};
@@ -82,13 +83,44 @@ impl KeyStore for KeelScylla {
     async fn shred(&self, subject: &str) -> Result<bool> {
         let shared = &self.shared;
         let op = || format!("shred subject `{subject}`");
+        let rows = shared
+            .select(&shared.st.key_id_read, (subject,), op())
+            .await?;
+        let Some((key_id,)) = rows
+            .maybe_first_row::<(Uuid,)>()
+            .map_err(|e| store_err(op(), e))?
+        else {
+            return Ok(false);
+        };
+        // The id is recorded as shredded before the key goes, so a reader never finds neither;
+        // the delete is conditional on that id, so a key created meanwhile is not taken with it.
+        shared
+            .session
+            .execute_unpaged(
+                &shared.st.shredded_insert,
+                (key_id, CqlTimestamp(keel::event::now_millis())),
+            )
+            .await
+            .map_err(|e| store_err(op(), e))?;
         let result = shared
             .session
-            .execute_unpaged(&shared.st.key_delete, (subject,))
+            .execute_unpaged(&shared.st.key_delete, (subject, key_id))
             .await
             .map_err(|e| store_err(op(), e))?;
         let lwt =
             Lwt::from_result(result).map_err(|r| store_err(op(), std::io::Error::other(r)))?;
         Ok(lwt.applied)
+    }
+
+    async fn was_shredded(&self, key_id: Uuid) -> Result<bool> {
+        let op = || format!("look up shredded key {key_id}");
+        let rows = self
+            .shared
+            .select(&self.shared.st.shredded_read, (key_id,), op())
+            .await?;
+        Ok(rows
+            .maybe_first_row::<(Uuid,)>()
+            .map_err(|e| store_err(op(), e))?
+            .is_some())
     }
 }

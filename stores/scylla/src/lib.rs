@@ -645,6 +645,9 @@ pub(crate) struct Statements {
     pub(crate) key_insert: PreparedStatement,
     pub(crate) key_read: PreparedStatement,
     pub(crate) key_delete: PreparedStatement,
+    pub(crate) key_id_read: PreparedStatement,
+    pub(crate) shredded_insert: PreparedStatement,
+    pub(crate) shredded_read: PreparedStatement,
     pub(crate) append_timeout: Duration,
 }
 
@@ -768,7 +771,10 @@ impl Statements {
                 "INSERT INTO {ks}.keys (subject, key_id, wrapped, created_at) VALUES (?, ?, ?, ?) IF NOT EXISTS"
             )).await?),
             key_read: serial_select(prep(format!("SELECT key_id, wrapped FROM {ks}.keys WHERE subject = ?")).await?),
-            key_delete: lwt(prep(format!("DELETE FROM {ks}.keys WHERE subject = ? IF EXISTS")).await?),
+            key_delete: lwt(prep(format!("DELETE FROM {ks}.keys WHERE subject = ? IF key_id = ?")).await?),
+            key_id_read: serial_select(prep(format!("SELECT key_id FROM {ks}.keys WHERE subject = ?")).await?),
+            shredded_insert: prep(format!("INSERT INTO {ks}.shredded_keys (key_id, shredded_at) VALUES (?, ?)")).await?,
+            shredded_read: prep(format!("SELECT key_id FROM {ks}.shredded_keys WHERE key_id = ?")).await?,
             append_timeout: cfg.append_timeout,
         })
     }

@@ -175,6 +175,12 @@ const TABLES: &[(&str, &str)] = &[
         )",
     ),
     (
+        "shredded_keys",
+        "CREATE TABLE IF NOT EXISTS {ks}.shredded_keys (
+            key_id uuid PRIMARY KEY, shredded_at timestamp
+        )",
+    ),
+    (
         "keel_schema",
         "CREATE TABLE IF NOT EXISTS {ks}.keel_schema (
             id int PRIMARY KEY, version int, bucket_size bigint, feed_bucket_size bigint
