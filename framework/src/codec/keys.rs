@@ -74,7 +74,7 @@ impl PartialEq for DataKey {
 /// Where subjects' data keys live. Deleting a key ([`shred`](KeyStore::shred)) makes every
 /// payload sealed with it unreadable for good: crypto-shredding.
 ///
-/// `keel-memory` and `keel-scylla` implement it; the conformance suite's `keys` section
+/// `keel-memory` and `keel-scylla` implement it; the conformance suite's `codecs` section
 /// checks an implementation.
 #[async_trait]
 pub trait KeyStore: Send + Sync + 'static {
