@@ -23,15 +23,115 @@ impl Shared {
         })
     }
 
-    async fn read_key(&self, subject: &str) -> Result<Option<DataKey>> {
-        let master = self.master_key(subject)?;
+    /// Opens a stored key with the current master key or, after a rotation, a previous one;
+    /// also tells whether it took a previous one.
+    fn unwrap_key(&self, subject: &str, id: Uuid, wrapped: &[u8]) -> Result<(DataKey, bool)> {
+        let current = self.master_key(subject)?.unwrap_key(subject, id, wrapped);
+        if current.is_ok() || self.previous_master_keys.is_empty() {
+            return current.map(|key| (key, false));
+        }
+        self.previous_master_keys
+            .iter()
+            .find_map(|master| master.unwrap_key(subject, id, wrapped).ok())
+            .map(|key| (key, true))
+            .ok_or_else(|| keel::Error::Config {
+                field: "master_key".to_owned(),
+                reason: format!(
+                    "the data key of subject `{subject}` opens with neither the master key nor any previous master key (wrong keys, or the stored key was altered)"
+                ),
+            })
+    }
+
+    /// The subject's row at SERIAL: key id and wrapped key.
+    async fn read_row(&self, subject: &str) -> Result<Option<(Uuid, Vec<u8>)>> {
         let op = || format!("read the key of subject `{subject}`");
         let rows = self.select(&self.st.key_read, (subject,), op()).await?;
-        let row = rows
-            .maybe_first_row::<(Uuid, Vec<u8>)>()
-            .map_err(|e| store_err(op(), e))?;
-        row.map(|(id, wrapped)| master.unwrap_key(subject, id, &wrapped))
+        rows.maybe_first_row::<(Uuid, Vec<u8>)>()
+            .map_err(|e| store_err(op(), e))
+    }
+
+    async fn read_key(&self, subject: &str) -> Result<Option<DataKey>> {
+        self.master_key(subject)?;
+        let row = self.read_row(subject).await?;
+        row.map(|(id, wrapped)| self.unwrap_key(subject, id, &wrapped).map(|(key, _)| key))
             .transpose()
+    }
+}
+
+/// What [`KeelScylla::rewrap_keys`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rewrapped {
+    /// Keys looked at.
+    pub scanned: u64,
+    /// Keys that were wrapped by a previous master key and now are by the current one.
+    pub rewrapped: u64,
+    /// Subjects whose key opens with none of the master keys given (left as they are).
+    pub unopenable: Vec<String>,
+}
+
+impl KeelScylla {
+    /// Master key rotation: re-wraps every data key that a
+    /// [previous master key](crate::KeelScyllaBuilder::previous_master_keys) wrapped with the
+    /// current [master key](crate::KeelScyllaBuilder::master_key). The data keys themselves
+    /// do not change, so no event is rewritten and every payload stays readable throughout.
+    ///
+    /// Each row is replaced with a conditional update (`IF key_id = .. AND wrapped = ..`): a
+    /// key shredded or rewrapped meanwhile is left alone. Run it again until `rewrapped` is 0;
+    /// then the previous master keys can be dropped from the configuration. Keys that open
+    /// with none of the master keys are listed in `unopenable` and left as they are.
+    pub async fn rewrap_keys(&self) -> Result<Rewrapped> {
+        use futures::TryStreamExt;
+        let shared = &self.shared;
+        let master = shared
+            .master_key
+            .as_ref()
+            .ok_or_else(|| keel::Error::Config {
+                field: "master_key".to_owned(),
+                reason: "rewrapping the data keys needs the new master key: set it with `KeelScyllaBuilder::master_key`, the old ones with `previous_master_keys`".to_owned(),
+            })?;
+        let op = "scan the data keys for rewrapping";
+        let mut rows = shared
+            .session
+            .execute_iter(shared.st.key_scan.clone(), ())
+            .await
+            .map_err(|e| store_err(op, e))?
+            .rows_stream::<(String, Uuid, Vec<u8>)>()
+            .map_err(|e| store_err(op, e))?;
+        let mut done = Rewrapped::default();
+        while let Some((subject, id, wrapped)) =
+            rows.try_next().await.map_err(|e| store_err(op, e))?
+        {
+            done.scanned += 1;
+            let key = match shared.unwrap_key(&subject, id, &wrapped) {
+                Ok((_, false)) => continue,
+                Ok((key, true)) => key,
+                Err(_) => {
+                    done.unopenable.push(subject);
+                    continue;
+                }
+            };
+            let op = || format!("rewrap the key of subject `{subject}`");
+            let result = shared
+                .session
+                .execute_unpaged(
+                    &shared.st.key_rewrap,
+                    (master.wrap_key(&subject, &key), &subject, id, &wrapped),
+                )
+                .await
+                .map_err(|e| store_err(op(), e))?;
+            let lwt =
+                Lwt::from_result(result).map_err(|r| store_err(op(), std::io::Error::other(r)))?;
+            if lwt.applied {
+                done.rewrapped += 1;
+            }
+        }
+        tracing::info!(
+            scanned = done.scanned,
+            rewrapped = done.rewrapped,
+            unopenable = done.unopenable.len(),
+            "data keys rewrapped"
+        );
+        Ok(done)
     }
 }
 
@@ -64,7 +164,7 @@ impl KeyStore for KeelScylla {
         }
         match (lwt.column("key_id"), lwt.column("wrapped")) {
             (Some(CqlValue::Uuid(id)), Some(CqlValue::Blob(wrapped))) => {
-                master.unwrap_key(subject, *id, wrapped)
+                shared.unwrap_key(subject, *id, wrapped).map(|(key, _)| key)
             }
             // A server that does not return the existing row: read it.
             _ => shared.read_key(subject).await?.ok_or_else(|| {

@@ -46,6 +46,7 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::{Consistency, SerialConsistency};
 
 pub use error::Error;
+pub use keys::Rewrapped;
 pub use projections::ViewBatch;
 pub use schema::{validate_identifier, Replication, SCHEMA_VERSION};
 
@@ -124,6 +125,7 @@ pub struct KeelScyllaBuilder {
     feeder_gather: Duration,
     create_schema: bool,
     master_key: Option<keel::codec::MasterKey>,
+    previous_master_keys: Vec<keel::codec::MasterKey>,
 }
 
 impl Default for KeelScyllaBuilder {
@@ -147,6 +149,7 @@ impl Default for KeelScyllaBuilder {
             feeder_gather: Duration::from_millis(20),
             create_schema: true,
             master_key: None,
+            previous_master_keys: Vec::new(),
         }
     }
 }
@@ -157,6 +160,17 @@ impl KeelScyllaBuilder {
     /// read keys (shredding still works). Keep it outside the database.
     pub fn master_key(mut self, key: keel::codec::MasterKey) -> Self {
         self.master_key = Some(key);
+        self
+    }
+
+    /// Master keys that wrapped data keys before the current one: the key store still opens
+    /// rows they wrapped, while [`KeelScylla::rewrap_keys`] moves them to the current
+    /// [`master_key`](Self::master_key). See `docs/codecs.md`, "Rotating the master key".
+    pub fn previous_master_keys(
+        mut self,
+        keys: impl IntoIterator<Item = keel::codec::MasterKey>,
+    ) -> Self {
+        self.previous_master_keys = keys.into_iter().collect();
         self
     }
 
@@ -427,6 +441,7 @@ impl KeelScyllaBuilder {
             markers: std::sync::Mutex::new(std::collections::HashMap::new()),
             marker_reuse,
             master_key: self.master_key.clone(),
+            previous_master_keys: self.previous_master_keys.clone(),
             read_page_size: self.read_page_size,
         });
         let feeder = if self.feeder {
@@ -472,6 +487,8 @@ pub(crate) struct Shared {
     pub(crate) marker_reuse: Duration,
     /// Wraps the data keys of the key store.
     pub(crate) master_key: Option<keel::codec::MasterKey>,
+    /// Master keys from before a rotation, tried after `master_key`.
+    pub(crate) previous_master_keys: Vec<keel::codec::MasterKey>,
     /// Events per read when loading a stream.
     pub(crate) read_page_size: i32,
 }
@@ -648,6 +665,8 @@ pub(crate) struct Statements {
     pub(crate) key_id_read: PreparedStatement,
     pub(crate) shredded_insert: PreparedStatement,
     pub(crate) shredded_read: PreparedStatement,
+    pub(crate) key_scan: PreparedStatement,
+    pub(crate) key_rewrap: PreparedStatement,
     pub(crate) append_timeout: Duration,
 }
 
@@ -775,6 +794,8 @@ impl Statements {
             key_id_read: serial_select(prep(format!("SELECT key_id FROM {ks}.keys WHERE subject = ?")).await?),
             shredded_insert: prep(format!("INSERT INTO {ks}.shredded_keys (key_id, shredded_at) VALUES (?, ?)")).await?,
             shredded_read: prep(format!("SELECT key_id FROM {ks}.shredded_keys WHERE key_id = ?")).await?,
+            key_scan: prep(format!("SELECT subject, key_id, wrapped FROM {ks}.keys")).await?,
+            key_rewrap: lwt(prep(format!("UPDATE {ks}.keys SET wrapped = ? WHERE subject = ? IF key_id = ? AND wrapped = ?")).await?),
             append_timeout: cfg.append_timeout,
         })
     }

@@ -319,3 +319,103 @@ async fn a_new_snapshot_replaces_the_older_ones_of_its_stream() {
         (30, &b"{\"at\":30}"[..])
     );
 }
+
+#[tokio::test]
+async fn the_master_key_rotates_without_rewriting_events() {
+    use keel::codec::{Codec, KeyStore, MasterKey};
+    let keyspace = common::fresh_keyspace("keel_rotate");
+    let (old, new) = (MasterKey::generate(), MasterKey::generate());
+    let open_with = |current: &MasterKey, previous: Vec<MasterKey>| {
+        common::open(
+            common::builder(&keyspace)
+                .feeder(false)
+                .master_key(current.clone())
+                .previous_master_keys(previous),
+        )
+    };
+    let before = std::sync::Arc::new(open_with(&old, vec![]).await);
+    let codec = Codec::builder().encrypt_streams(before.clone()).build();
+    let stream = StreamId::new("customer-ada");
+    codec
+        .events(before.clone())
+        .append(
+            &stream,
+            ExpectedVersion::NoStream,
+            vec![NewEvent::new("Registered", 1, &b"{\"name\":\"Ada\"}"[..])],
+        )
+        .await
+        .unwrap();
+    let ada = before.find_key("customer-ada").await.unwrap().unwrap();
+    let bob = before.key_for("customer-bob").await.unwrap();
+    let stranger = open_with(&MasterKey::generate(), vec![])
+        .await
+        .key_for("customer-eve")
+        .await
+        .unwrap();
+
+    // During the rotation both master keys open the keys, and a new key is wrapped with the
+    // new one.
+    let during = std::sync::Arc::new(open_with(&new, vec![old.clone()]).await);
+    assert_eq!(
+        during.find_key("customer-ada").await.unwrap(),
+        Some(ada.clone())
+    );
+    assert_eq!(during.key_for("customer-bob").await.unwrap(), bob);
+    let carl = during.key_for("customer-carl").await.unwrap();
+    let report = during.rewrap_keys().await.unwrap();
+    assert_eq!(
+        (report.scanned, report.rewrapped, report.unopenable),
+        (4, 2, vec!["customer-eve".to_owned()]),
+        "ada and bob rewrapped, carl already on the new key, eve opens with neither"
+    );
+    assert_eq!(during.rewrap_keys().await.unwrap().rewrapped, 0, "done");
+    drop(stranger);
+
+    // After it the old master key is not needed, and no longer opens anything.
+    let after = std::sync::Arc::new(open_with(&new, vec![]).await);
+    for (subject, key) in [
+        ("customer-ada", &ada),
+        ("customer-bob", &bob),
+        ("customer-carl", &carl),
+    ] {
+        assert_eq!(
+            after.find_key(subject).await.unwrap().as_ref(),
+            Some(key),
+            "{subject}"
+        );
+    }
+    let events: Vec<keel::RecordedEvent> = Codec::builder()
+        .encrypt_streams(after.clone())
+        .build()
+        .events(after.clone())
+        .read_stream(&stream, 1)
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(
+        &events[0].payload[..],
+        b"{\"name\":\"Ada\"}",
+        "the event, never rewritten"
+    );
+    let err = open_with(&old, vec![])
+        .await
+        .find_key("customer-ada")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, keel::Error::Config { field, reason } if field == "master_key" && reason.contains("customer-ada")),
+        "{err}"
+    );
+    let without = common::open(
+        KeelScylla::builder()
+            .known_nodes(common::nodes())
+            .keyspace(&keyspace)
+            .feeder(false)
+            .bucket_size(500)
+            .feed_bucket_size(1_000),
+    )
+    .await;
+    assert!(
+        matches!(without.rewrap_keys().await, Err(keel::Error::Config { ref field, .. }) if field == "master_key")
+    );
+}

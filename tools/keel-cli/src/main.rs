@@ -11,6 +11,7 @@
 //! keel stream show ID [--from VERSION]
 //! keel subjects show SUBJECT
 //! keel subjects shred SUBJECT --yes    # crypto-shredding: deletes the subject's key
+//! keel subjects rewrap                 # master key rotation (KEEL_MASTER_KEY, KEEL_PREVIOUS_MASTER_KEYS)
 //! ```
 //!
 //! Where: `--nodes host:port,...` (or `KEEL_SCYLLA_NODES`, default `127.0.0.1:9042`) and
@@ -25,6 +26,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use futures::TryStreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
+use keel::codec::MasterKey;
 use keel::projection::{Control, ProjectionState, ProjectionStatus, ProjectionStore};
 use keel::saga::{SagaRecord, SagaStore};
 use keel::{EventStore, StreamId};
@@ -93,6 +95,11 @@ enum SubjectAction {
         #[arg(long)]
         yes: bool,
     },
+    /// Master key rotation: re-wrap every data key wrapped by a previous master key with the
+    /// current one. The master keys come from the environment only (never the command
+    /// line): `KEEL_MASTER_KEY` (the new one) and `KEEL_PREVIOUS_MASTER_KEYS` (the old ones,
+    /// comma-separated), 64 hex digits each. Exits non-zero when a key opens with none of them.
+    Rewrap,
 }
 
 #[derive(Subcommand)]
@@ -158,13 +165,19 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
-    let store = KeelScylla::builder()
+    let mut builder = KeelScylla::builder()
         .known_nodes(cli.nodes.split(','))
         .keyspace(&cli.keyspace)
         .create_schema(false)
-        .feeder(false)
-        .build()
-        .await?;
+        .feeder(false);
+    if let Command::Subjects {
+        action: SubjectAction::Rewrap,
+    } = cli.command
+    {
+        let (current, previous) = master_keys_from_env()?;
+        builder = builder.master_key(current).previous_master_keys(previous);
+    }
+    let store = builder.build().await?;
     match cli.command {
         Command::Projections { action } => projections(&store, action, cli.json).await,
         Command::Sagas { action } => sagas(&store, action, cli.json).await,
@@ -234,8 +247,63 @@ async fn subjects(
                 println!("subject {subject}: had no key; nothing to do");
             }
         }
+        SubjectAction::Rewrap => {
+            let done = store.rewrap_keys().await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "scanned": done.scanned,
+                        "rewrapped": done.rewrapped,
+                        "unopenable": done.unopenable,
+                    })
+                );
+            } else {
+                println!(
+                    "{} data keys looked at, {} rewrapped with the new master key",
+                    done.scanned, done.rewrapped
+                );
+            }
+            if !done.unopenable.is_empty() {
+                return Err(format!(
+                    "{} keys open with none of the master keys given (left as they are): {}",
+                    done.unopenable.len(),
+                    done.unopenable.join(", ")
+                )
+                .into());
+            }
+        }
     }
     Ok(())
+}
+
+/// `KEEL_MASTER_KEY` and `KEEL_PREVIOUS_MASTER_KEYS`, for a rotation.
+fn master_keys_from_env() -> Result<(MasterKey, Vec<MasterKey>), Box<dyn std::error::Error>> {
+    let var = |name: &str| std::env::var(name).unwrap_or_default();
+    let current = var("KEEL_MASTER_KEY");
+    if current.trim().is_empty() {
+        return Err(
+            "rewrapping needs the new master key in KEEL_MASTER_KEY (64 hex digits)".into(),
+        );
+    }
+    let current = MasterKey::from_hex(&current).map_err(|e| format!("KEEL_MASTER_KEY: {e}"))?;
+    let previous = var("KEEL_PREVIOUS_MASTER_KEYS");
+    let previous = previous
+        .split(',')
+        .filter(|k| !k.trim().is_empty())
+        .enumerate()
+        .map(|(i, k)| {
+            MasterKey::from_hex(k)
+                .map_err(|e| format!("KEEL_PREVIOUS_MASTER_KEYS, key {}: {e}", i + 1))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if previous.is_empty() {
+        return Err(
+            "rewrapping needs the old master keys in KEEL_PREVIOUS_MASTER_KEYS (comma-separated)"
+                .into(),
+        );
+    }
+    Ok((current, previous))
 }
 
 async fn status_of(

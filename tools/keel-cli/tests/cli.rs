@@ -37,9 +37,19 @@ async fn open(builder: keel_scylla::KeelScyllaBuilder) -> KeelScylla {
 
 /// Runs `keel` with the arguments; returns (success, stdout, stderr).
 async fn keel(keyspace: &str, args: &[&str]) -> (bool, String, String) {
+    keel_with_env(keyspace, args, &[]).await
+}
+
+/// [`keel`] with environment variables set.
+async fn keel_with_env(
+    keyspace: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (bool, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel"));
     cmd.args(["--nodes", &nodes(), "--keyspace", keyspace])
-        .args(args);
+        .args(args)
+        .envs(env.iter().copied());
     let out = tokio::task::spawn_blocking(move || cmd.output().expect("run keel"))
         .await
         .unwrap();
@@ -374,4 +384,66 @@ async fn subjects_are_shown_and_shredded_and_encrypted_payloads_never_printed() 
         .query_unpaged(format!("DROP KEYSPACE {keyspace}"), ())
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn the_master_key_is_rotated_from_the_environment() {
+    use keel::codec::{KeyStore, MasterKey};
+    let hex = || uuid::Uuid::new_v4().simple().to_string().repeat(2);
+    let (old, new) = (hex(), hex());
+    let keyspace = fresh_keyspace("keel_cli");
+    let with = |current: &str| {
+        KeelScylla::builder()
+            .keyspace(&keyspace)
+            .feeder(false)
+            .master_key(MasterKey::from_hex(current).unwrap())
+    };
+    let key = open(with(&old))
+        .await
+        .key_for("customer-ada")
+        .await
+        .unwrap();
+
+    let (ok, _, err) = keel(&keyspace, &["subjects", "rewrap"]).await;
+    assert!(!ok && err.contains("KEEL_MASTER_KEY"), "{err}");
+    let (ok, _, err) = keel_with_env(
+        &keyspace,
+        &["subjects", "rewrap"],
+        &[("KEEL_MASTER_KEY", &new)],
+    )
+    .await;
+    assert!(!ok && err.contains("KEEL_PREVIOUS_MASTER_KEYS"), "{err}");
+
+    let env = [
+        ("KEEL_MASTER_KEY", new.as_str()),
+        ("KEEL_PREVIOUS_MASTER_KEYS", old.as_str()),
+    ];
+    let (ok, out, err) = keel_with_env(&keyspace, &["subjects", "rewrap"], &env).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("1 data keys looked at, 1 rewrapped"), "{out}");
+    let (ok, out, _) = keel_with_env(&keyspace, &["--json", "subjects", "rewrap"], &env).await;
+    let done: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        ok && done["rewrapped"] == 0 && done["scanned"] == 1,
+        "{out}"
+    );
+
+    assert_eq!(
+        open(with(&new))
+            .await
+            .find_key("customer-ada")
+            .await
+            .unwrap(),
+        Some(key),
+        "the same data key, now opened by the new master key alone"
+    );
+
+    // A key no given master key opens: reported, left alone, non-zero exit.
+    open(with(&hex()))
+        .await
+        .key_for("customer-eve")
+        .await
+        .unwrap();
+    let (ok, _, err) = keel_with_env(&keyspace, &["subjects", "rewrap"], &env).await;
+    assert!(!ok && err.contains("customer-eve"), "{err}");
 }
