@@ -659,6 +659,9 @@ pub(crate) struct Statements {
     pub(crate) saga_update: PreparedStatement,
     pub(crate) saga_load: PreparedStatement,
     pub(crate) saga_list: PreparedStatement,
+    pub(crate) saga_index: PreparedStatement,
+    pub(crate) saga_unindex: PreparedStatement,
+    pub(crate) saga_unfinished: PreparedStatement,
     pub(crate) key_insert: PreparedStatement,
     pub(crate) key_read: PreparedStatement,
     pub(crate) key_delete: PreparedStatement,
@@ -786,6 +789,9 @@ impl Statements {
             )).await?),
             saga_load: prep(format!("SELECT id, revision, status, deadline, data FROM {ks}.sagas WHERE id = ?")).await?,
             saga_list: prep(format!("SELECT id, revision, status, deadline, data FROM {ks}.sagas")).await?,
+            saga_index: prep(format!("INSERT INTO {ks}.sagas_unfinished (bucket, id, indexed_at) VALUES (?, ?, ?)")).await?,
+            saga_unindex: prep(format!("DELETE FROM {ks}.sagas_unfinished WHERE bucket = ? AND id = ?")).await?,
+            saga_unfinished: prep(format!("SELECT id, indexed_at FROM {ks}.sagas_unfinished WHERE bucket = ?")).await?,
             key_insert: lwt(prep(format!(
                 "INSERT INTO {ks}.keys (subject, key_id, wrapped, created_at) VALUES (?, ?, ?, ?) IF NOT EXISTS"
             )).await?),

@@ -6,7 +6,11 @@ use crate::error::Error;
 
 /// The schema version this code creates and expects. Bump it with a migration step in
 /// `schema::ensure` when a table changes.
-pub const SCHEMA_VERSION: i32 = 1;
+///
+/// - 1: the first schema.
+/// - 2: `shredded_keys`, and `sagas_unfinished`, the index of unfinished sagas (filled from
+///   `sagas` when a version 1 keyspace is migrated).
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Checks a user-supplied name against the plain CQL identifier rule Keel allows: a lowercase
 /// letter, then lowercase letters, digits or `_`, 48 characters at most. Names are never
@@ -169,6 +173,18 @@ const TABLES: &[(&str, &str)] = &[
         )",
     ),
     (
+        // An index of the unfinished sagas, so recovery reads these instead of every saga
+        // ever run. Spread over `SAGA_BUCKETS` partitions; entries are deleted when a saga
+        // finishes, and the index is advisory (a saga row is always read before acting), so a
+        // short gc_grace_seconds keeps tombstones from piling up: a deleted entry that comes
+        // back on a replica that missed the delete is found finished and deleted again.
+        "sagas_unfinished",
+        "CREATE TABLE IF NOT EXISTS {ks}.sagas_unfinished (
+            bucket int, id text, indexed_at bigint,
+            PRIMARY KEY ((bucket), id)
+        ) WITH gc_grace_seconds = 3600",
+    ),
+    (
         "keys",
         "CREATE TABLE IF NOT EXISTS {ks}.keys (
             subject text PRIMARY KEY, key_id uuid, wrapped blob, created_at timestamp
@@ -231,6 +247,14 @@ pub(crate) async fn ensure(
     let Some((version, stored_bucket, stored_feed_bucket)) = row else {
         return Err(missing("no version row".into()));
     };
+    if version < SCHEMA_VERSION && create {
+        migrate(session, keyspace, version).await?;
+    } else if version < SCHEMA_VERSION {
+        return Err(Error::Schema {
+            step: "check schema version".into(),
+            reason: format!("keyspace `{keyspace}` has schema v{version}, older than this keel-scylla (v{SCHEMA_VERSION}), and create_schema is off: open it once with create_schema on to migrate it"),
+        });
+    }
     if version > SCHEMA_VERSION {
         return Err(Error::Schema {
             step: "check schema version".into(),
@@ -247,6 +271,60 @@ pub(crate) async fn ensure(
         });
     }
     Ok((stored_bucket, stored_feed_bucket))
+}
+
+/// Brings a keyspace from schema `from` to [`SCHEMA_VERSION`]. The tables are already there
+/// (`create_all` ran); what is left is data. Every step is idempotent, so processes starting
+/// together may all run it.
+async fn migrate(session: &Session, keyspace: &str, from: i32) -> Result<(), Error> {
+    use futures::TryStreamExt;
+    let step = |what: &str| {
+        let what = what.to_owned();
+        move |e: String| Error::Schema {
+            step: what.clone(),
+            reason: e,
+        }
+    };
+    if from < 2 {
+        // Index the unfinished sagas of a version 1 keyspace.
+        let what = "migrate to v2: index the unfinished sagas";
+        let mut rows = session
+            .query_iter(format!("SELECT id, status FROM {keyspace}.sagas"), ())
+            .await
+            .map_err(|e| step(what)(e.to_string()))?
+            .rows_stream::<(String, String)>()
+            .map_err(|e| step(what)(e.to_string()))?;
+        let insert = session
+            .prepare(format!(
+                "INSERT INTO {keyspace}.sagas_unfinished (bucket, id, indexed_at) VALUES (?, ?, ?)"
+            ))
+            .await
+            .map_err(|e| step(what)(e.to_string()))?;
+        while let Some((id, status)) = rows
+            .try_next()
+            .await
+            .map_err(|e| step(what)(e.to_string()))?
+        {
+            if !matches!(status.as_str(), "completed" | "compensated") {
+                session
+                    .execute_unpaged(
+                        &insert,
+                        (crate::sagas::bucket(&id), &id, keel::event::now_millis()),
+                    )
+                    .await
+                    .map_err(|e| step(what)(e.to_string()))?;
+            }
+        }
+    }
+    session
+        .query_unpaged(
+            format!("UPDATE {keyspace}.keel_schema SET version = ? WHERE id = 0 IF version = ?"),
+            (SCHEMA_VERSION, from),
+        )
+        .await
+        .map_err(|e| step("record the migrated schema version")(e.to_string()))?;
+    tracing::info!(keyspace, from, to = SCHEMA_VERSION, "schema migrated");
+    Ok(())
 }
 
 async fn create_all(

@@ -419,3 +419,151 @@ async fn the_master_key_rotates_without_rewriting_events() {
         matches!(without.rewrap_keys().await, Err(keel::Error::Config { ref field, .. }) if field == "master_key")
     );
 }
+
+/// The ids in the index of unfinished sagas.
+async fn indexed_sagas(store: &KeelScylla) -> Vec<String> {
+    let rows = store
+        .session()
+        .query_unpaged(
+            format!("SELECT id FROM {}.sagas_unfinished", store.keyspace()),
+            (),
+        )
+        .await
+        .unwrap()
+        .into_rows_result()
+        .unwrap();
+    let mut ids: Vec<String> = rows
+        .rows::<(String,)>()
+        .unwrap()
+        .map(|r| r.unwrap().0)
+        .collect();
+    ids.sort();
+    ids
+}
+
+fn saga(id: &str, status: keel::saga::SagaStatus) -> keel::saga::SagaRecord {
+    keel::saga::SagaRecord {
+        id: id.to_owned(),
+        revision: 1,
+        status,
+        deadline: None,
+        data: bytes::Bytes::from_static(b"{}"),
+    }
+}
+
+#[tokio::test]
+async fn recovery_reads_an_index_of_the_unfinished_sagas() {
+    use keel::saga::{SagaStatus, SagaStore};
+    let keyspace = common::fresh_keyspace("keel_saga_index");
+    let store = common::open(common::builder(&keyspace).feeder(false)).await;
+    for id in ["a", "b", "c"] {
+        assert!(store
+            .create_saga(&saga(id, SagaStatus::Running))
+            .await
+            .unwrap());
+    }
+    assert_eq!(indexed_sagas(&store).await, ["a", "b", "c"]);
+
+    let mut done = saga("a", SagaStatus::Completed);
+    done.revision = 2;
+    assert!(store.update_saga(&done, 1).await.unwrap());
+    let mut stuck = saga("b", SagaStatus::CompensationFailed);
+    stuck.revision = 2;
+    assert!(store.update_saga(&stuck, 1).await.unwrap());
+    assert_eq!(
+        indexed_sagas(&store).await,
+        ["b", "c"],
+        "finished sagas leave the index"
+    );
+
+    // A stale entry (creating an existing saga writes its entry, then the creation is
+    // refused: the saga is finished), and entries without a saga row: a recent one (a
+    // creation in flight, perhaps) and an hour-old one (a creation that failed).
+    assert!(!store
+        .create_saga(&saga("a", SagaStatus::Running))
+        .await
+        .unwrap());
+    let orphan = |id: &'static str, at: i64| {
+        let store = &store;
+        let cql = format!(
+            "INSERT INTO {keyspace}.sagas_unfinished (bucket, id, indexed_at) VALUES (0, ?, ?)"
+        );
+        async move { store.session().query_unpaged(cql, (id, at)).await.unwrap() }
+    };
+    let now = keel::event::now_millis();
+    orphan("ghost", now).await;
+    orphan("old-ghost", now - 2 * 3_600_000).await;
+    assert_eq!(
+        indexed_sagas(&store).await,
+        ["a", "b", "c", "ghost", "old-ghost"]
+    );
+    let unfinished: Vec<String> = store
+        .list_sagas(true)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(unfinished, ["b", "c"]);
+    assert_eq!(
+        indexed_sagas(&store).await,
+        ["b", "c", "ghost"],
+        "the stale entry and the old orphan are deleted; the recent orphan is left"
+    );
+    let all = store.list_sagas(false).await.unwrap();
+    assert_eq!(all.len(), 3, "listing everything still reads every saga");
+}
+
+#[tokio::test]
+async fn a_version_1_keyspace_is_migrated_and_its_unfinished_sagas_indexed() {
+    use keel::saga::{SagaStatus, SagaStore};
+    let keyspace = common::fresh_keyspace("keel_migrate");
+    let store = common::open(common::builder(&keyspace).feeder(false)).await;
+    store
+        .create_saga(&saga("running", SagaStatus::Running))
+        .await
+        .unwrap();
+    store
+        .create_saga(&saga("finished", SagaStatus::Running))
+        .await
+        .unwrap();
+    let mut finished = saga("finished", SagaStatus::Compensated);
+    finished.revision = 2;
+    store.update_saga(&finished, 1).await.unwrap();
+    // What a version 1 keyspace looks like: no index entries, version 1.
+    for cql in [
+        format!("TRUNCATE {keyspace}.sagas_unfinished"),
+        format!("UPDATE {keyspace}.keel_schema SET version = 1 WHERE id = 0 IF version = 2"),
+    ] {
+        store.session().query_unpaged(cql, ()).await.unwrap();
+    }
+
+    let refused = common::builder(&keyspace)
+        .feeder(false)
+        .create_schema(false)
+        .build()
+        .await;
+    match refused {
+        Err(Error::Schema { reason, .. }) => assert!(reason.contains("older"), "{reason}"),
+        Err(other) => panic!("expected a schema error, got {other}"),
+        Ok(_) => panic!("a version 1 keyspace opened without migrating"),
+    }
+    let migrated = common::open(common::builder(&keyspace).feeder(false)).await;
+    assert_eq!(indexed_sagas(&migrated).await, ["running"]);
+    let (version,): (i32,) = migrated
+        .session()
+        .query_unpaged(
+            format!("SELECT version FROM {keyspace}.keel_schema WHERE id = 0"),
+            (),
+        )
+        .await
+        .unwrap()
+        .into_rows_result()
+        .unwrap()
+        .single_row()
+        .unwrap();
+    assert_eq!(version, keel_scylla::SCHEMA_VERSION);
+    let unfinished = migrated.list_sagas(true).await.unwrap();
+    assert_eq!(unfinished.len(), 1);
+    assert_eq!(unfinished[0].id, "running");
+}
