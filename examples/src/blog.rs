@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use futures::TryStreamExt;
 use keel::projection::{Generations, Projection};
 use keel::{Aggregate, BoxError, DomainEvent, RecordedEvent};
 use keel_scylla::{KeelScylla, ViewBatch};
@@ -183,6 +184,7 @@ struct ScyllaIndex {
     put_entry: PreparedStatement,
     drop_entry: PreparedStatement,
     query: PreparedStatement,
+    scan_posts: PreparedStatement,
 }
 
 impl PostIndex {
@@ -246,6 +248,10 @@ impl PostIndex {
                 "SELECT title FROM {index} WHERE generation = ? AND {key} = ?"
             ))
             .await?,
+            scan_posts: prep(format!(
+                "SELECT generation, post, author, tags FROM {posts}"
+            ))
+            .await?,
         };
         Ok(Arc::new(PostIndex {
             by,
@@ -277,6 +283,61 @@ impl PostIndex {
         };
         titles.sort();
         Ok(titles)
+    }
+
+    /// The generations that have rows in the ScyllaDB tables (empty for the memory backend,
+    /// which keeps only the generations it may still need).
+    pub async fn stored_generations(&self) -> Result<BTreeSet<u64>, BoxError> {
+        let mut found = BTreeSet::new();
+        if let Backend::Scylla(s) = &self.backend {
+            let mut rows = s
+                .store
+                .session()
+                .execute_iter(s.scan_posts.clone(), ())
+                .await?
+                .rows_stream::<(i64, String, Option<String>, Option<Vec<String>>)>()?;
+            while let Some((generation, ..)) = rows.try_next().await? {
+                found.insert(generation as u64);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Deletes the rows of generations older than `active`: every post row, and its index
+    /// entries (found from the post row's author or tags). A paged scan of the posts table,
+    /// once per rebuild, which itself read the whole history.
+    async fn drop_generations_before(&self, s: &ScyllaIndex, active: u64) -> Result<u64, BoxError> {
+        let session = s.store.session();
+        let mut rows = session
+            .execute_iter(s.scan_posts.clone(), ())
+            .await?
+            .rows_stream::<(i64, String, Option<String>, Option<Vec<String>>)>()?;
+        let mut dropped = 0;
+        while let Some((generation, post, author, tags)) = rows.try_next().await? {
+            if generation as u64 >= active {
+                continue;
+            }
+            let row = Row {
+                author: author.unwrap_or_default(),
+                title: String::new(),
+                tags: tags.unwrap_or_default().into_iter().collect(),
+            };
+            let text = |s: &str| CqlValue::Text(s.to_owned());
+            let mut batch = ViewBatch::new();
+            for key in self.keys(&row) {
+                batch.add(
+                    &s.drop_entry,
+                    vec![CqlValue::BigInt(generation), text(&key), text(&post)],
+                );
+            }
+            batch.add(
+                &s.drop_post,
+                vec![CqlValue::BigInt(generation), text(&post)],
+            );
+            batch.execute(session).await?;
+            dropped += 1;
+        }
+        Ok(dropped)
     }
 
     fn keys(&self, row: &Row) -> Vec<String> {
@@ -444,7 +505,11 @@ impl Projection for PostIndex {
     async fn activate(&self, generation: u64) -> Result<(), BoxError> {
         match &self.backend {
             Backend::Memory(model) => model.activate(generation),
-            Backend::Scylla(s) => s.active.store(generation, Ordering::SeqCst),
+            Backend::Scylla(s) => {
+                s.active.store(generation, Ordering::SeqCst);
+                // Queries read the new generation from now on: drop the older ones' rows.
+                self.drop_generations_before(s, generation).await?;
+            }
         }
         Ok(())
     }
