@@ -15,9 +15,10 @@
 //! ([`EventStore`] + [`LeaseStore`] + [`SagaStore`](crate::saga::SagaStore), running a
 //! [`SagaOrchestrator`](crate::saga::SagaOrchestrator)), `codecs` (the projection host plus
 //! [`SnapshotStore`] and [`KeyStore`](crate::codec::KeyStore): keys, codec round trips,
-//! crypto-shredding, tampering). Each case uses fresh stream and
-//! worker names, so the factory may hand every case the same database; feed cases only look at
-//! their own streams and tolerate other writers.
+//! crypto-shredding, tampering). The `events` section includes random histories checked
+//! against a model (proptest, which the `conformance` feature brings in). Each case uses
+//! fresh stream and worker names, so the factory may hand every case the same database; feed
+//! cases only look at their own streams and tolerate other writers.
 //!
 //! The feed may lag behind appends (the contract of [`EventStore::read_all`]); the feed cases
 //! wait up to [`FEED_WAIT`] for events to appear.
@@ -32,10 +33,12 @@ use futures::TryStreamExt;
 use uuid::Uuid;
 
 mod codecs;
+mod histories;
 mod projections;
 mod sagas;
 
 pub use codecs::*;
+pub use histories::*;
 pub use projections::*;
 pub use sagas::*;
 
@@ -87,7 +90,8 @@ macro_rules! conformance_tests {
             conflict_names_stream_and_versions, failed_append_writes_nothing,
             empty_append_checks_expectation, concurrent_appenders_one_winner_per_version,
             long_stream_reads_in_order, metadata_round_trips, feed_orders_and_resumes,
-            feed_positions_are_dense_and_unique, bad_payloads_are_typed_errors);
+            feed_positions_are_dense_and_unique, bad_payloads_are_typed_errors,
+            random_histories_match_a_model);
     };
     (snapshots, $factory:expr) => {
         $crate::conformance_tests!(@section snapshots, $factory;

@@ -1,4 +1,5 @@
-//! keel-scylla under faults and at its edges, on a real CQL node: bucket boundaries, a writer
+//! keel-scylla under faults and at its edges, on a real CQL node: bucket boundaries (also
+//! under random histories), a writer
 //! that dies before the feed hears of its events, a feeder that dies mid-plan, timed-out
 //! LWTs, payloads that no longer decode.
 
@@ -57,6 +58,15 @@ async fn feed_of(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn random_histories_hold_on_three_version_buckets() {
+    // Appends of 0 to 3 events into buckets of 3 versions: every way an append can start
+    // in, fill, overflow or follow a bucket, with right and wrong expectations.
+    let keyspace = common::fresh_keyspace("keel_small_buckets");
+    let store = common::open(common::builder(&keyspace).bucket_size(3)).await;
+    keel::conformance::random_histories_match_a_model(Arc::new(store)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
