@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::{stream, StreamExt, TryStreamExt};
 use keel::{Error, EventStream, Lease, RecordedEvent, Result, StreamId};
+use scylla::statement::batch::{Batch, BatchType};
 use scylla::value::CqlTimestamp;
 use serde_json::json;
 use tokio::sync::Notify;
@@ -382,15 +383,21 @@ impl FeederState {
             .buffer_unordered(32)
             .try_collect::<Vec<()>>()
             .await?;
-        let shared = &self.shared;
+        let recorder = self.shared.clone();
+        let progress: Vec<(String, i64)> =
+            plan.iter().map(|r| (r.stream.clone(), r.last)).collect();
+        stream::iter(progress)
+            .map(move |(stream, last)| {
+                let shared = recorder.clone();
+                async move { shared.record_progress(&stream, last).await }
+            })
+            .buffer_unordered(32)
+            .try_collect::<Vec<()>>()
+            .await?;
         for range in plan {
-            shared
-                .session
-                .execute_unpaged(&shared.st.insert_progress, (&range.stream, range.last))
-                .await
-                .map_err(|e| store_err(format!("record feed progress of `{}`", range.stream), e))?;
             self.progress.insert(range.stream.clone(), range.last);
         }
+        let shared = &self.shared;
         let fed: usize = events.iter().map(Vec::len).sum();
         shared
             .counters
@@ -496,6 +503,24 @@ impl Shared {
             None => Vec::new(),
         };
         Ok(Some((head.unwrap_or(0), plan)))
+    }
+
+    /// Records that `stream` is fed up to `last`. The newest row wins (reads take the highest
+    /// version), so a late duplicate write never moves progress back; the same one-partition
+    /// batch drops the rows below it with a range delete, so a long-lived stream keeps one row
+    /// instead of one per feeder round.
+    async fn record_progress(&self, stream: &str, last: i64) -> Result<()> {
+        let mut batch = Batch::new(BatchType::Unlogged);
+        batch.append_statement(self.st.insert_progress.clone());
+        batch.append_statement(self.st.prune_progress.clone());
+        if let Some(level) = self.st.insert_progress.get_consistency() {
+            batch.set_consistency(level);
+        }
+        self.session
+            .batch(&batch, ((stream, last), (stream, last)))
+            .await
+            .map_err(|e| store_err(format!("record feed progress of `{stream}`"), e))?;
+        Ok(())
     }
 
     async fn write_feed_row(&self, position: i64, e: &RecordedEvent) -> Result<()> {

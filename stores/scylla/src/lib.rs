@@ -634,6 +634,7 @@ pub(crate) struct Statements {
     pub(crate) insert_feed: PreparedStatement,
     pub(crate) read_feed: PreparedStatement,
     pub(crate) insert_progress: PreparedStatement,
+    pub(crate) prune_progress: PreparedStatement,
     pub(crate) read_progress: PreparedStatement,
     pub(crate) save_snapshot: PreparedStatement,
     pub(crate) prune_snapshots: PreparedStatement,
@@ -742,6 +743,7 @@ impl Statements {
                  FROM {ks}.feed WHERE bucket = ? AND position >= ? AND position < ?"
             )).await?,
             insert_progress: prep(format!("INSERT INTO {ks}.feed_progress (stream, version) VALUES (?, ?)")).await?,
+            prune_progress: prep(format!("DELETE FROM {ks}.feed_progress WHERE stream = ? AND version < ?")).await?,
             read_progress: prep(format!("SELECT version FROM {ks}.feed_progress WHERE stream = ? LIMIT 1")).await?,
             save_snapshot: prep(format!(
                 "INSERT INTO {ks}.snapshots (stream, version, schema_version, payload, taken_at) VALUES (?, ?, ?, ?, ?)"

@@ -365,3 +365,43 @@ async fn feeder_lease_moves_to_the_next_store_on_shutdown() {
     let fed = feed_of(&second, 1, &[stream].into(), 2, Duration::from_secs(10)).await;
     assert_eq!(fed.len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn feed_progress_keeps_one_row_per_stream() {
+    let keyspace = common::fresh_keyspace("keel_progress");
+    let store = common::open(common::builder(&keyspace)).await;
+    let stream = StreamId::new("acct-progress");
+    let only: HashSet<StreamId> = [stream.clone()].into();
+    // Four appends, each fed in a round of its own.
+    for round in 0..4u64 {
+        store
+            .append(&stream, ExpectedVersion::Exact(round * 2), events(2))
+            .await
+            .unwrap();
+        let fed = feed_of(
+            &store,
+            1,
+            &only,
+            (round as usize + 1) * 2,
+            Duration::from_secs(20),
+        )
+        .await;
+        assert_eq!(fed.len() as u64, (round + 1) * 2, "round {round} fed");
+    }
+    let rows = store
+        .session()
+        .query_unpaged(
+            format!("SELECT version FROM {keyspace}.feed_progress WHERE stream = 'acct-progress'"),
+            (),
+        )
+        .await
+        .unwrap()
+        .into_rows_result()
+        .unwrap();
+    let versions: Vec<i64> = rows
+        .rows::<(i64,)>()
+        .unwrap()
+        .map(|r| r.unwrap().0)
+        .collect();
+    assert_eq!(versions, [8], "one progress row, at the last version fed");
+}
