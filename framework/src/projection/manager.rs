@@ -19,6 +19,9 @@ use crate::store::{CheckpointStore, EventStore, Lease, LeaseStore};
 /// How often a busy projection reads operator requests.
 const POLL_EVERY: Duration = Duration::from_millis(200);
 
+/// Events applied per step of a batch, while the feed reads on.
+const APPLY_CHUNK: usize = 250;
+
 /// What a projection does when `apply` fails.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ErrorPolicy {
@@ -617,9 +620,10 @@ impl Inner {
             .map(|r| (r.generation, r.checkpoint))
         {
             Some((generation, from)) => {
-                // A rebuild reads history in larger batches: fewer checkpoint writes.
+                // A rebuild reads history in larger batches: fewer checkpoint writes and
+                // fewer new feed reads.
                 let n = self
-                    .batch(slot, runner, generation, from, self.config.batch_size * 4)
+                    .batch(slot, runner, generation, from, self.config.batch_size * 16)
                     .await?;
                 if n == 0 && runner.state != ProjectionState::Failed {
                     self.swap(slot, runner).await?;
@@ -687,17 +691,29 @@ impl Inner {
         from: u64,
         size: usize,
     ) -> Result<usize> {
-        let events: Vec<RecordedEvent> =
-            self.events.read_all(from).take(size).try_collect().await?;
-        if events.is_empty() {
-            return Ok(0);
+        // Applied a chunk at a time as the feed delivers it, so a store that reads ahead (the
+        // ScyllaDB feed fetches its next page while this one is consumed) reads while events
+        // are applied, instead of reading the whole batch first.
+        let mut chunks = self
+            .events
+            .read_all(from)
+            .take(size)
+            .try_chunks(APPLY_CHUNK);
+        let span = tracing::debug_span!("keel.project", projection = %runner.name, generation, from,
+            events = tracing::field::Empty);
+        let (mut consumed, mut next) = (0, from);
+        while let Some(chunk) = chunks.try_next().await.map_err(|e| e.1)? {
+            let (applied, at) = self
+                .apply_batch(slot, runner, generation, &chunk)
+                .instrument(span.clone())
+                .await?;
+            consumed += applied;
+            next = at;
+            if applied < chunk.len() {
+                break; // stopped at a failed event
+            }
         }
-        let span = tracing::debug_span!("keel.project", projection = %runner.name, generation, from, events = events.len());
-        let result = self
-            .apply_batch(slot, runner, generation, &events)
-            .instrument(span)
-            .await;
-        let (consumed, next) = result?;
+        span.record("events", consumed);
         if consumed > 0 {
             slot.projection
                 .commit(generation)
