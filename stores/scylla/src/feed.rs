@@ -375,10 +375,10 @@ impl FeederState {
             })
             .collect();
         let writer = self.shared.clone();
-        stream::iter(rows)
-            .map(move |(position, e)| {
+        stream::iter(feed_batches(&self.shared, rows))
+            .map(move |batch| {
                 let shared = writer.clone();
-                async move { shared.write_feed_row(position, &e).await }
+                async move { shared.write_feed_rows(&batch).await }
             })
             .buffer_unordered(32)
             .try_collect::<Vec<()>>()
@@ -481,6 +481,38 @@ impl FeederState {
     }
 }
 
+/// Feed rows per write: a batch stays in one feed partition and under Cassandra's default
+/// batch size warning (5 KiB; ScyllaDB warns at 128 KiB).
+const FEED_BATCH_BYTES: usize = 4 * 1024;
+const FEED_BATCH_ROWS: usize = 32;
+
+/// The rows of a plan cut into writes: consecutive positions of one feed partition, up to
+/// [`FEED_BATCH_ROWS`] rows and about [`FEED_BATCH_BYTES`] of payload and metadata.
+fn feed_batches(
+    shared: &Shared,
+    rows: Vec<(i64, RecordedEvent)>,
+) -> Vec<Vec<(i64, RecordedEvent)>> {
+    let mut batches: Vec<Vec<(i64, RecordedEvent)>> = Vec::new();
+    let mut bytes = 0;
+    for (position, event) in rows {
+        let size = event.payload.len() + event.event_type.len() + event.stream.as_str().len() + 64;
+        let fits = batches.last().is_some_and(|b| {
+            b.len() < FEED_BATCH_ROWS
+                && bytes + size <= FEED_BATCH_BYTES
+                && shared.feed_bucket(b[0].0) == shared.feed_bucket(position)
+        });
+        if !fits {
+            batches.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += size;
+        if let Some(batch) = batches.last_mut() {
+            batch.push((position, event));
+        }
+    }
+    batches
+}
+
 impl Shared {
     fn feed_bucket(&self, position: i64) -> i64 {
         position / self.feed_bucket_size
@@ -523,35 +555,59 @@ impl Shared {
         Ok(())
     }
 
-    async fn write_feed_row(&self, position: i64, e: &RecordedEvent) -> Result<()> {
-        let metadata = if e.metadata.is_empty() {
-            None
-        } else {
-            Some(
-                serde_json::to_vec(&*e.metadata).map_err(|err| Error::Encode {
-                    what: "event metadata".into(),
-                    reason: err.to_string(),
-                })?,
+    /// Writes feed rows of one feed partition: one insert, or one single-partition unlogged
+    /// batch (one request, applied together) for several.
+    async fn write_feed_rows(&self, rows: &[(i64, RecordedEvent)]) -> Result<()> {
+        let mut values = Vec::with_capacity(rows.len());
+        for (position, e) in rows {
+            let metadata = if e.metadata.is_empty() {
+                None
+            } else {
+                Some(
+                    serde_json::to_vec(&*e.metadata).map_err(|err| Error::Encode {
+                        what: "event metadata".into(),
+                        reason: err.to_string(),
+                    })?,
+                )
+            };
+            values.push((
+                self.feed_bucket(*position),
+                *position,
+                e.stream.as_str(),
+                e.version as i64,
+                e.event_id,
+                &*e.event_type,
+                e.schema_version as i32,
+                &e.payload[..],
+                metadata,
+                CqlTimestamp(e.recorded_at),
+            ));
+        }
+        let first = rows.first().map_or(0, |(p, _)| *p);
+        let op = || {
+            format!(
+                "write feed positions {first}..={}",
+                first + rows.len() as i64 - 1
             )
         };
+        if let [row] = values.as_slice() {
+            self.session
+                .execute_unpaged(&self.st.insert_feed, row)
+                .await
+                .map_err(|err| store_err(op(), err))?;
+            return Ok(());
+        }
+        let mut batch = Batch::new(BatchType::Unlogged);
+        for _ in &values {
+            batch.append_statement(self.st.insert_feed.clone());
+        }
+        if let Some(level) = self.st.insert_feed.get_consistency() {
+            batch.set_consistency(level);
+        }
         self.session
-            .execute_unpaged(
-                &self.st.insert_feed,
-                (
-                    self.feed_bucket(position),
-                    position,
-                    e.stream.as_str(),
-                    e.version as i64,
-                    e.event_id,
-                    &*e.event_type,
-                    e.schema_version as i32,
-                    &e.payload[..],
-                    metadata,
-                    CqlTimestamp(e.recorded_at),
-                ),
-            )
+            .batch(&batch, values)
             .await
-            .map_err(|err| store_err(format!("write feed position {position}"), err))?;
+            .map_err(|err| store_err(op(), err))?;
         Ok(())
     }
 
