@@ -137,6 +137,66 @@ fn appends(c: &mut Criterion, b: &Bench) {
     group.finish();
 }
 
+/// Writers appending at once, each to a stream of its own, one event per append, against the
+/// raw driver's LWT inserts issued at the same concurrency.
+fn concurrent_appends(c: &mut Criterion, b: &Bench) {
+    const WRITERS: usize = 32;
+    let mut group = c.benchmark_group("scylla_concurrent_append");
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(8))
+        .throughput(Throughput::Elements(WRITERS as u64));
+    let raw = b.rt.block_on(b.session.prepare(format!(
+        "INSERT INTO {}.raw_events (stream, version, event_id, event_type, schema_version, payload, metadata, recorded_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS",
+        b.keyspace
+    )))
+    .unwrap();
+    let body = payload();
+    let round = AtomicI64::new(0);
+    group.bench_function(
+        format!("baseline: raw driver LWT insert, {WRITERS} writers"),
+        |bench| {
+            bench.to_async(&b.rt).iter(|| async {
+                let v = round.fetch_add(1, Ordering::Relaxed) + 1;
+                futures::future::try_join_all((0..WRITERS).map(|w| {
+                    let values = (
+                        format!("raw-w{w}"),
+                        v,
+                        Uuid::new_v4(),
+                        "Incremented",
+                        1i32,
+                        body.clone(),
+                        None::<Vec<u8>>,
+                        CqlTimestamp(0),
+                    );
+                    let (session, raw) = (&b.session, &raw);
+                    async move { session.execute_unpaged(raw, values).await }
+                }))
+                .await
+                .unwrap();
+            })
+        },
+    );
+    let streams: Vec<StreamId> = (0..WRITERS)
+        .map(|w| StreamId::new(format!("keel-w{w}")))
+        .collect();
+    let at = AtomicI64::new(0);
+    group.bench_function(format!("keel: append, {WRITERS} writers"), |bench| {
+        bench.to_async(&b.rt).iter(|| async {
+            let v = at.fetch_add(1, Ordering::Relaxed) as u64;
+            futures::future::try_join_all(streams.iter().map(|stream| {
+                let events = vec![NewEvent::new("Incremented", 1, body.clone())];
+                b.store
+                    .append(stream, ExpectedVersion::from_version(v), events)
+            }))
+            .await
+            .unwrap();
+        })
+    });
+    group.finish();
+}
+
 fn loads(c: &mut Criterion, b: &Bench) {
     let repo = Repository::<Counter>::new(Arc::new(b.store.clone()));
     let stream = Counter::stream_id("long");
@@ -334,6 +394,7 @@ fn codecs(c: &mut Criterion, b: &Bench) {
 fn all(c: &mut Criterion) {
     let b = setup();
     appends(c, &b);
+    concurrent_appends(c, &b);
     loads(c, &b);
     feed(c, &b);
     codecs(c, &b);
