@@ -389,7 +389,7 @@ impl FeederState {
             })
             .collect();
         let writer = self.shared.clone();
-        stream::iter(feed_batches(&self.shared, rows))
+        stream::iter(feed_batches(self.shared.feed_bucket_size, rows))
             .map(move |batch| {
                 let shared = writer.clone();
                 async move { shared.write_feed_rows(&batch).await }
@@ -503,17 +503,17 @@ const FEED_BATCH_ROWS: usize = 32;
 /// The rows of a plan cut into writes: consecutive positions of one feed partition, up to
 /// [`FEED_BATCH_ROWS`] rows and about [`FEED_BATCH_BYTES`] of payload and metadata.
 fn feed_batches(
-    shared: &Shared,
+    feed_bucket_size: i64,
     rows: Vec<(i64, RecordedEvent)>,
 ) -> Vec<Vec<(i64, RecordedEvent)>> {
     let mut batches: Vec<Vec<(i64, RecordedEvent)>> = Vec::new();
     let mut bytes = 0;
     for (position, event) in rows {
-        let size = event.payload.len() + event.event_type.len() + event.stream.as_str().len() + 64;
+        let size = row_size(&event);
         let fits = batches.last().is_some_and(|b| {
             b.len() < FEED_BATCH_ROWS
                 && bytes + size <= FEED_BATCH_BYTES
-                && shared.feed_bucket(b[0].0) == shared.feed_bucket(position)
+                && b[0].0 / feed_bucket_size == position / feed_bucket_size
         });
         if !fits {
             batches.push(Vec::new());
@@ -525,6 +525,23 @@ fn feed_batches(
         }
     }
     batches
+}
+
+/// About how many bytes a feed row takes in a batch: its blobs and texts, its metadata as
+/// JSON (three ids and the user pairs), and the fixed columns.
+fn row_size(event: &RecordedEvent) -> usize {
+    let metadata = if event.metadata.is_empty() {
+        0
+    } else {
+        let user: usize = event
+            .metadata
+            .user
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 8)
+            .sum();
+        160 + user
+    };
+    event.payload.len() + event.event_type.len() + event.stream.as_str().len() + metadata + 64
 }
 
 impl Shared {
@@ -730,5 +747,43 @@ impl Shared {
                 .map_ok(|events| stream::iter(events.into_iter().map(Ok)))
                 .try_flatten(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(position: i64, payload: usize) -> (i64, RecordedEvent) {
+        let event = keel::NewEvent::new("Happened", 1, vec![b'x'; payload]);
+        (
+            position,
+            RecordedEvent::record(StreamId::new("s"), position as u64, None, event),
+        )
+    }
+
+    fn shape(batches: &[Vec<(i64, RecordedEvent)>]) -> Vec<(i64, usize)> {
+        batches.iter().map(|b| (b[0].0, b.len())).collect()
+    }
+
+    #[test]
+    fn feed_rows_batch_within_a_partition_and_the_size_limits() {
+        // 40 small rows from position 990 in partitions of 1,000: cut at 1,000, then at 32.
+        let small: Vec<_> = (990..1_030).map(|p| row(p, 10)).collect();
+        assert_eq!(shape(&feed_batches(1_000, small)), [(990, 10), (1_000, 30)]);
+        let many: Vec<_> = (1..=70).map(|p| row(p, 10)).collect();
+        assert_eq!(
+            shape(&feed_batches(100_000, many)),
+            [(1, 32), (33, 32), (65, 6)]
+        );
+        // About 1 KB each: four fit under the byte limit; a row above it goes alone.
+        let big: Vec<_> = (1..=9).map(|p| row(p, 900)).collect();
+        assert_eq!(shape(&feed_batches(100_000, big)), [(1, 4), (5, 4), (9, 1)]);
+        let huge = vec![row(1, 10), row(2, 10_000), row(3, 10)];
+        assert_eq!(
+            shape(&feed_batches(100_000, huge)),
+            [(1, 1), (2, 1), (3, 1)]
+        );
+        assert!(feed_batches(100_000, Vec::new()).is_empty());
     }
 }
