@@ -7,8 +7,37 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use keel::codec::{Codec, KeyStore};
+use keel::doc::Counter;
 use keel::projection::Projection;
-use keel::{BoxError, EventStore, ExpectedVersion, NewEvent, RecordedEvent, StreamId};
+use keel::{
+    BoxError, Command, CommandBus, EventStore, ExpectedVersion, Metadata, NewEvent, RecordedEvent,
+    Repository, StreamId,
+};
+
+/// The command of the command benchmarks: add `by` to counter `id`.
+#[derive(Clone)]
+pub struct Increment {
+    /// The counter's id.
+    pub id: String,
+    /// How much to add.
+    pub by: u64,
+}
+
+impl Command for Increment {
+    type Output = u64;
+}
+
+/// A bus whose `Increment` handler runs the command through `repo` and answers the version
+/// reached: the path of one command end to end.
+pub fn counter_bus(repo: Repository<Counter>) -> CommandBus {
+    CommandBus::builder()
+        .command(move |c: Increment, meta: Metadata| {
+            let repo = repo.clone();
+            async move { Ok(repo.execute_with(&c.id, c.by, &meta).await?.version) }
+        })
+        .expect("one handler")
+        .build()
+}
 
 /// A projection that sums the `by` of counter events: cheap, so a rebuild benchmark measures
 /// the manager and the feed rather than the read model.

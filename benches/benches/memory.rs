@@ -12,22 +12,13 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use futures::TryStreamExt;
 use keel::doc::{Counter, CounterEvent};
 use keel::{
-    Aggregate, Command, CommandBus, EventStore, ExpectedVersion, Metadata, NewEvent, Repository,
+    Aggregate, CommandBus, EventStore, ExpectedVersion, Metadata, NewEvent, Repository,
     SnapshotPolicy,
 };
+use keel_benches::{counter_bus, Increment};
 use keel_memory::MemoryStore;
 
 const STREAM_LEN: u64 = 10_000;
-
-#[derive(Clone)]
-struct Increment {
-    id: String,
-    by: u64,
-}
-
-impl Command for Increment {
-    type Output = u64;
-}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -109,15 +100,7 @@ fn command(c: &mut Criterion) {
         },
     );
     group.bench_function("keel: bus -> repository -> memory", |b| {
-        let store = Arc::new(MemoryStore::new());
-        let repo = Repository::<Counter>::new(store);
-        let bus = CommandBus::builder()
-            .command(move |c: Increment, meta: Metadata| {
-                let repo = repo.clone();
-                async move { Ok(repo.execute_with(&c.id, c.by, &meta).await?.version) }
-            })
-            .unwrap()
-            .build();
+        let bus = counter_bus(Repository::<Counter>::new(Arc::new(MemoryStore::new())));
         let n = AtomicU64::new(0);
         b.to_async(&rt).iter(|| async {
             let id = format!("c-{}", next(&n) % 100_000);

@@ -16,6 +16,7 @@ use keel::{
 };
 use keel_scylla::KeelScylla;
 use scylla::client::session::Session;
+use scylla::statement::prepared::PreparedStatement;
 use scylla::value::CqlTimestamp;
 use uuid::Uuid;
 
@@ -76,17 +77,22 @@ fn payload() -> Bytes {
     Bytes::from(serde_json::to_vec(&CounterEvent::Incremented { by: 1 }).unwrap())
 }
 
+/// The raw driver's baseline append: a prepared LWT insert of one event row.
+fn raw_insert(b: &Bench) -> PreparedStatement {
+    b.rt.block_on(b.session.prepare(format!(
+        "INSERT INTO {}.raw_events (stream, version, event_id, event_type, schema_version, payload, metadata, recorded_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS",
+        b.keyspace
+    )))
+    .unwrap()
+}
+
 fn appends(c: &mut Criterion, b: &Bench) {
     let mut group = c.benchmark_group("scylla_append");
     group
         .sample_size(20)
         .measurement_time(Duration::from_secs(8));
-    let raw = b.rt.block_on(b.session.prepare(format!(
-        "INSERT INTO {}.raw_events (stream, version, event_id, event_type, schema_version, payload, metadata, recorded_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS",
-        b.keyspace
-    )))
-    .unwrap();
+    let raw = raw_insert(b);
     let body = payload();
     let version = AtomicI64::new(0);
     group.throughput(Throughput::Elements(1));
@@ -146,12 +152,7 @@ fn concurrent_appends(c: &mut Criterion, b: &Bench) {
         .sample_size(20)
         .measurement_time(Duration::from_secs(8))
         .throughput(Throughput::Elements(WRITERS as u64));
-    let raw = b.rt.block_on(b.session.prepare(format!(
-        "INSERT INTO {}.raw_events (stream, version, event_id, event_type, schema_version, payload, metadata, recorded_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS",
-        b.keyspace
-    )))
-    .unwrap();
+    let raw = raw_insert(b);
     let body = payload();
     let round = AtomicI64::new(0);
     group.bench_function(

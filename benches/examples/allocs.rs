@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use keel::doc::Counter;
-use keel::{Command, CommandBus, Metadata, Repository};
+use keel::{Metadata, Repository};
+use keel_benches::{counter_bus, Increment};
 use keel_memory::MemoryStore;
 
 /// The system allocator, counting.
@@ -59,16 +60,6 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-#[derive(Clone)]
-struct Increment {
-    id: String,
-    by: u64,
-}
-
-impl Command for Increment {
-    type Output = u64;
-}
-
 const AGGREGATES: u64 = 1_000;
 
 #[tokio::main(flavor = "current_thread")]
@@ -80,12 +71,7 @@ async fn main() -> keel::Result<()> {
         std::mem::size_of_val(&repo.execute_with("x", 1, &meta)),
         std::mem::size_of_val(&repo.load("x")),
     );
-    let bus = CommandBus::builder()
-        .command(move |c: Increment, meta: Metadata| {
-            let repo = repo.clone();
-            async move { Ok(repo.execute_with(&c.id, c.by, &meta).await?.version) }
-        })?
-        .build();
+    let bus = counter_bus(repo);
     let send = |i: u64| {
         bus.send(Increment {
             id: format!("c-{i}"),

@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::{stream, StreamExt, TryStreamExt};
 use keel::{Error, EventStream, Lease, RecordedEvent, Result, StreamId};
-use scylla::statement::batch::{Batch, BatchType};
 use scylla::value::CqlTimestamp;
 use serde_json::json;
 use tokio::sync::Notify;
@@ -33,7 +32,7 @@ use uuid::Uuid;
 
 use crate::error::{outcome_unknown, store_err};
 use crate::events::{Lwt, PAGE};
-use crate::Shared;
+use crate::{partition_batch, Shared};
 
 /// The lease every feeder competes for.
 pub(crate) const FEEDER_LEASE: &str = "keel.feeder";
@@ -573,12 +572,7 @@ impl Shared {
     /// batch drops the rows below it with a range delete, so a long-lived stream keeps one row
     /// instead of one per feeder round.
     async fn record_progress(&self, stream: &str, last: i64) -> Result<()> {
-        let mut batch = Batch::new(BatchType::Unlogged);
-        batch.append_statement(self.st.insert_progress.clone());
-        batch.append_statement(self.st.prune_progress.clone());
-        if let Some(level) = self.st.insert_progress.get_consistency() {
-            batch.set_consistency(level);
-        }
+        let batch = partition_batch([&self.st.insert_progress, &self.st.prune_progress]);
         self.session
             .batch(&batch, ((stream, last), (stream, last)))
             .await
@@ -628,13 +622,7 @@ impl Shared {
                 .map_err(|err| store_err(op(), err))?;
             return Ok(());
         }
-        let mut batch = Batch::new(BatchType::Unlogged);
-        for _ in &values {
-            batch.append_statement(self.st.insert_feed.clone());
-        }
-        if let Some(level) = self.st.insert_feed.get_consistency() {
-            batch.set_consistency(level);
-        }
+        let batch = partition_batch(std::iter::repeat_n(&self.st.insert_feed, values.len()));
         self.session
             .batch(&batch, values)
             .await

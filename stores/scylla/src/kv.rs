@@ -148,12 +148,8 @@ impl SnapshotStore for KeelScylla {
         // older ones with a range delete instead of letting a long-lived stream's partition
         // collect a full state per snapshot. A late save of an older snapshot leaves a newer
         // one in place (its delete only covers versions below its own).
-        let mut batch = Batch::new(BatchType::Unlogged);
-        batch.append_statement(self.shared.st.save_snapshot.clone());
-        batch.append_statement(self.shared.st.prune_snapshots.clone());
-        if let Some(level) = self.shared.st.save_snapshot.get_consistency() {
-            batch.set_consistency(level);
-        }
+        let st = &self.shared.st;
+        let batch = crate::partition_batch([&st.save_snapshot, &st.prune_snapshots]);
         let stream = snapshot.stream.as_str();
         let version = snapshot.version as i64;
         self.shared

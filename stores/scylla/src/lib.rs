@@ -495,6 +495,22 @@ pub(crate) struct Shared {
 
 pub(crate) type StreamKey = String;
 
+/// An unlogged batch of `statements`, at the consistency they were prepared with: for writes
+/// to one partition, which it sends as one request and applies together.
+pub(crate) fn partition_batch<'a>(
+    statements: impl IntoIterator<Item = &'a PreparedStatement>,
+) -> scylla::statement::batch::Batch {
+    use scylla::statement::batch::{Batch, BatchType};
+    let mut batch = Batch::new(BatchType::Unlogged);
+    for statement in statements {
+        if let Some(level) = statement.get_consistency() {
+            batch.set_consistency(level);
+        }
+        batch.append_statement(statement.clone());
+    }
+    batch
+}
+
 impl Shared {
     /// Runs a prepared read and returns its rows; failures name the operation.
     pub(crate) async fn select(

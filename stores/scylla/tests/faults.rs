@@ -388,20 +388,8 @@ async fn feed_progress_keeps_one_row_per_stream() {
         .await;
         assert_eq!(fed.len() as u64, (round + 1) * 2, "round {round} fed");
     }
-    let rows = store
-        .session()
-        .query_unpaged(
-            format!("SELECT version FROM {keyspace}.feed_progress WHERE stream = 'acct-progress'"),
-            (),
-        )
-        .await
-        .unwrap()
-        .into_rows_result()
-        .unwrap();
-    let versions: Vec<i64> = rows
-        .rows::<(i64,)>()
-        .unwrap()
-        .map(|r| r.unwrap().0)
-        .collect();
+    let cql =
+        format!("SELECT version FROM {keyspace}.feed_progress WHERE stream = 'acct-progress'");
+    let versions: Vec<i64> = common::column(&store, cql).await;
     assert_eq!(versions, [8], "one progress row, at the last version fed");
 }

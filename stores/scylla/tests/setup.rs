@@ -247,15 +247,7 @@ async fn data_keys_are_stored_wrapped_and_open_only_with_their_master_key() {
         "{err}"
     );
 
-    let none = common::open(
-        KeelScylla::builder()
-            .known_nodes(common::nodes())
-            .keyspace(&keyspace)
-            .feeder(false)
-            .bucket_size(500)
-            .feed_bucket_size(1_000),
-    )
-    .await;
+    let none = common::open(common::builder_without_master_key(&keyspace).feeder(false)).await;
     let err = none.key_for("bob").await.unwrap_err();
     assert!(
         err.to_string().contains("KeelScyllaBuilder::master_key"),
@@ -287,25 +279,9 @@ async fn a_new_snapshot_replaces_the_older_ones_of_its_stream() {
     // A late save of an older snapshot does not remove the newer one.
     store.save_snapshot(snapshot("a", 25)).await.unwrap();
 
-    let versions = |stream: &'static str| {
-        let store = &store;
-        let keyspace = &keyspace;
-        async move {
-            let rows = store
-                .session()
-                .query_unpaged(
-                    format!("SELECT version FROM {keyspace}.snapshots WHERE stream = '{stream}'"),
-                    (),
-                )
-                .await
-                .unwrap()
-                .into_rows_result()
-                .unwrap();
-            rows.rows::<(i64,)>()
-                .unwrap()
-                .map(|r| r.unwrap().0)
-                .collect::<Vec<_>>()
-        }
+    let versions = |stream: &str| {
+        let cql = format!("SELECT version FROM {keyspace}.snapshots WHERE stream = '{stream}'");
+        common::column::<i64>(&store, cql)
     };
     assert_eq!(versions("a").await, vec![30, 25], "30 pruned 10 and 20");
     assert_eq!(versions("b").await, vec![5], "other streams keep theirs");
@@ -406,15 +382,7 @@ async fn the_master_key_rotates_without_rewriting_events() {
         matches!(&err, keel::Error::Config { field, reason } if field == "master_key" && reason.contains("customer-ada")),
         "{err}"
     );
-    let without = common::open(
-        KeelScylla::builder()
-            .known_nodes(common::nodes())
-            .keyspace(&keyspace)
-            .feeder(false)
-            .bucket_size(500)
-            .feed_bucket_size(1_000),
-    )
-    .await;
+    let without = common::open(common::builder_without_master_key(&keyspace).feeder(false)).await;
     assert!(
         matches!(without.rewrap_keys().await, Err(keel::Error::Config { ref field, .. }) if field == "master_key")
     );
@@ -422,21 +390,8 @@ async fn the_master_key_rotates_without_rewriting_events() {
 
 /// The ids in the index of unfinished sagas.
 async fn indexed_sagas(store: &KeelScylla) -> Vec<String> {
-    let rows = store
-        .session()
-        .query_unpaged(
-            format!("SELECT id FROM {}.sagas_unfinished", store.keyspace()),
-            (),
-        )
-        .await
-        .unwrap()
-        .into_rows_result()
-        .unwrap();
-    let mut ids: Vec<String> = rows
-        .rows::<(String,)>()
-        .unwrap()
-        .map(|r| r.unwrap().0)
-        .collect();
+    let cql = format!("SELECT id FROM {}.sagas_unfinished", store.keyspace());
+    let mut ids: Vec<String> = common::column(store, cql).await;
     ids.sort();
     ids
 }
@@ -550,19 +505,9 @@ async fn a_version_1_keyspace_is_migrated_and_its_unfinished_sagas_indexed() {
     }
     let migrated = common::open(common::builder(&keyspace).feeder(false)).await;
     assert_eq!(indexed_sagas(&migrated).await, ["running"]);
-    let (version,): (i32,) = migrated
-        .session()
-        .query_unpaged(
-            format!("SELECT version FROM {keyspace}.keel_schema WHERE id = 0"),
-            (),
-        )
-        .await
-        .unwrap()
-        .into_rows_result()
-        .unwrap()
-        .single_row()
-        .unwrap();
-    assert_eq!(version, keel_scylla::SCHEMA_VERSION);
+    let cql = format!("SELECT version FROM {keyspace}.keel_schema WHERE id = 0");
+    let version: Vec<i32> = common::column(&migrated, cql).await;
+    assert_eq!(version, [keel_scylla::SCHEMA_VERSION]);
     let unfinished = migrated.list_sagas(true).await.unwrap();
     assert_eq!(unfinished.len(), 1);
     assert_eq!(unfinished[0].id, "running");

@@ -35,6 +35,16 @@ async fn open(builder: keel_scylla::KeelScyllaBuilder) -> KeelScylla {
         })
 }
 
+/// Stops the store's tasks and drops the test's keyspace.
+async fn drop_keyspace(store: &KeelScylla, keyspace: &str) {
+    store.shutdown().await;
+    store
+        .session()
+        .query_unpaged(format!("DROP KEYSPACE {keyspace}"), ())
+        .await
+        .unwrap();
+}
+
 /// Runs `keel` with the arguments; returns (success, stdout, stderr).
 async fn keel(keyspace: &str, args: &[&str]) -> (bool, String, String) {
     keel_with_env(keyspace, args, &[]).await
@@ -184,12 +194,7 @@ async fn the_operator_command_lists_shows_and_steers() {
         "{err}"
     );
     manager.stop().await;
-    store.shutdown().await;
-    store
-        .session()
-        .query_unpaged(format!("DROP KEYSPACE {keyspace}"), ())
-        .await
-        .unwrap();
+    drop_keyspace(&store, &keyspace).await;
 }
 
 #[tokio::test]
@@ -378,12 +383,7 @@ async fn subjects_are_shown_and_shredded_and_encrypted_payloads_never_printed() 
         "the event reads as shredded after the command"
     );
 
-    store.shutdown().await;
-    store
-        .session()
-        .query_unpaged(format!("DROP KEYSPACE {keyspace}"), ())
-        .await
-        .unwrap();
+    drop_keyspace(&store, &keyspace).await;
 }
 
 #[tokio::test]

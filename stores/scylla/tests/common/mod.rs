@@ -30,6 +30,11 @@ pub fn fresh_keyspace(prefix: &str) -> String {
 /// A builder on the test node, with a short feeder lease and a small bucket size so tests
 /// cross bucket boundaries.
 pub fn builder(keyspace: &str) -> KeelScyllaBuilder {
+    builder_without_master_key(keyspace).master_key(keel::codec::MasterKey::generate())
+}
+
+/// [`builder`] without a master key: its key store can neither create nor read keys.
+pub fn builder_without_master_key(keyspace: &str) -> KeelScyllaBuilder {
     KeelScylla::builder()
         .known_nodes(nodes())
         .keyspace(keyspace)
@@ -37,7 +42,21 @@ pub fn builder(keyspace: &str) -> KeelScyllaBuilder {
         .feed_bucket_size(1_000)
         .feeder_lease_ttl(std::time::Duration::from_secs(3))
         .feeder_interval(std::time::Duration::from_millis(20))
-        .master_key(keel::codec::MasterKey::generate())
+}
+
+/// The first column of every row `cql` returns, in the order the node returns them.
+pub async fn column<T>(store: &KeelScylla, cql: String) -> Vec<T>
+where
+    T: for<'frame, 'metadata> scylla::deserialize::value::DeserializeValue<'frame, 'metadata>,
+{
+    let rows = store
+        .session()
+        .query_unpaged(cql, ())
+        .await
+        .unwrap()
+        .into_rows_result()
+        .unwrap();
+    rows.rows::<(T,)>().unwrap().map(|r| r.unwrap().0).collect()
 }
 
 /// Opens a store, failing loudly with what to do when there is no node.
