@@ -65,6 +65,26 @@ impl Wake {
     fn take(&self) -> HashSet<StreamId> {
         std::mem::take(&mut *self.streams.lock().unwrap_or_else(|p| p.into_inner()))
     }
+
+    /// Whether appends of this process are waiting for the feeder.
+    fn pending(&self) -> bool {
+        !self
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+}
+
+/// The next round's gather: doubled, up to `max`, when appends kept arriving while the last
+/// round ran (the load is sustained, so fewer and larger rounds cost the node less); back to
+/// `base` as soon as a round finds nothing waiting.
+fn next_gather(current: Duration, busy: bool, base: Duration, max: Duration) -> Duration {
+    if busy {
+        (current * 2).clamp(base, max.max(base))
+    } else {
+        base
+    }
 }
 
 /// A planned range: `stream` versions `first..=last` at positions from `position`.
@@ -82,6 +102,7 @@ pub(crate) struct FeederConfig {
     pub(crate) interval: Duration,
     pub(crate) settle_after: Duration,
     pub(crate) gather: Duration,
+    pub(crate) gather_max: Duration,
 }
 
 /// The running feeder task of one store.
@@ -105,6 +126,7 @@ impl Feeder {
         let lease = Arc::new(Mutex::new(None));
         let mut state = FeederState {
             shared: shared.clone(),
+            gather: config.gather,
             config,
             leader: leader.clone(),
             lease: lease.clone(),
@@ -157,6 +179,8 @@ struct FeederState {
     /// When markers were last scanned: at most once per `interval`, however often appends of
     /// this process wake the feeder.
     last_scan: Option<Instant>,
+    /// How long the next wake-up waits for more appends (see [`next_gather`]).
+    gather: Duration,
 }
 
 impl FeederState {
@@ -193,10 +217,16 @@ impl FeederState {
                     self.reset();
                 }
             }
+            self.gather = next_gather(
+                self.gather,
+                self.shared.wake.pending(),
+                self.config.gather,
+                self.config.gather_max,
+            );
             tokio::select! {
                 _ = self.shared.wake.notify.notified() => {
                     // Let a burst of appends gather so one allocation covers them all.
-                    tokio::time::sleep(self.config.gather).await;
+                    tokio::time::sleep(self.gather).await;
                 }
                 _ = tokio::time::sleep(self.config.interval) => {}
             }
@@ -752,6 +782,23 @@ mod tests {
 
     fn shape(batches: &[Vec<(i64, RecordedEvent)>]) -> Vec<(i64, usize)> {
         batches.iter().map(|b| (b[0].0, b.len())).collect()
+    }
+
+    #[test]
+    fn the_gather_doubles_under_sustained_load_and_resets_when_idle() {
+        let ms = Duration::from_millis;
+        let (base, max) = (ms(20), ms(160));
+        let mut gather = base;
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            gather = next_gather(gather, true, base, max);
+            seen.push(gather.as_millis());
+        }
+        assert_eq!(seen, [40, 80, 160, 160, 160]);
+        assert_eq!(next_gather(gather, false, base, max), base);
+        // A ceiling below the base leaves the base; equal ones give a fixed wait.
+        assert_eq!(next_gather(base, true, base, ms(5)), base);
+        assert_eq!(next_gather(base, true, base, base), base);
     }
 
     #[test]

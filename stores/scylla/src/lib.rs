@@ -123,6 +123,7 @@ pub struct KeelScyllaBuilder {
     feeder_interval: Duration,
     settle_after: Duration,
     feeder_gather: Duration,
+    feeder_gather_max: Duration,
     create_schema: bool,
     master_key: Option<keel::codec::MasterKey>,
     previous_master_keys: Vec<keel::codec::MasterKey>,
@@ -147,6 +148,7 @@ impl Default for KeelScyllaBuilder {
             feeder_interval: Duration::from_millis(100),
             settle_after: Duration::from_secs(60),
             feeder_gather: Duration::from_millis(20),
+            feeder_gather_max: Duration::from_millis(160),
             create_schema: true,
             master_key: None,
             previous_master_keys: Vec::new(),
@@ -332,6 +334,17 @@ impl KeelScyllaBuilder {
         self
     }
 
+    /// The longest the gather grows to under sustained load (default 160 ms). While appends
+    /// keep arriving during the feeder's rounds, each round's gather doubles up to this, so
+    /// the feeder's position allocations (one LWT each) and feed writes take less of the
+    /// cluster's time from the appends; the first round that finds nothing waiting returns to
+    /// [`feeder_gather`](Self::feeder_gather). Under load the feed then trails the appends by
+    /// up to this much. Set it equal to `feeder_gather` for a fixed wait.
+    pub fn feeder_gather_max(mut self, max: Duration) -> Self {
+        self.feeder_gather_max = max;
+        self
+    }
+
     /// How long after an append's marker the feeder checks its stream once more (default 60 s).
     /// It must exceed the longest an append can take (3 attempts of `append_timeout` plus their
     /// read-backs); within what is left, appends to a stream reuse its last marker instead of
@@ -453,6 +466,7 @@ impl KeelScyllaBuilder {
                     interval: self.feeder_interval,
                     settle_after: self.settle_after,
                     gather: self.feeder_gather,
+                    gather_max: self.feeder_gather_max,
                 },
             ))
         } else {
