@@ -59,7 +59,8 @@ impl ProjectionManagerBuilder {
         self
     }
 
-    /// Events read per batch (default 1,000); one checkpoint save per batch.
+    /// Events read per batch (default 1,000); one checkpoint save per batch. A rebuild reads
+    /// 16 batches per checkpoint.
     pub fn batch_size(mut self, size: usize) -> Self {
         self.config.batch_size = size.max(1);
         self
