@@ -184,6 +184,19 @@ impl Shared {
                 return Ok(());
             }
         }
+        self.insert_marker(stream).await?;
+        let mut markers = self.markers.lock().unwrap_or_else(|p| p.into_inner());
+        if markers.len() > 100_000 {
+            let reuse = self.marker_reuse;
+            markers.retain(|_, at| at.elapsed() < reuse);
+        }
+        markers.insert(stream.to_owned(), started);
+        Ok(())
+    }
+
+    /// Writes a fresh marker for `stream`: the leading feeder, wherever it runs, looks at the
+    /// stream at its next scan and once more after `settle_after`.
+    pub(crate) async fn insert_marker(&self, stream: &str) -> Result<()> {
         let now = keel::event::now_millis();
         self.session
             .execute_unpaged(
@@ -192,12 +205,6 @@ impl Shared {
             )
             .await
             .map_err(|e| store_err(format!("write feed marker for `{stream}`"), e))?;
-        let mut markers = self.markers.lock().unwrap_or_else(|p| p.into_inner());
-        if markers.len() > 100_000 {
-            let reuse = self.marker_reuse;
-            markers.retain(|_, at| at.elapsed() < reuse);
-        }
-        markers.insert(stream.to_owned(), started);
         Ok(())
     }
 

@@ -336,18 +336,7 @@ impl FeederState {
         if let Some(v) = self.progress.get(stream) {
             return Ok(*v);
         }
-        let rows = self
-            .shared
-            .select(
-                &self.shared.st.read_progress,
-                (stream,),
-                format!("read feed progress of `{stream}`"),
-            )
-            .await?;
-        let v = rows
-            .maybe_first_row::<(i64,)>()
-            .map_err(|e| store_err(format!("read feed progress of `{stream}`"), e))?
-            .map_or(0, |(v,)| v);
+        let v = self.shared.fed_version(stream).await?;
         self.progress.insert(stream.to_owned(), v);
         Ok(v)
     }
@@ -574,6 +563,16 @@ fn row_size(event: &RecordedEvent) -> usize {
 }
 
 impl Shared {
+    /// The last version of `stream` in the feed (0: none).
+    pub(crate) async fn fed_version(&self, stream: &str) -> Result<i64> {
+        let op = || format!("read feed progress of `{stream}`");
+        let rows = self.select(&self.st.read_progress, (stream,), op()).await?;
+        Ok(rows
+            .maybe_first_row::<(i64,)>()
+            .map_err(|e| store_err(op(), e))?
+            .map_or(0, |(v,)| v))
+    }
+
     fn feed_bucket(&self, position: i64) -> i64 {
         position / self.feed_bucket_size
     }

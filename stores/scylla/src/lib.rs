@@ -33,6 +33,7 @@ mod feed;
 mod keys;
 mod kv;
 mod projections;
+mod reconcile;
 mod sagas;
 mod schema;
 
@@ -48,6 +49,7 @@ use scylla::statement::{Consistency, SerialConsistency};
 pub use error::Error;
 pub use keys::Rewrapped;
 pub use projections::ViewBatch;
+pub use reconcile::Reconciled;
 pub use schema::{validate_identifier, Replication, SCHEMA_VERSION};
 
 /// Versions per event partition unless configured otherwise.
@@ -700,6 +702,7 @@ pub(crate) struct Statements {
     pub(crate) shredded_insert: PreparedStatement,
     pub(crate) shredded_read: PreparedStatement,
     pub(crate) key_scan: PreparedStatement,
+    pub(crate) head_scan: PreparedStatement,
     pub(crate) key_rewrap: PreparedStatement,
     pub(crate) append_timeout: Duration,
 }
@@ -833,6 +836,7 @@ impl Statements {
             shredded_insert: prep(format!("INSERT INTO {ks}.shredded_keys (key_id, shredded_at) VALUES (?, ?)")).await?,
             shredded_read: prep(format!("SELECT key_id FROM {ks}.shredded_keys WHERE key_id = ?")).await?,
             key_scan: prep(format!("SELECT subject, key_id, wrapped FROM {ks}.keys")).await?,
+            head_scan: prep(format!("SELECT DISTINCT stream, bucket, head FROM {ks}.events")).await?,
             key_rewrap: lwt(prep(format!("UPDATE {ks}.keys SET wrapped = ? WHERE subject = ? IF key_id = ? AND wrapped = ?")).await?),
             append_timeout: cfg.append_timeout,
         })

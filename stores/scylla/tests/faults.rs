@@ -1,7 +1,8 @@
 //! keel-scylla under faults and at its edges, on a real CQL node: bucket boundaries (also
 //! under random histories), a writer
-//! that dies before the feed hears of its events, a feeder that dies mid-plan, timed-out
-//! LWTs, payloads that no longer decode.
+//! that dies before the feed hears of its events, a feeder that dies mid-plan, markers that
+//! expired with no feeder running (reconciliation), timed-out LWTs, payloads that no longer
+//! decode.
 
 mod common;
 
@@ -392,4 +393,84 @@ async fn feed_progress_keeps_one_row_per_stream() {
         format!("SELECT version FROM {keyspace}.feed_progress WHERE stream = 'acct-progress'");
     let versions: Vec<i64> = common::column(&store, cql).await;
     assert_eq!(versions, [8], "one progress row, at the last version fed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_whose_markers_expired_reach_the_feed_by_reconciling() {
+    let keyspace = common::fresh_keyspace("keel_reconcile");
+    // Writers ran with no feeder anywhere for longer than markers live (an hour): simulated by
+    // dropping every marker after the appends. One stream spans two partitions (500 versions
+    // each in these tests).
+    let writer = common::open(common::builder(&keyspace).feeder(false)).await;
+    let long = StreamId::new("ledger-long");
+    let short = StreamId::new("ledger-short");
+    writer
+        .append(&long, ExpectedVersion::NoStream, events(300))
+        .await
+        .unwrap();
+    writer
+        .append(&long, ExpectedVersion::Exact(300), events(300))
+        .await
+        .unwrap();
+    // An append stays in the partition of its first version: the third one opens the second.
+    writer
+        .append(&long, ExpectedVersion::Exact(600), events(10))
+        .await
+        .unwrap();
+    writer
+        .append(&short, ExpectedVersion::NoStream, events(2))
+        .await
+        .unwrap();
+    writer
+        .session()
+        .query_unpaged(format!("TRUNCATE {keyspace}.pending"), ())
+        .await
+        .unwrap();
+
+    // A feeder starts: it publishes what it hears of, and knows nothing of those events.
+    let feeder = common::open(common::builder(&keyspace)).await;
+    let fresh = StreamId::new("ledger-fresh");
+    feeder
+        .append(&fresh, ExpectedVersion::NoStream, events(1))
+        .await
+        .unwrap();
+    let only_fresh: HashSet<StreamId> = [fresh.clone()].into();
+    let fed = feed_of(&feeder, 1, &only_fresh, 1, Duration::from_secs(20)).await;
+    assert_eq!(fed.len(), 1, "the feeder runs");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let all: Vec<RecordedEvent> = feeder.read_all(1).try_collect().await.unwrap();
+    assert_eq!(all.len(), 1, "events without markers stay out of the feed");
+
+    // Reconciling from a process without a feeder (as `keel feed reconcile` does) finds them
+    // and the leading feeder publishes them, once each and in order.
+    let found = writer.reconcile_feed().await.unwrap();
+    assert_eq!(found.lagging, ["ledger-long", "ledger-short"]);
+    assert_eq!(found.unfed_events, 612);
+    assert_eq!(
+        found.partitions, 4,
+        "two for the long stream, one each for the others: {found:?}"
+    );
+    let wanted: HashSet<StreamId> = [long.clone(), short.clone()].into();
+    let fed = feed_of(&feeder, 1, &wanted, 612, Duration::from_secs(30)).await;
+    assert_eq!(fed.len(), 612, "every committed event reached the feed");
+    let ids: HashSet<_> = fed.iter().map(|e| e.event_id).collect();
+    assert_eq!(ids.len(), 612, "none twice");
+    for (stream, n) in [(&long, 610), (&short, 2)] {
+        let versions: Vec<u64> = fed
+            .iter()
+            .filter(|e| &e.stream == stream)
+            .map(|e| e.version)
+            .collect();
+        assert_eq!(
+            versions,
+            (1..=n).collect::<Vec<u64>>(),
+            "`{stream}` in order"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let again = writer.reconcile_feed().await.unwrap();
+    assert!(again.lagging.is_empty(), "nothing left: {again:?}");
+    assert_eq!(again.unfed_events, 0);
+    let all: Vec<RecordedEvent> = feeder.read_all(1).try_collect().await.unwrap();
+    assert_eq!(all.len(), 613, "and nothing published twice");
 }

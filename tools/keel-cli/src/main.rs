@@ -12,6 +12,7 @@
 //! keel subjects show SUBJECT
 //! keel subjects shred SUBJECT --yes    # crypto-shredding: deletes the subject's key
 //! keel subjects rewrap                 # master key rotation (KEEL_MASTER_KEY, KEEL_PREVIOUS_MASTER_KEYS)
+//! keel feed reconcile                  # finds committed events missing from the feed
 //! ```
 //!
 //! Where: `--nodes host:port,...` (or `KEEL_SCYLLA_NODES`, default `127.0.0.1:9042`) and
@@ -81,6 +82,19 @@ enum Command {
         #[command(subcommand)]
         action: SubjectAction,
     },
+    /// The global feed that projections read.
+    Feed {
+        #[command(subcommand)]
+        action: FeedAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum FeedAction {
+    /// Compare every stream's head with the feed and mark the streams that are behind, so the
+    /// running feeder publishes their missing events. Needed after writers ran for over an
+    /// hour with no feeder anywhere (their markers expired). Reads every stream's head.
+    Reconcile,
 }
 
 #[derive(Subcommand)]
@@ -186,7 +200,41 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             action: StreamAction::Show { id, from },
         } => show_stream(&store, &id, from, cli.json).await,
         Command::Subjects { action } => subjects(&store, action, cli.json).await,
+        Command::Feed {
+            action: FeedAction::Reconcile,
+        } => reconcile(&store, cli.json).await,
     }
+}
+
+async fn reconcile(store: &KeelScylla, json: bool) -> Result<(), Box<dyn std::error::Error>> {
+    let found = store.reconcile_feed().await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "partitions": found.partitions,
+                "lagging": found.lagging,
+                "unfed_events": found.unfed_events,
+            })
+        );
+    } else if found.lagging.is_empty() {
+        println!(
+            "looked at {} event partition(s): the feed has every committed event",
+            found.partitions
+        );
+    } else {
+        println!(
+            "looked at {} event partition(s): {} stream(s) had {} event(s) missing from the feed",
+            found.partitions,
+            found.lagging.len(),
+            found.unfed_events
+        );
+        for stream in &found.lagging {
+            println!("  {stream}");
+        }
+        println!("marked for the feeder: the process holding the feeder lease publishes them");
+    }
+    Ok(())
 }
 
 async fn subjects(

@@ -447,3 +447,42 @@ async fn the_master_key_is_rotated_from_the_environment() {
     let (ok, _, err) = keel_with_env(&keyspace, &["subjects", "rewrap"], &env).await;
     assert!(!ok && err.contains("customer-eve"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn feed_reconcile_finds_events_whose_markers_expired() {
+    let keyspace = fresh_keyspace("keel_feed");
+    // A writer without a feeder, whose markers are gone (as after an hour without a feeder).
+    let writer = open(KeelScylla::builder().keyspace(&keyspace).feeder(false)).await;
+    let stream = StreamId::new("ledger-7");
+    let events = (0..3)
+        .map(|_| NewEvent::new("Noted", 1, &b"{}"[..]))
+        .collect();
+    writer
+        .append(&stream, ExpectedVersion::NoStream, events)
+        .await
+        .unwrap();
+    writer
+        .session()
+        .query_unpaged(format!("TRUNCATE {keyspace}.pending"), ())
+        .await
+        .unwrap();
+
+    let (ok, out, err) = keel(&keyspace, &["--json", "feed", "reconcile"]).await;
+    assert!(ok, "{err}");
+    let found: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(found["lagging"], serde_json::json!(["ledger-7"]));
+    assert_eq!(found["unfed_events"], 3);
+
+    // A feeder starts and publishes them from the command's marker; then nothing is missing.
+    let feeder = open(KeelScylla::builder().keyspace(&keyspace)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while feeder.feed_head().await.unwrap() < 3 {
+        assert!(Instant::now() < deadline, "the feeder published the events");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (ok, out, err) = keel(&keyspace, &["feed", "reconcile"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("the feed has every committed event"), "{out}");
+    drop_keyspace(&feeder, &keyspace).await;
+}

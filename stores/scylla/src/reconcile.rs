@@ -1,0 +1,91 @@
+//! Feed reconciliation: finds committed events that never reached the feed and hands their
+//! streams to the feeder.
+//!
+//! The feeder learns of other processes' appends from markers that live for an hour (see
+//! `docs/scylla.md`). Events committed while no feeder ran for longer than that have no marker
+//! left, and would stay out of the feed until their stream is appended to again. A
+//! reconciliation compares every stream's head with its fed progress and writes a fresh
+//! marker for each stream that is behind; whichever feeder leads then publishes the missing
+//! events, in order, exactly as it would have.
+
+use std::collections::BTreeMap;
+
+use futures::TryStreamExt;
+
+use crate::error::store_err;
+use crate::KeelScylla;
+
+/// How many progress reads a reconciliation keeps in flight.
+const CONCURRENCY: usize = 32;
+
+/// What [`KeelScylla::reconcile_feed`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Event partitions looked at (a stream has one per `bucket_size` versions).
+    pub partitions: u64,
+    /// Streams with committed events the feed did not have, in name order: each was given a
+    /// fresh marker, so the leading feeder publishes them.
+    pub lagging: Vec<String>,
+    /// How many events those streams had that the feed did not, when looked at.
+    pub unfed_events: u64,
+}
+
+impl KeelScylla {
+    /// Compares every stream's head with what the feed holds of it, and marks each stream
+    /// that is behind for the feeder (a fresh marker; a wake-up too when this process's feeder
+    /// leads). The leading feeder then publishes the missing events within about
+    /// `feeder_interval`, in version order, each exactly once; a stream that is merely being
+    /// appended to right now is harmlessly looked at once more.
+    ///
+    /// Needed only after the feed lost track of appends: when writers ran for more than an
+    /// hour with no feeder running anywhere (their markers expired). It reads every event
+    /// partition's head (a full scan of the partition keys, paged) and one progress row per
+    /// partition, so its cost grows with the number of streams, not events. `keel feed
+    /// reconcile` runs it from the command line.
+    pub async fn reconcile_feed(&self) -> keel::Result<Reconciled> {
+        let shared = &self.shared;
+        let op = "scan the event partitions' heads";
+        let heads = shared
+            .session
+            .execute_iter(shared.st.head_scan.clone(), ())
+            .await
+            .map_err(|e| store_err(op, e))?
+            .rows_stream::<(String, i64, Option<i64>)>()
+            .map_err(|e| store_err(op, e))?
+            .map_err(move |e| store_err(op, e));
+        let mut found = Reconciled::default();
+        // Per lagging stream: its head and fed versions (an append never splits across
+        // partitions, so a partition's versions may run past its bucket's share; only the
+        // stream's highest head says how many events it has).
+        let mut lagging: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+        let mut behind = std::pin::pin!(heads
+            .map_ok(|(stream, _bucket, head)| async move {
+                let fed = shared.fed_version(&stream).await?;
+                Ok::<_, keel::Error>((stream, head.unwrap_or(0), fed))
+            })
+            .try_buffer_unordered(CONCURRENCY));
+        while let Some((stream, head, fed)) = behind.try_next().await? {
+            found.partitions += 1;
+            if head > fed {
+                let entry = lagging.entry(stream).or_insert((head, fed));
+                entry.0 = entry.0.max(head);
+            }
+        }
+        for stream in lagging.keys() {
+            shared.insert_marker(stream).await?;
+            shared.wake.notify(keel::StreamId::new(stream));
+        }
+        found.unfed_events = lagging
+            .values()
+            .map(|(head, fed)| (head - fed) as u64)
+            .sum();
+        found.lagging = lagging.into_keys().collect();
+        tracing::info!(
+            partitions = found.partitions,
+            lagging = found.lagging.len(),
+            unfed_events = found.unfed_events,
+            "feed reconciled"
+        );
+        Ok(found)
+    }
+}
