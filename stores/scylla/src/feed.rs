@@ -563,6 +563,40 @@ fn row_size(event: &RecordedEvent) -> usize {
 }
 
 impl Shared {
+    /// The streams of the last hour's markers whose committed events are not all in the feed
+    /// (looking at up to `cap` streams), and how many events they lack. Without a feeder,
+    /// these are appends waiting for one.
+    pub(crate) async fn unfed_marked_streams(&self, cap: usize) -> Result<(usize, u64)> {
+        let now = keel::event::now_millis();
+        let since = now - FULL_LOOKBACK_MS;
+        let mut streams = HashSet::new();
+        'scan: for minute in (since / 60_000)..=(now / 60_000) {
+            let op = "scan feed markers";
+            let rows = self
+                .select(&self.st.scan_markers, (minute, since), op)
+                .await?;
+            for row in rows
+                .rows::<(i64, Uuid, String)>()
+                .map_err(|e| store_err(op, e))?
+            {
+                streams.insert(row.map_err(|e| store_err(op, e))?.2);
+                if streams.len() >= cap {
+                    break 'scan;
+                }
+            }
+        }
+        let behind: Vec<i64> = stream::iter(streams)
+            .map(|s| async move {
+                let head = self.current_version(&s).await?.unwrap_or(0) as i64;
+                Ok::<_, Error>(head - self.fed_version(&s).await?)
+            })
+            .buffer_unordered(32)
+            .try_filter(|&lag| futures::future::ready(lag > 0))
+            .try_collect()
+            .await?;
+        Ok((behind.len(), behind.iter().map(|&lag| lag as u64).sum()))
+    }
+
     /// The last version of `stream` in the feed (0: none).
     pub(crate) async fn fed_version(&self, stream: &str) -> Result<i64> {
         let op = || format!("read feed progress of `{stream}`");

@@ -22,7 +22,7 @@ fn ttl_secs(ttl: Duration) -> i32 {
 }
 
 impl Shared {
-    async fn read_lease(&self, name: &str) -> Result<Option<(Option<String>, i64)>> {
+    pub(crate) async fn read_lease(&self, name: &str) -> Result<Option<(Option<String>, i64)>> {
         let rows = self
             .select(&self.st.lease_read, (name,), format!("read lease `{name}`"))
             .await?;

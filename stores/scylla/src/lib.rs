@@ -577,7 +577,9 @@ impl KeelScylla {
         self.feeder.as_ref().as_ref().is_some_and(|f| f.is_leader())
     }
 
-    /// Checks the node (reachable, its release), the schema version, and the feeder.
+    /// Checks the node (reachable, its release), the schema version, and the feeder: healthy
+    /// while some process holds the feeder lease; without one, unhealthy when streams marked
+    /// in the last hour have committed events the feed lacks (appends waiting for a feeder).
     pub async fn health(&self) -> keel::health::Health {
         let mut health =
             keel::health::Health::new(format!("scylla store `{}`", self.shared.keyspace));
@@ -629,13 +631,40 @@ impl KeelScylla {
                 health.check("schema", false, e);
             }
         }
-        let feeder = match self.feeder.as_ref() {
-            None => "disabled in this process".to_owned(),
-            Some(f) if f.is_leader() => "leading: this process publishes the feed".to_owned(),
-            Some(_) => "standby: another process holds the feeder lease".to_owned(),
-        };
-        health.check("feeder", true, feeder);
+        let (healthy, feeder) = self.feeder_health().await;
+        health.check("feeder", healthy, feeder);
         health
+    }
+
+    /// Whether some process publishes the feed. Without a feeder, appends wait; past an hour
+    /// their markers expire and only `keel feed reconcile` brings their events to the feed.
+    async fn feeder_health(&self) -> (bool, String) {
+        let here = match self.feeder.as_ref() {
+            Some(f) if f.is_leader() => {
+                return (true, "leading: this process publishes the feed".to_owned())
+            }
+            Some(_) => "standby in this process",
+            None => "disabled in this process",
+        };
+        match self.shared.read_lease(feed::FEEDER_LEASE).await {
+            Ok(Some((Some(holder), _))) => (true, format!("{here}; held by feeder `{holder}`")),
+            Ok(_) => match self.shared.unfed_marked_streams(1_000).await {
+                Ok((0, _)) => (
+                    true,
+                    format!("{here}; no feeder runs, and no append of the last hour waits for one"),
+                ),
+                Ok((streams, events)) => (
+                    false,
+                    format!(
+                        "{here}; no feeder runs, and {events} event(s) of {streams} stream(s) \
+                         appended in the last hour wait for one: start a process with a feeder \
+                         (after an hour, also run `keel feed reconcile`)"
+                    ),
+                ),
+                Err(e) => (false, format!("{here}; no feeder runs ({e})")),
+            },
+            Err(e) => (false, format!("{here}; feeder lease unreadable: {e}")),
+        }
     }
 
     /// Stops the feeder and releases its lease so another process takes over at once.

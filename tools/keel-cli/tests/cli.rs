@@ -449,7 +449,7 @@ async fn the_master_key_is_rotated_from_the_environment() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn feed_reconcile_finds_events_whose_markers_expired() {
+async fn health_and_feed_reconcile_find_events_no_feeder_published() {
     let keyspace = fresh_keyspace("keel_feed");
     // A writer without a feeder, whose markers are gone (as after an hour without a feeder).
     let writer = open(KeelScylla::builder().keyspace(&keyspace).feeder(false)).await;
@@ -461,6 +461,13 @@ async fn feed_reconcile_finds_events_whose_markers_expired() {
         .append(&stream, ExpectedVersion::NoStream, events)
         .await
         .unwrap();
+    // No process runs a feeder: the health check says what waits.
+    let (ok, out, _) = keel(&keyspace, &["health"]).await;
+    assert!(!ok, "no feeder while appends wait is unhealthy: {out}");
+    assert!(
+        out.contains("no feeder runs, and 3 event(s) of 1 stream(s)"),
+        "{out}"
+    );
     writer
         .session()
         .query_unpaged(format!("TRUNCATE {keyspace}.pending"), ())
@@ -484,5 +491,7 @@ async fn feed_reconcile_finds_events_whose_markers_expired() {
     let (ok, out, err) = keel(&keyspace, &["feed", "reconcile"]).await;
     assert!(ok, "{err}");
     assert!(out.contains("the feed has every committed event"), "{out}");
+    let (ok, out, _) = keel(&keyspace, &["health"]).await;
+    assert!(ok && out.contains("held by feeder"), "{out}");
     drop_keyspace(&feeder, &keyspace).await;
 }
