@@ -392,6 +392,89 @@ fn codecs(c: &mut Criterion, b: &Bench) {
     load.finish();
 }
 
+/// A burst of appends from 32 writers (60 appends of 10 events each: 19,200 events), timed
+/// until committed (the baseline) and until the feed holds every one of them: how far the
+/// feeder trails a heavy load. It runs in a keyspace of its own, so that the feed's expected
+/// length is known exactly; before each timed burst the feed has caught up with the last.
+fn feed_burst(c: &mut Criterion, b: &Bench) {
+    const WRITERS: usize = 32;
+    const APPENDS: usize = 60;
+    const EVENTS: usize = 10;
+    const BURST: u64 = (WRITERS * APPENDS * EVENTS) as u64;
+    let keyspace = format!("{}_burst", b.keyspace);
+    let nodes = std::env::var("KEEL_SCYLLA_NODES").unwrap_or_else(|_| "127.0.0.1:9042".into());
+    let store = b.rt.block_on(async {
+        let store = KeelScylla::builder()
+            .known_nodes(nodes.split(','))
+            .keyspace(&keyspace)
+            .build()
+            .await
+            .unwrap();
+        while !store.is_feeding() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        store
+    });
+    let bursts = AtomicI64::new(0);
+    let body = payload();
+    let burst = |until_fed: bool| {
+        let (store, bursts, body) = (&store, &bursts, &body);
+        async move {
+            let n = bursts.fetch_add(1, Ordering::Relaxed) as u64;
+            // Untimed: the feed holds every earlier burst.
+            while store.feed_head().await.unwrap() < n * BURST {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let started = Instant::now();
+            futures::future::try_join_all((0..WRITERS).map(|w| async move {
+                let stream = StreamId::new(format!("burst{n}-w{w}"));
+                for a in 0..APPENDS {
+                    let events = (0..EVENTS)
+                        .map(|_| NewEvent::new("Incremented", 1, body.clone()))
+                        .collect();
+                    let expected = ExpectedVersion::from_version((a * EVENTS) as u64);
+                    store.append(&stream, expected, events).await?;
+                }
+                Ok::<_, keel::Error>(())
+            }))
+            .await
+            .unwrap();
+            while until_fed && store.feed_head().await.unwrap() < (n + 1) * BURST {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            started.elapsed()
+        }
+    };
+    let mut group = c.benchmark_group("scylla_feed_burst");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(15))
+        .throughput(Throughput::Elements(BURST));
+    for (name, until_fed) in [
+        ("baseline: 19,200 events committed, 32 writers", false),
+        ("keel: the same, until the feed holds them", true),
+    ] {
+        group.bench_function(name, |bench| {
+            bench.to_async(&b.rt).iter_custom(|iters| async move {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    total += burst(until_fed).await;
+                }
+                total
+            })
+        });
+    }
+    group.finish();
+    b.rt.block_on(async {
+        store.shutdown().await;
+        store
+            .session()
+            .query_unpaged(format!("DROP KEYSPACE {keyspace}"), ())
+            .await
+            .unwrap();
+    });
+}
+
 fn all(c: &mut Criterion) {
     let b = setup();
     appends(c, &b);
@@ -399,6 +482,7 @@ fn all(c: &mut Criterion) {
     loads(c, &b);
     feed(c, &b);
     codecs(c, &b);
+    feed_burst(c, &b);
     b.rt.block_on(b.store.shutdown());
 }
 

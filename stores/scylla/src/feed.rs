@@ -211,11 +211,19 @@ impl FeederState {
                     Err(e) => tracing::warn!(error = %e, "feeder could not scan markers"),
                 }
             }
+            let mut full = false;
             if !candidates.is_empty() {
-                if let Err(e) = self.publish(candidates).await {
-                    tracing::warn!(error = %e, "feeder round failed; starting over from feed_meta");
-                    self.reset();
+                match self.publish(candidates).await {
+                    Ok(filled) => full = filled,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "feeder round failed; starting over from feed_meta");
+                        self.reset();
+                    }
                 }
+            }
+            if full {
+                // Events are known to be waiting beyond a full plan: no reason to wait.
+                continue;
             }
             self.gather = next_gather(
                 self.gather,
@@ -439,7 +447,10 @@ impl FeederState {
         Ok(())
     }
 
-    async fn publish(&mut self, candidates: HashSet<String>) -> Result<()> {
+    /// One round: plans and publishes the new events of `candidates`, up to [`MAX_PLAN`].
+    /// `true` when the plan was full and published, so that more events wait (their streams
+    /// are back among the wake-ups).
+    async fn publish(&mut self, candidates: HashSet<String>) -> Result<bool> {
         let head = self.load_meta().await?;
         let mut plan = Vec::new();
         let mut events = Vec::new();
@@ -479,7 +490,7 @@ impl FeederState {
             events.push(new);
         }
         if plan.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let new_head = next - 1;
         let blob = serde_json::to_vec(&json!(plan)).map_err(|e| Error::Encode {
@@ -506,10 +517,11 @@ impl FeederState {
         if !allocated {
             // Another feeder moved the head: start over from what it left.
             self.reset();
-            return Ok(());
+            return Ok(false);
         }
         self.meta = Some(new_head);
-        self.write_plan(&plan, &events).await
+        self.write_plan(&plan, &events).await?;
+        Ok(planned >= MAX_PLAN)
     }
 }
 
