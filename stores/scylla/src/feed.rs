@@ -40,6 +40,12 @@ pub(crate) const FEEDER_LEASE: &str = "keel.feeder";
 const MAX_PLAN: usize = 2_000;
 /// How far back a new leader looks for markers: their time to live.
 const FULL_LOOKBACK_MS: i64 = 3_600_000;
+/// The row (in `checkpoints`) where the leading feeder notes that it is alive.
+const HEARTBEAT: &str = "keel.feeder.heartbeat";
+/// A new leader whose predecessor was last alive longer ago than this reconciles the feed:
+/// markers of appends made meanwhile may have expired (five minutes short of their time to
+/// live, for clock differences between processes).
+const RECONCILE_AFTER_MS: i64 = FULL_LOOKBACK_MS - 300_000;
 
 /// Streams appended to by this process since the feeder last looked.
 #[derive(Default)]
@@ -265,6 +271,7 @@ impl FeederState {
             Some(lease) => match self.shared.renew_lease(&lease).await {
                 Ok(true) => {
                     self.renewed = Instant::now();
+                    self.beat().await;
                     true
                 }
                 Ok(false) | Err(_) => {
@@ -286,6 +293,8 @@ impl FeederState {
                     self.renewed = Instant::now();
                     self.set_lease(Some(lease));
                     self.reset();
+                    self.reconcile_after_outage().await;
+                    self.beat().await;
                     true
                 }
                 Ok(None) => false,
@@ -295,6 +304,59 @@ impl FeederState {
                 }
             },
         }
+    }
+
+    /// Notes that the leading feeder is alive (with the feed head it knows).
+    async fn beat(&self) {
+        let now = keel::event::now_millis();
+        let head = self.meta.unwrap_or(0);
+        if let Err(e) = self
+            .shared
+            .session
+            .execute_unpaged(
+                &self.shared.st.save_checkpoint,
+                (HEARTBEAT, head, CqlTimestamp(now)),
+            )
+            .await
+        {
+            tracing::debug!(error = %e, "feeder heartbeat not written");
+        }
+    }
+
+    /// When no feeder was alive for about as long as markers live (or none ever noted it),
+    /// appends of that time may have lost their markers: reconcile the feed in the background,
+    /// which marks every stream that is behind for this feeder.
+    async fn reconcile_after_outage(&self) {
+        let last = match self.shared.feeder_last_alive().await {
+            Ok(last) => last,
+            Err(e) => {
+                tracing::warn!(error = %e, "feeder heartbeat unreadable; not reconciling");
+                return;
+            }
+        };
+        let now = keel::event::now_millis();
+        if last.is_some_and(|at| now - at < RECONCILE_AFTER_MS) {
+            return;
+        }
+        tracing::info!(
+            last_alive_ms_ago = last.map(|at| now - at),
+            "no feeder was alive for an hour or more; reconciling the feed"
+        );
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            match shared.reconcile_feed().await {
+                Ok(found) if !found.lagging.is_empty() => tracing::warn!(
+                    streams = found.lagging.len(),
+                    events = found.unfed_events,
+                    "events missing from the feed after a feeder outage; publishing them"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "feed reconciliation failed; run `keel feed reconcile`"
+                ),
+            }
+        });
     }
 
     /// Streams whose markers are new, or have just settled.
@@ -575,6 +637,19 @@ fn row_size(event: &RecordedEvent) -> usize {
 }
 
 impl Shared {
+    /// When the leading feeder last noted that it was alive (ms since the epoch), if ever.
+    async fn feeder_last_alive(&self) -> Result<Option<i64>> {
+        let op = "read the feeder heartbeat";
+        let rows = self
+            .select(&self.st.heartbeat_read, (HEARTBEAT,), op)
+            .await?;
+        Ok(rows
+            .maybe_first_row::<(Option<CqlTimestamp>,)>()
+            .map_err(|e| store_err(op, e))?
+            .and_then(|(at,)| at)
+            .map(|at| at.0))
+    }
+
     /// The streams of the last hour's markers whose committed events are not all in the feed
     /// (looking at up to `cap` streams), and how many events they lack. Without a feeder,
     /// these are appends waiting for one.

@@ -636,8 +636,8 @@ impl KeelScylla {
         health
     }
 
-    /// Whether some process publishes the feed. Without a feeder, appends wait; past an hour
-    /// their markers expire and only `keel feed reconcile` brings their events to the feed.
+    /// Whether some process publishes the feed. Without a feeder, appends wait for one; past
+    /// an hour their markers expire, and the next feeder has to reconcile the whole feed.
     async fn feeder_health(&self) -> (bool, String) {
         let here = match self.feeder.as_ref() {
             Some(f) if f.is_leader() => {
@@ -657,8 +657,7 @@ impl KeelScylla {
                     false,
                     format!(
                         "{here}; no feeder runs, and {events} event(s) of {streams} stream(s) \
-                         appended in the last hour wait for one: start a process with a feeder \
-                         (after an hour, also run `keel feed reconcile`)"
+                         appended in the last hour wait for one: start a process with a feeder"
                     ),
                 ),
                 Err(e) => (false, format!("{here}; no feeder runs ({e})")),
@@ -702,6 +701,7 @@ pub(crate) struct Statements {
     pub(crate) load_snapshot: PreparedStatement,
     pub(crate) save_checkpoint: PreparedStatement,
     pub(crate) load_checkpoint: PreparedStatement,
+    pub(crate) heartbeat_read: PreparedStatement,
     pub(crate) lease_init: PreparedStatement,
     pub(crate) lease_read: PreparedStatement,
     pub(crate) lease_take: PreparedStatement,
@@ -818,6 +818,7 @@ impl Statements {
                 "INSERT INTO {ks}.checkpoints (name, position, updated_at) VALUES (?, ?, ?)"
             )).await?,
             load_checkpoint: prep(format!("SELECT position FROM {ks}.checkpoints WHERE name = ?")).await?,
+            heartbeat_read: prep(format!("SELECT updated_at FROM {ks}.checkpoints WHERE name = ?")).await?,
             lease_init: lwt(prep(format!("INSERT INTO {ks}.leases (name, epoch) VALUES (?, 0) IF NOT EXISTS")).await?),
             lease_read: serial_select(prep(format!("SELECT holder, epoch FROM {ks}.leases WHERE name = ?")).await?),
             lease_take: lwt(prep(format!(

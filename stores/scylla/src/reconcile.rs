@@ -7,13 +7,17 @@
 //! reconciliation compares every stream's head with its fed progress and writes a fresh
 //! marker for each stream that is behind; whichever feeder leads then publishes the missing
 //! events, in order, exactly as it would have.
+//!
+//! The leading feeder notes that it is alive in `checkpoints` (row `keel.feeder.heartbeat`) at
+//! every lease renewal; a feeder that takes the lease and finds that note older than 55
+//! minutes (or missing) reconciles by itself, in the background.
 
 use std::collections::BTreeMap;
 
 use futures::TryStreamExt;
 
 use crate::error::store_err;
-use crate::KeelScylla;
+use crate::{KeelScylla, Shared};
 
 /// How many progress reads a reconciliation keeps in flight.
 const CONCURRENCY: usize = 32;
@@ -38,12 +42,20 @@ impl KeelScylla {
     /// appended to right now is harmlessly looked at once more.
     ///
     /// Needed only after the feed lost track of appends: when writers ran for more than an
-    /// hour with no feeder running anywhere (their markers expired). It reads every event
+    /// hour with no feeder running anywhere (their markers expired). The next feeder to take
+    /// the lease does it by itself in that case; call it when that feeder's reconciliation
+    /// failed (it logs a warning), or to check. It reads every event
     /// partition's head (a full scan of the partition keys, paged) and one progress row per
     /// partition, so its cost grows with the number of streams, not events. `keel feed
     /// reconcile` runs it from the command line.
     pub async fn reconcile_feed(&self) -> keel::Result<Reconciled> {
-        let shared = &self.shared;
+        self.shared.reconcile_feed().await
+    }
+}
+
+impl Shared {
+    pub(crate) async fn reconcile_feed(&self) -> keel::Result<Reconciled> {
+        let shared = self;
         let op = "scan the event partitions' heads";
         let heads = shared
             .session

@@ -395,28 +395,19 @@ async fn feed_progress_keeps_one_row_per_stream() {
     assert_eq!(versions, [8], "one progress row, at the last version fed");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn events_whose_markers_expired_reach_the_feed_by_reconciling() {
-    let keyspace = common::fresh_keyspace("keel_reconcile");
-    // Writers ran with no feeder anywhere for longer than markers live (an hour): simulated by
-    // dropping every marker after the appends. One stream spans two partitions (500 versions
-    // each in these tests).
-    let writer = common::open(common::builder(&keyspace).feeder(false)).await;
+/// A writer without a feeder appends to a long stream (two partitions: an append stays in the
+/// partition of its first version) and a short one; then its markers are dropped, as if an
+/// hour had passed. Returns the two streams.
+async fn appends_whose_markers_expired(keyspace: &str) -> (KeelScylla, StreamId, StreamId) {
+    let writer = common::open(common::builder(keyspace).feeder(false)).await;
     let long = StreamId::new("ledger-long");
     let short = StreamId::new("ledger-short");
-    writer
-        .append(&long, ExpectedVersion::NoStream, events(300))
-        .await
-        .unwrap();
-    writer
-        .append(&long, ExpectedVersion::Exact(300), events(300))
-        .await
-        .unwrap();
-    // An append stays in the partition of its first version: the third one opens the second.
-    writer
-        .append(&long, ExpectedVersion::Exact(600), events(10))
-        .await
-        .unwrap();
+    for (from, n) in [(0, 300), (300, 300), (600, 10)] {
+        writer
+            .append(&long, ExpectedVersion::from_version(from), events(n))
+            .await
+            .unwrap();
+    }
     writer
         .append(&short, ExpectedVersion::NoStream, events(2))
         .await
@@ -426,8 +417,52 @@ async fn events_whose_markers_expired_reach_the_feed_by_reconciling() {
         .query_unpaged(format!("TRUNCATE {keyspace}.pending"), ())
         .await
         .unwrap();
+    (writer, long, short)
+}
 
-    // A feeder starts: it publishes what it hears of, and knows nothing of those events.
+/// Sets when a feeder last noted it was alive.
+async fn feeder_last_alive(store: &KeelScylla, keyspace: &str, ago: Duration) {
+    let at = keel::event::now_millis() - ago.as_millis() as i64;
+    store
+        .session()
+        .query_unpaged(
+            format!(
+                "INSERT INTO {keyspace}.checkpoints (name, position, updated_at) \
+                 VALUES ('keel.feeder.heartbeat', 0, {at})"
+            ),
+            (),
+        )
+        .await
+        .unwrap();
+}
+
+/// Asserts that the feed holds the 612 events of the two streams once each, in order.
+async fn assert_fed(feeder: &KeelScylla, long: &StreamId, short: &StreamId) {
+    let wanted: HashSet<StreamId> = [long.clone(), short.clone()].into();
+    let fed = feed_of(feeder, 1, &wanted, 612, Duration::from_secs(30)).await;
+    assert_eq!(fed.len(), 612, "every committed event reached the feed");
+    let ids: HashSet<_> = fed.iter().map(|e| e.event_id).collect();
+    assert_eq!(ids.len(), 612, "none twice");
+    for (stream, n) in [(long, 610), (short, 2)] {
+        let versions: Vec<u64> = fed
+            .iter()
+            .filter(|e| &e.stream == stream)
+            .map(|e| e.version)
+            .collect();
+        assert_eq!(
+            versions,
+            (1..=n).collect::<Vec<u64>>(),
+            "`{stream}` in order"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_whose_markers_expired_reach_the_feed_by_reconciling() {
+    let keyspace = common::fresh_keyspace("keel_reconcile");
+    let (writer, long, short) = appends_whose_markers_expired(&keyspace).await;
+    // A feeder was alive a minute ago, so the next one has no reason to reconcile by itself.
+    feeder_last_alive(&writer, &keyspace, Duration::from_secs(60)).await;
     let feeder = common::open(common::builder(&keyspace)).await;
     let fresh = StreamId::new("ledger-fresh");
     feeder
@@ -446,31 +481,34 @@ async fn events_whose_markers_expired_reach_the_feed_by_reconciling() {
     let found = writer.reconcile_feed().await.unwrap();
     assert_eq!(found.lagging, ["ledger-long", "ledger-short"]);
     assert_eq!(found.unfed_events, 612);
-    assert_eq!(
-        found.partitions, 4,
-        "two for the long stream, one each for the others: {found:?}"
-    );
-    let wanted: HashSet<StreamId> = [long.clone(), short.clone()].into();
-    let fed = feed_of(&feeder, 1, &wanted, 612, Duration::from_secs(30)).await;
-    assert_eq!(fed.len(), 612, "every committed event reached the feed");
-    let ids: HashSet<_> = fed.iter().map(|e| e.event_id).collect();
-    assert_eq!(ids.len(), 612, "none twice");
-    for (stream, n) in [(&long, 610), (&short, 2)] {
-        let versions: Vec<u64> = fed
-            .iter()
-            .filter(|e| &e.stream == stream)
-            .map(|e| e.version)
-            .collect();
-        assert_eq!(
-            versions,
-            (1..=n).collect::<Vec<u64>>(),
-            "`{stream}` in order"
-        );
-    }
+    assert_eq!(found.partitions, 4, "two for the long stream: {found:?}");
+    assert_fed(&feeder, &long, &short).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let again = writer.reconcile_feed().await.unwrap();
     assert!(again.lagging.is_empty(), "nothing left: {again:?}");
     assert_eq!(again.unfed_events, 0);
     let all: Vec<RecordedEvent> = feeder.read_all(1).try_collect().await.unwrap();
     assert_eq!(all.len(), 613, "and nothing published twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_feeder_after_an_hour_long_outage_reconciles_by_itself() {
+    let keyspace = common::fresh_keyspace("keel_outage");
+    let (writer, long, short) = appends_whose_markers_expired(&keyspace).await;
+    feeder_last_alive(&writer, &keyspace, Duration::from_secs(2 * 3600)).await;
+    let feeder = common::open(common::builder(&keyspace)).await;
+    assert_fed(&feeder, &long, &short).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let all: Vec<RecordedEvent> = feeder.read_all(1).try_collect().await.unwrap();
+    assert_eq!(all.len(), 612, "nothing published twice");
+    // The new feeder notes that it is alive: the next one will not reconcile again.
+    let alive: Vec<scylla::value::CqlTimestamp> = common::column(
+        &feeder,
+        format!(
+            "SELECT updated_at FROM {keyspace}.checkpoints WHERE name = 'keel.feeder.heartbeat'"
+        ),
+    )
+    .await;
+    let age = keel::event::now_millis() - alive[0].0;
+    assert!(age < 60_000, "heartbeat {age} ms old");
 }
