@@ -330,8 +330,9 @@ impl FeederState {
         let last = match self.shared.feeder_last_alive().await {
             Ok(last) => last,
             Err(e) => {
-                tracing::warn!(error = %e, "feeder heartbeat unreadable; not reconciling");
-                return;
+                // Not knowing is no reason to risk leaving events out: reconcile.
+                tracing::warn!(error = %e, "feeder heartbeat unreadable; reconciling the feed");
+                None
             }
         };
         let now = keel::event::now_millis();
