@@ -465,14 +465,17 @@ fn feed_burst(c: &mut Criterion, b: &Bench) {
         });
     }
     group.finish();
-    b.rt.block_on(async {
-        store.shutdown().await;
-        store
-            .session()
-            .query_unpaged(format!("DROP KEYSPACE {keyspace}"), ())
-            .await
-            .unwrap();
-    });
+    b.rt.block_on(drop_keyspace(&store, &keyspace));
+}
+
+/// Stops the store's feeder and drops its keyspace: a benchmark run leaves nothing behind.
+async fn drop_keyspace(store: &KeelScylla, keyspace: &str) {
+    store.shutdown().await;
+    store
+        .session()
+        .query_unpaged(format!("DROP KEYSPACE {keyspace}"), ())
+        .await
+        .unwrap();
 }
 
 fn all(c: &mut Criterion) {
@@ -483,7 +486,7 @@ fn all(c: &mut Criterion) {
     feed(c, &b);
     codecs(c, &b);
     feed_burst(c, &b);
-    b.rt.block_on(b.store.shutdown());
+    b.rt.block_on(drop_keyspace(&b.store, &b.keyspace));
 }
 
 criterion_group! {
