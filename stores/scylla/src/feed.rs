@@ -109,6 +109,7 @@ pub(crate) struct FeederConfig {
     pub(crate) settle_after: Duration,
     pub(crate) gather: Duration,
     pub(crate) gather_max: Duration,
+    pub(crate) reconcile_after_outage: bool,
 }
 
 /// The running feeder task of one store.
@@ -293,7 +294,9 @@ impl FeederState {
                     self.renewed = Instant::now();
                     self.set_lease(Some(lease));
                     self.reset();
-                    self.reconcile_after_outage().await;
+                    if self.config.reconcile_after_outage {
+                        self.reconcile_after_outage().await;
+                    }
                     self.beat().await;
                     true
                 }

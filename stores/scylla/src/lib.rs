@@ -126,6 +126,7 @@ pub struct KeelScyllaBuilder {
     settle_after: Duration,
     feeder_gather: Duration,
     feeder_gather_max: Duration,
+    reconcile_after_outage: bool,
     create_schema: bool,
     master_key: Option<keel::codec::MasterKey>,
     previous_master_keys: Vec<keel::codec::MasterKey>,
@@ -151,6 +152,7 @@ impl Default for KeelScyllaBuilder {
             settle_after: Duration::from_secs(60),
             feeder_gather: Duration::from_millis(20),
             feeder_gather_max: Duration::from_millis(160),
+            reconcile_after_outage: true,
             create_schema: true,
             master_key: None,
             previous_master_keys: Vec::new(),
@@ -347,6 +349,17 @@ impl KeelScyllaBuilder {
         self
     }
 
+    /// Whether a feeder that takes the lease after no feeder was alive for about an hour (or
+    /// ever) reconciles the feed by itself (default yes; see
+    /// [`KeelScylla::reconcile_feed`]). That reads every event partition's head and fed
+    /// progress in the background, one read per partition, 32 at a time: turn it off for a
+    /// keyspace of very many streams whose operators rather run `keel feed reconcile` at a
+    /// time of their choosing after such an outage.
+    pub fn reconcile_after_outage(mut self, enabled: bool) -> Self {
+        self.reconcile_after_outage = enabled;
+        self
+    }
+
     /// How long after an append's marker the feeder checks its stream once more (default 60 s).
     /// It must exceed the longest an append can take (3 attempts of `append_timeout` plus their
     /// read-backs); within what is left, appends to a stream reuse its last marker instead of
@@ -469,6 +482,7 @@ impl KeelScyllaBuilder {
                     settle_after: self.settle_after,
                     gather: self.feeder_gather,
                     gather_max: self.feeder_gather_max,
+                    reconcile_after_outage: self.reconcile_after_outage,
                 },
             ))
         } else {

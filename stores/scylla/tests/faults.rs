@@ -495,12 +495,33 @@ async fn events_whose_markers_expired_reach_the_feed_by_reconciling() {
 async fn a_feeder_after_an_hour_long_outage_reconciles_by_itself() {
     let keyspace = common::fresh_keyspace("keel_outage");
     let (writer, long, short) = appends_whose_markers_expired(&keyspace).await;
+    // Turned off, a feeder taking over after two hours leaves them to the operator.
+    feeder_last_alive(&writer, &keyspace, Duration::from_secs(2 * 3600)).await;
+    let manual = common::open(common::builder(&keyspace).reconcile_after_outage(false)).await;
+    let fresh = StreamId::new("ledger-fresh");
+    manual
+        .append(&fresh, ExpectedVersion::NoStream, events(1))
+        .await
+        .unwrap();
+    let only_fresh: HashSet<StreamId> = [fresh.clone()].into();
+    assert_eq!(
+        feed_of(&manual, 1, &only_fresh, 1, Duration::from_secs(20))
+            .await
+            .len(),
+        1
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let all: Vec<RecordedEvent> = manual.read_all(1).try_collect().await.unwrap();
+    assert_eq!(all.len(), 1, "not reconciled when turned off");
+    manual.shutdown().await;
+
+    // By default, the next feeder to take over after such an outage publishes them itself.
     feeder_last_alive(&writer, &keyspace, Duration::from_secs(2 * 3600)).await;
     let feeder = common::open(common::builder(&keyspace)).await;
     assert_fed(&feeder, &long, &short).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let all: Vec<RecordedEvent> = feeder.read_all(1).try_collect().await.unwrap();
-    assert_eq!(all.len(), 612, "nothing published twice");
+    assert_eq!(all.len(), 613, "nothing published twice");
     // The new feeder notes that it is alive: the next one will not reconcile again.
     let alive: Vec<scylla::value::CqlTimestamp> = common::column(
         &feeder,
