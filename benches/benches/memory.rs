@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use futures::TryStreamExt;
 use keel::doc::{Counter, CounterEvent};
 use keel::{
@@ -150,6 +150,82 @@ fn command(c: &mut Criterion) {
         })
     });
     group.finish();
+}
+
+/// Appends from 8 tasks on a two-thread runtime, each to 5,000 streams of its own, one event
+/// per append, into a fresh store per iteration: against a hand-written concurrent store doing
+/// the least a store with one global order must (a DashMap of streams holding the payloads,
+/// and a log behind a mutex).
+fn concurrent(c: &mut Criterion) {
+    const TASKS: u64 = 8;
+    const APPENDS: u64 = 5_000;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    let payload = Bytes::from(serde_json::to_vec(&CounterEvent::Incremented { by: 1 }).unwrap());
+    let mut group = c.benchmark_group("concurrent_append");
+    group
+        .sample_size(20)
+        .throughput(Throughput::Elements(TASKS * APPENDS));
+    group.bench_function("baseline: DashMap of streams + a log behind a mutex", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let streams = Arc::new(dashmap::DashMap::<String, Vec<Bytes>>::new());
+                let log = Arc::new(std::sync::Mutex::new(Vec::<Bytes>::new()));
+                let started = std::time::Instant::now();
+                rt.block_on(spawn_all((0..TASKS).map(|t| {
+                    let (streams, log, payload) = (streams.clone(), log.clone(), payload.clone());
+                    async move {
+                        for i in 0..APPENDS {
+                            let mut stream = streams.entry(format!("s-{t}-{i}")).or_default();
+                            log.lock().unwrap().push(payload.clone());
+                            stream.push(payload.clone());
+                        }
+                    }
+                })));
+                total += started.elapsed();
+            }
+            total
+        })
+    });
+    group.bench_function("keel: MemoryStore::append", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let store = Arc::new(MemoryStore::new());
+                let started = std::time::Instant::now();
+                rt.block_on(spawn_all((0..TASKS).map(|t| {
+                    let (store, payload) = (store.clone(), payload.clone());
+                    async move {
+                        for i in 0..APPENDS {
+                            let stream = keel::StreamId::new(format!("s-{t}-{i}"));
+                            let event = NewEvent::new("Incremented", 1, payload.clone());
+                            store
+                                .append(&stream, ExpectedVersion::NoStream, vec![event])
+                                .await
+                                .unwrap();
+                        }
+                    }
+                })));
+                total += started.elapsed();
+            }
+            total
+        })
+    });
+    group.finish();
+}
+
+/// Spawns the futures on the current runtime and waits for all of them.
+async fn spawn_all<F>(tasks: impl Iterator<Item = F>)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let handles: Vec<_> = tasks.map(tokio::spawn).collect();
+    for handle in handles {
+        handle.await.unwrap();
+    }
 }
 
 fn next(n: &AtomicU64) -> u64 {
@@ -319,6 +395,6 @@ fn codecs(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
-    targets = command, replay, snapshot, rebuild, codecs
+    targets = command, replay, snapshot, rebuild, codecs, concurrent
 }
 criterion_main!(benches);

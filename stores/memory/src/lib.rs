@@ -6,7 +6,8 @@
 //! Appends to one stream are serialised by that stream's map entry, so of concurrent appenders
 //! expecting the same version exactly one wins. The feed is appended under a short global lock
 //! taken while the stream entry is held, which gives every event one dense position and keeps
-//! each stream's events in version order in the feed. Events are published to the feed in the
+//! each stream's events in version order in the feed. Events are stamped and allocated before
+//! either lock is taken; under the locks they are only numbered and pushed. Events are published to the feed in the
 //! same step as the append: the feed never lags.
 //!
 //! ```
@@ -222,10 +223,16 @@ impl EventStore for MemoryStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
+        // Recorded (stamped, metadata shared) before any lock is taken; numbered under them.
+        let count = events.len() as u64;
+        let mut recorded: Arc<[RecordedEvent]> = events
+            .into_iter()
+            .map(|event| RecordedEvent::record(stream.clone(), 0, None, event))
+            .collect();
         let mut entry = self.inner.streams.entry(stream.clone()).or_default();
         let current = entry.len;
         let actual = (current > 0).then_some(current);
-        if !expected.accepts(actual) || events.is_empty() {
+        if !expected.accepts(actual) || count == 0 {
             let outcome = if expected.accepts(actual) {
                 Ok(AppendResult {
                     first_version: current + 1,
@@ -245,19 +252,11 @@ impl EventStore for MemoryStore {
         }
         let mut feed = write_lock(&self.inner.feed);
         let first_position = feed.len + 1;
-        let count = events.len() as u64;
-        let recorded: Arc<[RecordedEvent]> = events
-            .into_iter()
-            .enumerate()
-            .map(|(i, event)| {
-                RecordedEvent::record(
-                    stream.clone(),
-                    current + 1 + i as u64,
-                    Some(first_position + i as u64),
-                    event,
-                )
-            })
-            .collect();
+        let unshared = Arc::get_mut(&mut recorded).expect("not shared before it is pushed");
+        for (i, event) in unshared.iter_mut().enumerate() {
+            event.version = current + 1 + i as u64;
+            event.position = Some(first_position + i as u64);
+        }
         feed.push(recorded.clone());
         entry.push(recorded);
         Ok(AppendResult {
