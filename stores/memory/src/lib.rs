@@ -223,7 +223,7 @@ impl EventStore for MemoryStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
-        // Recorded (stamped, metadata shared) before any lock is taken; numbered under them.
+        // Recorded (stamped, allocated) before any lock is taken; only numbered under them.
         let count = events.len() as u64;
         let mut recorded: Arc<[RecordedEvent]> = events
             .into_iter()
