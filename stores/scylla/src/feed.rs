@@ -143,6 +143,7 @@ impl Feeder {
             seen: HashMap::new(),
             scanned_full: false,
             last_scan: None,
+            reconciling: None,
         };
         let task = tokio::spawn(async move { state.run().await });
         Feeder {
@@ -188,6 +189,17 @@ struct FeederState {
     last_scan: Option<Instant>,
     /// How long the next wake-up waits for more appends (see [`next_gather`]).
     gather: Duration,
+    /// A reconciliation this feeder started, stopped with it.
+    reconciling: Option<Background>,
+}
+
+/// A task that stops when this is dropped: background work of the feeder ends with the feeder.
+struct Background(tokio::task::AbortHandle);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl FeederState {
@@ -329,7 +341,7 @@ impl FeederState {
     /// When no feeder was alive for about as long as markers live (or none ever noted it),
     /// appends of that time may have lost their markers: reconcile the feed in the background,
     /// which marks every stream that is behind for this feeder.
-    async fn reconcile_after_outage(&self) {
+    async fn reconcile_after_outage(&mut self) {
         let last = match self.shared.feeder_last_alive().await {
             Ok(last) => last,
             Err(e) => {
@@ -347,7 +359,7 @@ impl FeederState {
             "no feeder was alive for an hour or more; reconciling the feed"
         );
         let shared = self.shared.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             match shared.reconcile_feed().await {
                 Ok(found) if !found.lagging.is_empty() => tracing::warn!(
                     streams = found.lagging.len(),
@@ -361,6 +373,7 @@ impl FeederState {
                 ),
             }
         });
+        self.reconciling = Some(Background(task.abort_handle()));
     }
 
     /// Streams whose markers are new, or have just settled.
