@@ -93,6 +93,22 @@ fn next_gather(current: Duration, busy: bool, base: Duration, max: Duration) -> 
     }
 }
 
+/// The feed as an operator sees it: [`KeelScylla::feed_status`](crate::KeelScylla::feed_status).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FeedStatus {
+    /// The last position allocated (events up to it are in the feed, or about to be).
+    pub head: u64,
+    /// The id of the feeder holding the lease, if any holds it.
+    pub feeder: Option<String>,
+    /// The lease's epoch: how many times the lease has been taken.
+    pub epoch: i64,
+    /// How long ago a leading feeder last noted that it was alive (`None`: never).
+    pub last_alive: Option<Duration>,
+    /// Streams in a plan that was allocated but not yet fully written (a feeder died in the
+    /// middle of a round; the next one finishes it first). Usually 0.
+    pub unfinished_plan: usize,
+}
+
 /// A planned range: `stream` versions `first..=last` at positions from `position`.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 struct Range {
@@ -651,6 +667,36 @@ fn row_size(event: &RecordedEvent) -> usize {
         160 + user
     };
     event.payload.len() + event.event_type.len() + event.stream.as_str().len() + metadata + 64
+}
+
+impl crate::KeelScylla {
+    /// The feed's head, who feeds it, when a feeder was last alive, and whether a plan is left
+    /// unfinished: what `keel feed status` prints.
+    pub async fn feed_status(&self) -> Result<FeedStatus> {
+        let shared = &self.shared;
+        let (head, plan) = shared.read_meta().await?.unwrap_or((0, Vec::new()));
+        let (feeder, epoch) = shared.read_lease(FEEDER_LEASE).await?.unwrap_or((None, 0));
+        let now = keel::event::now_millis();
+        let last_alive = shared
+            .feeder_last_alive()
+            .await?
+            .map(|at| Duration::from_millis((now - at).max(0) as u64));
+        // A plan stays recorded after it was written; it is unfinished while the progress of
+        // one of its streams is short of it.
+        let mut unfinished_plan = 0;
+        for range in &plan {
+            if shared.fed_version(&range.stream).await? < range.last {
+                unfinished_plan += 1;
+            }
+        }
+        Ok(FeedStatus {
+            head: head.max(0) as u64,
+            feeder,
+            epoch,
+            last_alive,
+            unfinished_plan,
+        })
+    }
 }
 
 impl Shared {

@@ -47,6 +47,7 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::{Consistency, SerialConsistency};
 
 pub use error::Error;
+pub use feed::FeedStatus;
 pub use keys::Rewrapped;
 pub use projections::ViewBatch;
 pub use reconcile::Reconciled;

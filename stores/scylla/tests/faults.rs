@@ -237,6 +237,9 @@ async fn a_feeder_that_dies_mid_plan_is_finished_by_the_next() {
         )
         .await
         .unwrap();
+    let status = writer.feed_status().await.unwrap();
+    assert_eq!((status.head, status.unfinished_plan), (4, 1), "{status:?}");
+    assert_eq!(status.feeder, None, "no feeder yet");
     let feeder = common::open(common::builder(&keyspace)).await;
     writer
         .append(&stream, ExpectedVersion::Exact(4), events(1))
@@ -252,6 +255,13 @@ async fn a_feeder_that_dies_mid_plan_is_finished_by_the_next() {
         positions,
         vec![(1, 1), (2, 2), (3, 3), (4, 4), (5, 5)],
         "the plan's positions kept, the rest after"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = feeder.feed_status().await.unwrap();
+    assert_eq!((status.head, status.unfinished_plan), (5, 0), "{status:?}");
+    assert!(
+        status.feeder.is_some() && status.last_alive.is_some(),
+        "{status:?}"
     );
 }
 

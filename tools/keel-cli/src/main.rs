@@ -12,6 +12,7 @@
 //! keel subjects show SUBJECT
 //! keel subjects shred SUBJECT --yes    # crypto-shredding: deletes the subject's key
 //! keel subjects rewrap                 # master key rotation (KEEL_MASTER_KEY, KEEL_PREVIOUS_MASTER_KEYS)
+//! keel feed status                     # head, feeder, last heartbeat, unfinished plan
 //! keel feed reconcile                  # finds committed events missing from the feed
 //! ```
 //!
@@ -91,6 +92,9 @@ enum Command {
 
 #[derive(Subcommand)]
 enum FeedAction {
+    /// The feed's head, the feeder holding the lease, when a feeder was last alive, and
+    /// whether a round was left unfinished.
+    Status,
     /// Compare every stream's head with the feed and mark the streams that are behind, so the
     /// running feeder publishes their missing events. Needed after writers ran for over an
     /// hour with no feeder anywhere (their markers expired). Reads every stream's head.
@@ -201,9 +205,46 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         } => show_stream(&store, &id, from, cli.json).await,
         Command::Subjects { action } => subjects(&store, action, cli.json).await,
         Command::Feed {
+            action: FeedAction::Status,
+        } => feed_status(&store, cli.json).await,
+        Command::Feed {
             action: FeedAction::Reconcile,
         } => reconcile(&store, cli.json).await,
     }
+}
+
+async fn feed_status(store: &KeelScylla, json: bool) -> Result<(), Box<dyn std::error::Error>> {
+    let status = store.feed_status().await?;
+    let alive = status.last_alive.map(|d| d.as_secs());
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "head": status.head,
+                "feeder": status.feeder,
+                "epoch": status.epoch,
+                "last_alive_seconds_ago": alive,
+                "unfinished_plan": status.unfinished_plan,
+            })
+        );
+        return Ok(());
+    }
+    println!("feed head:  {}", status.head);
+    match &status.feeder {
+        Some(id) => println!("feeder:     `{id}` (lease epoch {})", status.epoch),
+        None => println!("feeder:     none holds the lease: the feed does not advance"),
+    }
+    match alive {
+        Some(s) => println!("last alive: {s} s ago"),
+        None => println!("last alive: never noted"),
+    }
+    if status.unfinished_plan > 0 {
+        println!(
+            "unfinished: a round for {} stream(s); the next feeder finishes it first",
+            status.unfinished_plan
+        );
+    }
+    Ok(())
 }
 
 async fn reconcile(store: &KeelScylla, json: bool) -> Result<(), Box<dyn std::error::Error>> {

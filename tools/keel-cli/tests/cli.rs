@@ -474,6 +474,10 @@ async fn health_and_feed_reconcile_find_events_no_feeder_published() {
         .await
         .unwrap();
 
+    let (ok, out, err) = keel(&keyspace, &["feed", "status"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("none holds the lease"), "{out}");
+    assert!(out.contains("last alive: never noted"), "{out}");
     let (ok, out, err) = keel(&keyspace, &["--json", "feed", "reconcile"]).await;
     assert!(ok, "{err}");
     let found: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -493,5 +497,15 @@ async fn health_and_feed_reconcile_find_events_no_feeder_published() {
     assert!(out.contains("the feed has every committed event"), "{out}");
     let (ok, out, _) = keel(&keyspace, &["health"]).await;
     assert!(ok && out.contains("held by feeder"), "{out}");
+    let (ok, out, err) = keel(&keyspace, &["--json", "feed", "status"]).await;
+    assert!(ok, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["head"], 3, "{status}");
+    assert!(status["feeder"].is_string(), "{status}");
+    assert_eq!(status["unfinished_plan"], 0, "{status}");
+    assert!(
+        status["last_alive_seconds_ago"].as_u64().unwrap() < 60,
+        "{status}"
+    );
     drop_keyspace(&feeder, &keyspace).await;
 }
