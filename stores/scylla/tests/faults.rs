@@ -446,6 +446,23 @@ async fn feeder_last_alive(store: &KeelScylla, keyspace: &str, ago: Duration) {
         .unwrap();
 }
 
+/// Appends one event through `feeder` and waits until the feed has it (so the feeder has run
+/// its rounds, the first full marker scan included); then asserts that the feed holds nothing
+/// else.
+async fn assert_feed_holds_only_a_fresh_event(feeder: &KeelScylla, why: &str) {
+    let fresh = StreamId::new("ledger-fresh");
+    feeder
+        .append(&fresh, ExpectedVersion::NoStream, events(1))
+        .await
+        .unwrap();
+    let only_fresh: HashSet<StreamId> = [fresh].into();
+    let fed = feed_of(feeder, 1, &only_fresh, 1, Duration::from_secs(20)).await;
+    assert_eq!(fed.len(), 1, "the feeder runs");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let all: Vec<RecordedEvent> = feeder.read_all(1).try_collect().await.unwrap();
+    assert_eq!(all.len(), 1, "{why}");
+}
+
 /// Asserts that the feed holds the 612 events of the two streams once each, in order.
 async fn assert_fed(feeder: &KeelScylla, long: &StreamId, short: &StreamId) {
     let wanted: HashSet<StreamId> = [long.clone(), short.clone()].into();
@@ -474,17 +491,7 @@ async fn events_whose_markers_expired_reach_the_feed_by_reconciling() {
     // A feeder was alive a minute ago, so the next one has no reason to reconcile by itself.
     feeder_last_alive(&writer, &keyspace, Duration::from_secs(60)).await;
     let feeder = common::open(common::builder(&keyspace)).await;
-    let fresh = StreamId::new("ledger-fresh");
-    feeder
-        .append(&fresh, ExpectedVersion::NoStream, events(1))
-        .await
-        .unwrap();
-    let only_fresh: HashSet<StreamId> = [fresh.clone()].into();
-    let fed = feed_of(&feeder, 1, &only_fresh, 1, Duration::from_secs(20)).await;
-    assert_eq!(fed.len(), 1, "the feeder runs");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let all: Vec<RecordedEvent> = feeder.read_all(1).try_collect().await.unwrap();
-    assert_eq!(all.len(), 1, "events without markers stay out of the feed");
+    assert_feed_holds_only_a_fresh_event(&feeder, "events without markers stay out").await;
 
     // Reconciling from a process without a feeder (as `keel feed reconcile` does) finds them
     // and the leading feeder publishes them, once each and in order.
@@ -508,21 +515,7 @@ async fn a_feeder_after_an_hour_long_outage_reconciles_by_itself() {
     // Turned off, a feeder taking over after two hours leaves them to the operator.
     feeder_last_alive(&writer, &keyspace, Duration::from_secs(2 * 3600)).await;
     let manual = common::open(common::builder(&keyspace).reconcile_after_outage(false)).await;
-    let fresh = StreamId::new("ledger-fresh");
-    manual
-        .append(&fresh, ExpectedVersion::NoStream, events(1))
-        .await
-        .unwrap();
-    let only_fresh: HashSet<StreamId> = [fresh.clone()].into();
-    assert_eq!(
-        feed_of(&manual, 1, &only_fresh, 1, Duration::from_secs(20))
-            .await
-            .len(),
-        1
-    );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let all: Vec<RecordedEvent> = manual.read_all(1).try_collect().await.unwrap();
-    assert_eq!(all.len(), 1, "not reconciled when turned off");
+    assert_feed_holds_only_a_fresh_event(&manual, "not reconciled when turned off").await;
     manual.shutdown().await;
 
     // By default, the next feeder to take over after such an outage publishes them itself.
