@@ -7,7 +7,9 @@
 //! expecting the same version exactly one wins. The feed is appended under a short global lock
 //! taken while the stream entry is held, which gives every event one dense position and keeps
 //! each stream's events in version order in the feed. Events are stamped and allocated before
-//! either lock is taken; under the locks they are only numbered and pushed. Events are published to the feed in the
+//! either lock is taken; under the locks they are only numbered and pushed (so under
+//! concurrent appends, feed order and timestamp order may differ by microseconds, as with any
+//! store whose writers stamp their own events). Events are published to the feed in the
 //! same step as the append: the feed never lags.
 //!
 //! ```
