@@ -404,19 +404,7 @@ impl FeederState {
         let since = now - lookback;
         let mut found = HashSet::new();
         for minute in (since / 60_000)..=(now / 60_000) {
-            let rows = self
-                .shared
-                .select(
-                    &self.shared.st.scan_markers,
-                    (minute, since),
-                    "scan feed markers",
-                )
-                .await?;
-            for row in rows
-                .rows::<(i64, Uuid, String)>()
-                .map_err(|e| store_err("scan feed markers", e))?
-            {
-                let (at, marker, stream) = row.map_err(|e| store_err("scan feed markers", e))?;
+            for (at, marker, stream) in self.shared.markers_in_minute(minute, since).await? {
                 self.seen.entry(marker).or_insert_with(|| {
                     found.insert(stream.clone());
                     (at, stream, false)
@@ -683,12 +671,14 @@ impl crate::KeelScylla {
             .map(|at| Duration::from_millis((now - at).max(0) as u64));
         // A plan stays recorded after it was written; it is unfinished while the progress of
         // one of its streams is short of it.
-        let mut unfinished_plan = 0;
-        for range in &plan {
-            if shared.fed_version(&range.stream).await? < range.last {
-                unfinished_plan += 1;
-            }
-        }
+        let short: Vec<bool> = stream::iter(&plan)
+            .map(|range| async move {
+                Ok::<_, Error>(shared.fed_version(&range.stream).await? < range.last)
+            })
+            .buffer_unordered(32)
+            .try_collect()
+            .await?;
+        let unfinished_plan = short.into_iter().filter(|&s| s).count();
         Ok(FeedStatus {
             head: head.max(0) as u64,
             feeder,
@@ -721,15 +711,8 @@ impl Shared {
         let since = now - FULL_LOOKBACK_MS;
         let mut streams = HashSet::new();
         'scan: for minute in (since / 60_000)..=(now / 60_000) {
-            let op = "scan feed markers";
-            let rows = self
-                .select(&self.st.scan_markers, (minute, since), op)
-                .await?;
-            for row in rows
-                .rows::<(i64, Uuid, String)>()
-                .map_err(|e| store_err(op, e))?
-            {
-                streams.insert(row.map_err(|e| store_err(op, e))?.2);
+            for (_, _, stream) in self.markers_in_minute(minute, since).await? {
+                streams.insert(stream);
                 if streams.len() >= cap {
                     break 'scan;
                 }
@@ -745,6 +728,18 @@ impl Shared {
             .try_collect()
             .await?;
         Ok((behind.len(), behind.iter().map(|&lag| lag as u64).sum()))
+    }
+
+    /// The markers `(at, marker, stream)` of one minute's partition written at `since` or later.
+    async fn markers_in_minute(&self, minute: i64, since: i64) -> Result<Vec<(i64, Uuid, String)>> {
+        let op = "scan feed markers";
+        let rows = self
+            .select(&self.st.scan_markers, (minute, since), op)
+            .await?;
+        rows.rows::<(i64, Uuid, String)>()
+            .map_err(|e| store_err(op, e))?
+            .map(|row| row.map_err(|e| store_err(op, e)))
+            .collect()
     }
 
     /// The last version of `stream` in the feed (0: none).

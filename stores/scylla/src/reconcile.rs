@@ -55,11 +55,10 @@ impl KeelScylla {
 
 impl Shared {
     pub(crate) async fn reconcile_feed(&self) -> keel::Result<Reconciled> {
-        let shared = self;
         let op = "scan the event partitions' heads";
-        let heads = shared
+        let heads = self
             .session
-            .execute_iter(shared.st.head_scan.clone(), ())
+            .execute_iter(self.st.head_scan.clone(), ())
             .await
             .map_err(|e| store_err(op, e))?
             .rows_stream::<(String, i64, Option<i64>)>()
@@ -72,7 +71,7 @@ impl Shared {
         let mut lagging: BTreeMap<String, (i64, i64)> = BTreeMap::new();
         let mut behind = std::pin::pin!(heads
             .map_ok(|(stream, _bucket, head)| async move {
-                let fed = shared.fed_version(&stream).await?;
+                let fed = self.fed_version(&stream).await?;
                 Ok::<_, keel::Error>((stream, head.unwrap_or(0), fed))
             })
             .try_buffer_unordered(CONCURRENCY));
@@ -84,8 +83,8 @@ impl Shared {
             }
         }
         for stream in lagging.keys() {
-            shared.insert_marker(stream).await?;
-            shared.wake.notify(keel::StreamId::new(stream));
+            self.insert_marker(stream).await?;
+            self.wake.notify(keel::StreamId::new(stream));
         }
         found.unfed_events = lagging
             .values()

@@ -204,12 +204,10 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             action: StreamAction::Show { id, from },
         } => show_stream(&store, &id, from, cli.json).await,
         Command::Subjects { action } => subjects(&store, action, cli.json).await,
-        Command::Feed {
-            action: FeedAction::Status,
-        } => feed_status(&store, cli.json).await,
-        Command::Feed {
-            action: FeedAction::Reconcile,
-        } => reconcile(&store, cli.json).await,
+        Command::Feed { action } => match action {
+            FeedAction::Status => feed_status(&store, cli.json).await,
+            FeedAction::Reconcile => reconcile(&store, cli.json).await,
+        },
     }
 }
 
