@@ -3,7 +3,9 @@
 //! of them the allocator serves from its fast per-thread cache.
 //!
 //! `cargo run --release -p keel-benches --example allocs`; with `KEEL_ALLOC_TRACE=1` it also
-//! prints a backtrace of each allocation of one command.
+//! prints a backtrace of each allocation of one command on an existing aggregate, with
+//! `KEEL_ALLOC_TRACE_FIRST=1` of the command that creates one (the `command` benchmark's
+//! usual case). A traced run's counts include the tracing's own allocations.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -78,10 +80,16 @@ async fn main() -> keel::Result<()> {
             by: 1,
         })
     };
-    // The first command of each aggregate creates its stream; count the second ones.
+    // The first command of each aggregate creates its stream; counted apart from the second.
+    let first = std::env::var_os("KEEL_ALLOC_TRACE_FIRST").is_some();
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
     for i in 0..AGGREGATES {
+        TRACING.with(|t| t.set(first && i == AGGREGATES / 2));
         send(i).await?;
+        TRACING.with(|t| t.set(false));
     }
+    let per_first = (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / AGGREGATES as f64;
+    println!("allocations per first command of an aggregate: {per_first:.1}");
     let trace = std::env::var_os("KEEL_ALLOC_TRACE").is_some();
     let before = ALLOCATIONS.load(Ordering::Relaxed);
     for i in 0..AGGREGATES {
