@@ -42,10 +42,11 @@ const MAX_PLAN: usize = 2_000;
 const FULL_LOOKBACK_MS: i64 = 3_600_000;
 /// The row (in `checkpoints`) where the leading feeder notes that it is alive.
 const HEARTBEAT: &str = "keel.feeder.heartbeat";
-/// A new leader whose predecessor was last alive longer ago than this reconciles the feed:
-/// markers of appends made meanwhile may have expired (five minutes short of their time to
-/// live, for clock differences between processes).
-const RECONCILE_AFTER_MS: i64 = FULL_LOOKBACK_MS - 300_000;
+/// How long the heartbeat row lives: five minutes less than a marker. A new leader that finds
+/// no heartbeat reconciles the feed, since markers of appends made since the last one may have
+/// expired. Both times to live are counted by the database's clocks, so the decision does not
+/// depend on the clocks of the processes (the row's `updated_at`, for display, does).
+pub(crate) const HEARTBEAT_TTL_SECS: i64 = FULL_LOOKBACK_MS / 1000 - 300;
 
 /// Streams appended to by this process since the feeder last looked.
 #[derive(Default)]
@@ -102,7 +103,8 @@ pub struct FeedStatus {
     pub feeder: Option<String>,
     /// The lease's epoch: how many times the lease has been taken.
     pub epoch: i64,
-    /// How long ago a leading feeder last noted that it was alive (`None`: never).
+    /// How long ago a leading feeder last noted that it was alive, by the clock of the process
+    /// that noted it; `None` when none did in the last 55 minutes (the note lives that long).
     pub last_alive: Option<Duration>,
     /// Streams in a plan that was allocated but not yet fully written (a feeder died in the
     /// middle of a round; the next one finishes it first). Usually 0.
@@ -345,7 +347,7 @@ impl FeederState {
             .shared
             .session
             .execute_unpaged(
-                &self.shared.st.save_checkpoint,
+                &self.shared.st.heartbeat_write,
                 (HEARTBEAT, head, CqlTimestamp(now)),
             )
             .await
@@ -358,22 +360,16 @@ impl FeederState {
     /// appends of that time may have lost their markers: reconcile the feed in the background,
     /// which marks every stream that is behind for this feeder.
     async fn reconcile_after_outage(&mut self) {
-        let last = match self.shared.feeder_last_alive().await {
-            Ok(last) => last,
+        match self.shared.feeder_last_alive().await {
+            Ok(Some(_)) => return,
+            Ok(None) => tracing::info!(
+                "no feeder noted that it was alive in the last 55 minutes; reconciling the feed"
+            ),
+            // Not knowing is no reason to risk leaving events out: reconcile.
             Err(e) => {
-                // Not knowing is no reason to risk leaving events out: reconcile.
-                tracing::warn!(error = %e, "feeder heartbeat unreadable; reconciling the feed");
-                None
+                tracing::warn!(error = %e, "feeder heartbeat unreadable; reconciling the feed")
             }
-        };
-        let now = keel::event::now_millis();
-        if last.is_some_and(|at| now - at < RECONCILE_AFTER_MS) {
-            return;
         }
-        tracing::info!(
-            last_alive_ms_ago = last.map(|at| now - at),
-            "no feeder was alive for an hour or more; reconciling the feed"
-        );
         let shared = self.shared.clone();
         let task = tokio::spawn(async move {
             match shared.reconcile_feed().await {
@@ -690,7 +686,8 @@ impl crate::KeelScylla {
 }
 
 impl Shared {
-    /// When the leading feeder last noted that it was alive (ms since the epoch), if ever.
+    /// When the leading feeder last noted that it was alive (ms since the epoch, by its clock),
+    /// if it did in the last 55 minutes.
     async fn feeder_last_alive(&self) -> Result<Option<i64>> {
         let op = "read the feeder heartbeat";
         let rows = self

@@ -716,6 +716,7 @@ pub(crate) struct Statements {
     pub(crate) load_snapshot: PreparedStatement,
     pub(crate) save_checkpoint: PreparedStatement,
     pub(crate) load_checkpoint: PreparedStatement,
+    pub(crate) heartbeat_write: PreparedStatement,
     pub(crate) heartbeat_read: PreparedStatement,
     pub(crate) lease_init: PreparedStatement,
     pub(crate) lease_read: PreparedStatement,
@@ -833,6 +834,10 @@ impl Statements {
                 "INSERT INTO {ks}.checkpoints (name, position, updated_at) VALUES (?, ?, ?)"
             )).await?,
             load_checkpoint: prep(format!("SELECT position FROM {ks}.checkpoints WHERE name = ?")).await?,
+            heartbeat_write: prep(format!(
+                "INSERT INTO {ks}.checkpoints (name, position, updated_at) VALUES (?, ?, ?) USING TTL {}",
+                crate::feed::HEARTBEAT_TTL_SECS
+            )).await?,
             heartbeat_read: prep(format!("SELECT updated_at FROM {ks}.checkpoints WHERE name = ?")).await?,
             lease_init: lwt(prep(format!("INSERT INTO {ks}.leases (name, epoch) VALUES (?, 0) IF NOT EXISTS")).await?),
             lease_read: serial_select(prep(format!("SELECT holder, epoch FROM {ks}.leases WHERE name = ?")).await?),

@@ -8,9 +8,9 @@
 //! marker for each stream that is behind; whichever feeder leads then publishes the missing
 //! events, in order, exactly as it would have.
 //!
-//! The leading feeder notes that it is alive in `checkpoints` (row `keel.feeder.heartbeat`) at
-//! every lease renewal; a feeder that takes the lease and finds that note older than 55
-//! minutes (or missing) reconciles by itself, in the background.
+//! The leading feeder notes that it is alive in `checkpoints` (row `keel.feeder.heartbeat`,
+//! which lives 55 minutes) at every lease renewal; a feeder that takes the lease and finds no
+//! such note reconciles by itself, in the background.
 
 use std::collections::BTreeMap;
 

@@ -430,20 +430,19 @@ async fn appends_whose_markers_expired(keyspace: &str) -> (KeelScylla, StreamId,
     (writer, long, short)
 }
 
-/// Sets when a feeder last noted it was alive.
+/// Sets when a feeder last noted it was alive: a minute ago (a note that lives 55 minutes, as
+/// a feeder writes it), or longer ago than its note lives (none is left).
 async fn feeder_last_alive(store: &KeelScylla, keyspace: &str, ago: Duration) {
-    let at = keel::event::now_millis() - ago.as_millis() as i64;
-    store
-        .session()
-        .query_unpaged(
-            format!(
-                "INSERT INTO {keyspace}.checkpoints (name, position, updated_at) \
-                 VALUES ('keel.feeder.heartbeat', 0, {at})"
-            ),
-            (),
+    let cql = if ago < Duration::from_secs(55 * 60) {
+        let at = keel::event::now_millis() - ago.as_millis() as i64;
+        format!(
+            "INSERT INTO {keyspace}.checkpoints (name, position, updated_at) \
+             VALUES ('keel.feeder.heartbeat', 0, {at}) USING TTL 3300"
         )
-        .await
-        .unwrap();
+    } else {
+        format!("DELETE FROM {keyspace}.checkpoints WHERE name = 'keel.feeder.heartbeat'")
+    };
+    store.session().query_unpaged(cql, ()).await.unwrap();
 }
 
 /// Appends one event through `feeder` and waits until the feed has it (so the feeder has run
@@ -535,4 +534,18 @@ async fn a_feeder_after_an_hour_long_outage_reconciles_by_itself() {
     .await;
     let age = keel::event::now_millis() - alive[0].0;
     assert!(age < 60_000, "heartbeat {age} ms old");
+    // The note expires by the database's clock 55 minutes after it was written, whatever the
+    // clocks of the processes say.
+    let ttl: Vec<Option<i32>> = common::column(
+        &feeder,
+        format!(
+            "SELECT TTL(updated_at) FROM {keyspace}.checkpoints \
+             WHERE name = 'keel.feeder.heartbeat'"
+        ),
+    )
+    .await;
+    assert!(
+        ttl[0].is_some_and(|t| t > 3000 && t <= 3300),
+        "heartbeat time to live {ttl:?}"
+    );
 }

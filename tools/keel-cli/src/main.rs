@@ -234,7 +234,7 @@ async fn feed_status(store: &KeelScylla, json: bool) -> Result<(), Box<dyn std::
     }
     match alive {
         Some(s) => println!("last alive: {s} s ago"),
-        None => println!("last alive: never noted"),
+        None => println!("last alive: not in the last 55 minutes"),
     }
     if status.unfinished_plan > 0 {
         println!(
