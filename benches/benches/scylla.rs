@@ -392,16 +392,58 @@ fn codecs(c: &mut Criterion, b: &Bench) {
     load.finish();
 }
 
-/// A burst of appends from 32 writers (60 appends of 10 events each: 19,200 events), timed
-/// until committed (the baseline) and until the feed holds every one of them: how far the
-/// feeder trails a heavy load. It runs in a keyspace of its own, so that the feed's expected
-/// length is known exactly; before each timed burst the feed has caught up with the last.
-fn feed_burst(c: &mut Criterion, b: &Bench) {
+/// The shape of a burst of appends from 32 writers.
+struct Burst {
+    /// The benchmark group.
+    group: &'static str,
+    /// Appends per writer.
+    appends: usize,
+    /// Events per append.
+    events: usize,
+    /// Whether every append goes to a new stream (else each writer appends to one stream).
+    fan_out: bool,
+}
+
+impl Burst {
     const WRITERS: usize = 32;
-    const APPENDS: usize = 60;
-    const EVENTS: usize = 10;
-    const BURST: u64 = (WRITERS * APPENDS * EVENTS) as u64;
-    let keyspace = format!("{}_burst", b.keyspace);
+
+    fn events(&self) -> u64 {
+        (Self::WRITERS * self.appends * self.events) as u64
+    }
+}
+
+/// Bursts of appends from 32 writers, timed until committed (the baseline) and until the feed
+/// holds every one of their events: how far the feeder trails a heavy load. Two shapes: deep
+/// (60 appends of 10 events to one stream per writer: 19,200 events in 32 streams) and fanned
+/// out (100 appends of one event, each to a new stream: 3,200 streams, as when many
+/// aggregates are created at once). Each runs in a keyspace of its own, so that the feed's
+/// expected length is known exactly; before each timed burst the feed has caught up with the
+/// last.
+fn feed_bursts(c: &mut Criterion, b: &Bench) {
+    let deep = Burst {
+        group: "scylla_feed_burst",
+        appends: 60,
+        events: 10,
+        fan_out: false,
+    };
+    let wide = Burst {
+        group: "scylla_feed_fan_out",
+        appends: 100,
+        events: 1,
+        fan_out: true,
+    };
+    for shape in [deep, wide] {
+        feed_burst(c, b, &shape);
+    }
+}
+
+fn feed_burst(c: &mut Criterion, b: &Bench, shape: &Burst) {
+    let size = shape.events();
+    let keyspace = format!(
+        "{}_{}",
+        b.keyspace,
+        shape.group.trim_start_matches("scylla_")
+    );
     let nodes = std::env::var("KEEL_SCYLLA_NODES").unwrap_or_else(|_| "127.0.0.1:9042".into());
     let store = b.rt.block_on(async {
         let store = KeelScylla::builder()
@@ -422,36 +464,49 @@ fn feed_burst(c: &mut Criterion, b: &Bench) {
         async move {
             let n = bursts.fetch_add(1, Ordering::Relaxed) as u64;
             // Untimed: the feed holds every earlier burst.
-            while store.feed_head().await.unwrap() < n * BURST {
+            while store.feed_head().await.unwrap() < n * size {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             let started = Instant::now();
-            futures::future::try_join_all((0..WRITERS).map(|w| async move {
-                let stream = StreamId::new(format!("burst{n}-w{w}"));
-                for a in 0..APPENDS {
-                    let events = (0..EVENTS)
+            futures::future::try_join_all((0..Burst::WRITERS).map(|w| async move {
+                for a in 0..shape.appends {
+                    let events = (0..shape.events)
                         .map(|_| NewEvent::new("Incremented", 1, body.clone()))
                         .collect();
-                    let expected = ExpectedVersion::from_version((a * EVENTS) as u64);
-                    store.append(&stream, expected, events).await?;
+                    let (stream, expected) = if shape.fan_out {
+                        (format!("burst{n}-w{w}-a{a}"), ExpectedVersion::NoStream)
+                    } else {
+                        let version = (a * shape.events) as u64;
+                        (
+                            format!("burst{n}-w{w}"),
+                            ExpectedVersion::from_version(version),
+                        )
+                    };
+                    store
+                        .append(&StreamId::new(stream), expected, events)
+                        .await?;
                 }
                 Ok::<_, keel::Error>(())
             }))
             .await
             .unwrap();
-            while until_fed && store.feed_head().await.unwrap() < (n + 1) * BURST {
+            while until_fed && store.feed_head().await.unwrap() < (n + 1) * size {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             started.elapsed()
         }
     };
-    let mut group = c.benchmark_group("scylla_feed_burst");
+    let mut group = c.benchmark_group(shape.group);
     group
         .sample_size(10)
         .measurement_time(Duration::from_secs(15))
-        .throughput(Throughput::Elements(BURST));
+        .throughput(Throughput::Elements(size));
+    let committed = format!(
+        "baseline: {size} events committed, {} writers",
+        Burst::WRITERS
+    );
     for (name, until_fed) in [
-        ("baseline: 19,200 events committed, 32 writers", false),
+        (committed.as_str(), false),
         ("keel: the same, until the feed holds them", true),
     ] {
         group.bench_function(name, |bench| {
@@ -485,7 +540,7 @@ fn all(c: &mut Criterion) {
     loads(c, &b);
     feed(c, &b);
     codecs(c, &b);
-    feed_burst(c, &b);
+    feed_bursts(c, &b);
     b.rt.block_on(drop_keyspace(&b.store, &b.keyspace));
 }
 

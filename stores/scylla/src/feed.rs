@@ -38,6 +38,11 @@ use crate::{partition_batch, Shared};
 pub(crate) const FEEDER_LEASE: &str = "keel.feeder";
 /// Events planned in one allocation at most.
 const MAX_PLAN: usize = 2_000;
+/// Streams whose progress and new events a round reads at once. Read one after the other, a
+/// round of many one-event streams cost two round trips per stream.
+const READ_CONCURRENCY: usize = 32;
+/// The fewest events a stream may bring to a round when many streams share its plan.
+const MIN_SHARE: usize = 64;
 /// How far back a new leader looks for markers: their time to live.
 const FULL_LOOKBACK_MS: i64 = 3_600_000;
 /// The row (in `checkpoints`) where the leading feeder notes that it is alive.
@@ -419,15 +424,6 @@ impl FeederState {
         Ok(found)
     }
 
-    async fn progress_of(&mut self, stream: &str) -> Result<i64> {
-        if let Some(v) = self.progress.get(stream) {
-            return Ok(*v);
-        }
-        let v = self.shared.fed_version(stream).await?;
-        self.progress.insert(stream.to_owned(), v);
-        Ok(v)
-    }
-
     /// The feed head from `feed_meta`, after finishing any plan left there.
     async fn load_meta(&mut self) -> Result<i64> {
         if let Some(head) = self.meta {
@@ -452,32 +448,35 @@ impl FeederState {
         Ok(head)
     }
 
+    /// The events of a recorded plan, read [`READ_CONCURRENCY`] streams at a time.
     async fn read_plan_events(&self, plan: &[Range]) -> Result<Vec<Vec<RecordedEvent>>> {
-        let mut all = Vec::with_capacity(plan.len());
-        for range in plan {
-            let stream = StreamId::new(&range.stream);
-            let events: Vec<RecordedEvent> = self
-                .shared
-                .stream_from(&stream, range.first as u64)
-                .take_while(|e| {
-                    futures::future::ready(
-                        e.as_ref().map_or(true, |e| e.version as i64 <= range.last),
-                    )
-                })
-                .try_collect()
-                .await?;
-            if events.len() as i64 != range.last - range.first + 1 {
-                return Err(store_err(
-                    "replay feed plan",
-                    std::io::Error::other(format!(
-                        "stream `{}` lacks versions {}..={}",
-                        range.stream, range.first, range.last
-                    )),
-                ));
-            }
-            all.push(events);
-        }
-        Ok(all)
+        // Owned futures (a stream name and the shared state each): a future that borrows
+        // would not be `Send` for every lifetime, which the spawned feeder task needs.
+        stream::iter(plan.to_vec())
+            .map(|range| {
+                let shared = self.shared.clone();
+                async move {
+                    let wanted = (range.last - range.first + 1) as usize;
+                    let events: Vec<RecordedEvent> = shared
+                        .stream_from(&StreamId::new(&range.stream), range.first as u64)
+                        .take(wanted)
+                        .try_collect()
+                        .await?;
+                    if events.len() != wanted {
+                        return Err(store_err(
+                            "replay feed plan",
+                            std::io::Error::other(format!(
+                                "stream `{}` lacks versions {}..={}",
+                                range.stream, range.first, range.last
+                            )),
+                        ));
+                    }
+                    Ok(events)
+                }
+            })
+            .buffered(READ_CONCURRENCY)
+            .try_collect()
+            .await
     }
 
     /// Writes the feed rows and progress of a plan. Idempotent: the same plan always writes
@@ -531,33 +530,17 @@ impl FeederState {
     /// are back among the wake-ups).
     async fn publish(&mut self, candidates: HashSet<String>) -> Result<bool> {
         let head = self.load_meta().await?;
+        let mut candidates: Vec<String> = candidates.into_iter().collect();
+        candidates.sort();
+        let (found, planned) = self.gather_new_events(&candidates).await?;
         let mut plan = Vec::new();
         let mut events = Vec::new();
         let mut next = head + 1;
-        let mut planned = 0usize;
-        let mut candidates: Vec<String> = candidates.into_iter().collect();
-        candidates.sort();
-        for stream in candidates {
-            if planned >= MAX_PLAN {
-                // The rest waits for the next round; wake ourselves so it comes soon.
-                self.shared.wake.notify(StreamId::new(&stream));
+        for (stream, fed, new) in found {
+            self.progress.insert(stream.clone(), fed);
+            let Some(last) = new.last().map(|e| e.version as i64) else {
                 continue;
-            }
-            let fed = self.progress_of(&stream).await?;
-            let id = StreamId::new(&stream);
-            let new: Vec<RecordedEvent> = self
-                .shared
-                .stream_from(&id, fed as u64 + 1)
-                .take(MAX_PLAN - planned)
-                .try_collect()
-                .await?;
-            if new.is_empty() {
-                continue;
-            }
-            if new.len() == MAX_PLAN - planned {
-                self.shared.wake.notify(id);
-            }
-            let last = new.last().map_or(fed, |e| e.version as i64);
+            };
             plan.push(Range {
                 stream,
                 first: fed + 1,
@@ -565,7 +548,6 @@ impl FeederState {
                 position: next,
             });
             next += new.len() as i64;
-            planned += new.len();
             events.push(new);
         }
         if plan.is_empty() {
@@ -601,6 +583,111 @@ impl FeederState {
         self.meta = Some(new_head);
         self.write_plan(&plan, &events).await?;
         Ok(planned >= MAX_PLAN)
+    }
+
+    /// The fed progress and new events of `candidates` (in their order), up to [`MAX_PLAN`]
+    /// events in all, and how many that is.
+    ///
+    /// Streams are read [`READ_CONCURRENCY`] at a time: one after the other, a round of many
+    /// one-event streams cost two round trips per stream. Each stream first brings at most an
+    /// equal share of the plan, so reads stay bounded when many streams have long backlogs;
+    /// the streams that filled their share then share what is left of the plan, and so on.
+    /// Streams with events beyond the plan, and candidates not looked at, are woken for the
+    /// next round.
+    async fn gather_new_events(
+        &self,
+        candidates: &[String],
+    ) -> Result<(Vec<(String, i64, Vec<RecordedEvent>)>, usize)> {
+        let mut found: Vec<(String, i64, Vec<RecordedEvent>)> = Vec::new();
+        let mut planned = 0usize;
+        // Pass one reads every candidate from its progress; later passes read the streams
+        // that filled their share (indices into `found`) from where they stopped.
+        let mut full_share: Vec<usize> = Vec::new();
+        let mut looked_at = 0;
+        let mut first_pass = true;
+        while planned < MAX_PLAN && (first_pass || !full_share.is_empty()) {
+            let readers = if first_pass {
+                candidates.len()
+            } else {
+                full_share.len()
+            };
+            let share = ((MAX_PLAN - planned) / readers.max(1)).max(MIN_SHARE);
+            let reads: Vec<(String, Option<i64>)> = if first_pass {
+                candidates
+                    .iter()
+                    .map(|s| (s.clone(), self.progress.get(s).copied()))
+                    .collect()
+            } else {
+                full_share
+                    .iter()
+                    .map(|&i| {
+                        let (stream, fed, new) = &found[i];
+                        let last = new.last().map_or(*fed, |e| e.version as i64);
+                        (stream.clone(), Some(last))
+                    })
+                    .collect()
+            };
+            let shared = self.shared.clone();
+            let mut reads = stream::iter(reads)
+                .map(|(stream, from)| {
+                    // Owned (a name and the shared state): a borrowing future would not be
+                    // `Send` for every lifetime, which the spawned feeder task needs.
+                    let shared = shared.clone();
+                    async move {
+                        let after = match from {
+                            Some(version) => version,
+                            None => shared.fed_version(&stream).await?,
+                        };
+                        let new: Vec<RecordedEvent> = shared
+                            .stream_from(&StreamId::new(stream), after as u64 + 1)
+                            .take(share)
+                            .try_collect()
+                            .await?;
+                        Ok::<_, Error>((after, new))
+                    }
+                })
+                .buffered(READ_CONCURRENCY);
+            let mut filled = Vec::new();
+            let mut consumed = 0;
+            while planned < MAX_PLAN {
+                let Some(read) = reads.next().await else {
+                    break;
+                };
+                let (after, mut new) = read?;
+                // A stream that filled its share, or did not fit, may have more.
+                let more = new.len() == share || new.len() > MAX_PLAN - planned;
+                new.truncate(MAX_PLAN - planned);
+                planned += new.len();
+                let index = if first_pass {
+                    found.push((candidates[consumed].clone(), after, Vec::new()));
+                    found.len() - 1
+                } else {
+                    full_share[consumed]
+                };
+                consumed += 1;
+                if more {
+                    filled.push(index);
+                }
+                found[index].2.append(&mut new);
+            }
+            if first_pass {
+                looked_at = consumed;
+            } else {
+                // Those not read again this pass (the plan filled up) still have more.
+                filled.extend_from_slice(&full_share[consumed..]);
+            }
+            full_share = filled;
+            first_pass = false;
+        }
+        // What did not fit comes back next round.
+        let waiting = full_share
+            .iter()
+            .map(|&i| &found[i].0)
+            .chain(&candidates[looked_at..]);
+        for stream in waiting {
+            self.shared.wake.notify(StreamId::new(stream));
+        }
+        Ok((found, planned))
     }
 }
 
