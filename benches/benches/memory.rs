@@ -127,6 +127,84 @@ fn command(c: &mut Criterion) {
     group.finish();
 }
 
+/// The bus alone, from a handler called directly to one behind the layers an application
+/// typically stacks (trace, metrics, timeout, retry on conflict), with and without a metrics
+/// recorder (Prometheus) installed. The handler does nothing but answer.
+fn bus(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("bus");
+    let handler = |c: Increment, _meta: Metadata| async move { Ok::<_, keel::Error>(c.by) };
+    group.bench_function("baseline: the handler called directly", |b| {
+        b.to_async(&rt).iter(|| async {
+            handler(
+                Increment {
+                    id: String::new(),
+                    by: 1,
+                },
+                Metadata::default(),
+            )
+            .await
+            .unwrap()
+        })
+    });
+    let bare = CommandBus::builder().command(handler).unwrap().build();
+    group.bench_function("keel: no layers", |b| {
+        b.to_async(&rt).iter(|| async {
+            bare.send(Increment {
+                id: String::new(),
+                by: 1,
+            })
+            .await
+            .unwrap()
+        })
+    });
+    // Each its own bus: the metrics layer registers a type's handles with the recorder of
+    // the type's first dispatch.
+    let layered = || {
+        CommandBus::builder()
+            .layer(keel::bus::TraceLayer)
+            .layer(keel::bus::MetricsLayer::new())
+            .layer(keel::bus::TimeoutLayer::new(Duration::from_secs(5)))
+            .layer(keel::bus::RetryLayer::new(3, Duration::from_millis(1)))
+            .command(handler)
+            .unwrap()
+            .build()
+    };
+    let (layered, recorded) = (layered(), layered());
+    group.bench_function("keel: trace, metrics, timeout, retry", |b| {
+        b.to_async(&rt).iter(|| async {
+            layered
+                .send(Increment {
+                    id: String::new(),
+                    by: 1,
+                })
+                .await
+                .unwrap()
+        })
+    });
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    group.bench_function("keel: the same layers, Prometheus recorder", |b| {
+        b.iter_custom(|iters| {
+            metrics::with_local_recorder(&recorder, || {
+                rt.block_on(async {
+                    let started = std::time::Instant::now();
+                    for _ in 0..iters {
+                        recorded
+                            .send(Increment {
+                                id: String::new(),
+                                by: 1,
+                            })
+                            .await
+                            .unwrap();
+                    }
+                    started.elapsed()
+                })
+            })
+        })
+    });
+    group.finish();
+}
+
 /// Command `n` of the bare loop: decode and apply the aggregate's events, decide, push the
 /// encoded event. It keeps nothing but the payloads.
 fn bare_command(streams: &mut HashMap<String, Vec<Bytes>>, n: u64) {
@@ -444,6 +522,6 @@ fn codecs(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
-    targets = command, replay, snapshot, rebuild, codecs, concurrent
+    targets = command, bus, replay, snapshot, rebuild, codecs, concurrent
 }
 criterion_main!(benches);

@@ -1,6 +1,7 @@
 //! The layers Keel ships: tracing, metrics, timeout, retry on conflict, validation, caching.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -87,9 +88,52 @@ pub struct DispatchStats {
 /// Counts dispatches, failures and latency per message type, both through the `metrics`
 /// facade (names in [`crate::metrics`]) and in a snapshot ([`MetricsLayer::snapshot`]).
 /// Clones share the counters: keep one to read them.
+///
+/// The facade's handles of a message type are registered at its first dispatch, with the
+/// recorder installed at that time, and reused after that.
 #[derive(Clone, Debug, Default)]
 pub struct MetricsLayer {
-    stats: Arc<DashMap<&'static str, DispatchStats>>,
+    types: Arc<DashMap<(std::any::TypeId, Kind), Arc<TypeMetrics>, foldhash::fast::RandomState>>,
+}
+
+/// The counters and facade handles of one message type.
+#[derive(Debug)]
+struct TypeMetrics {
+    type_name: &'static str,
+    count: AtomicU64,
+    failures: AtomicU64,
+    latency_nanos: AtomicU64,
+    dispatched: metrics::Counter,
+    failed: metrics::Counter,
+    seconds: metrics::Histogram,
+}
+
+impl TypeMetrics {
+    fn register(kind: Kind, type_name: &'static str) -> Self {
+        let kind = kind.as_str();
+        let labels = [("kind", kind), ("type", type_name)];
+        TypeMetrics {
+            type_name,
+            count: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            latency_nanos: AtomicU64::new(0),
+            dispatched: metrics::counter!(crate::metrics::DISPATCHED, &labels),
+            failed: metrics::counter!(crate::metrics::DISPATCH_FAILURES, &labels),
+            seconds: metrics::histogram!(crate::metrics::DISPATCH_SECONDS, &labels),
+        }
+    }
+
+    fn record(&self, failed: bool, elapsed: Duration) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.latency_nanos
+            .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+        self.dispatched.increment(1);
+        if failed {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            self.failed.increment(1);
+        }
+        self.seconds.record(elapsed.as_secs_f64());
+    }
 }
 
 impl MetricsLayer {
@@ -98,9 +142,29 @@ impl MetricsLayer {
         Self::default()
     }
 
-    /// The counters so far, by message type name.
+    /// The counters so far, by message type name (a type dispatched both as a command and as
+    /// a query counts both).
     pub fn snapshot(&self) -> HashMap<&'static str, DispatchStats> {
-        self.stats.iter().map(|e| (*e.key(), *e.value())).collect()
+        let mut stats: HashMap<&'static str, DispatchStats> = HashMap::new();
+        for entry in self.types.iter() {
+            let t = entry.value();
+            let s = stats.entry(t.type_name).or_default();
+            s.count += t.count.load(Ordering::Relaxed);
+            s.failures += t.failures.load(Ordering::Relaxed);
+            s.total_latency += Duration::from_nanos(t.latency_nanos.load(Ordering::Relaxed));
+        }
+        stats
+    }
+
+    fn of(&self, request: &Request) -> Arc<TypeMetrics> {
+        let key = (request.message.as_any().type_id(), request.kind);
+        if let Some(found) = self.types.get(&key) {
+            return found.clone();
+        }
+        self.types
+            .entry(key)
+            .or_insert_with(|| Arc::new(TypeMetrics::register(request.kind, request.type_name())))
+            .clone()
     }
 }
 
@@ -110,26 +174,11 @@ impl Around for MetricsLayer {
         inner: Arc<dyn Service>,
         request: Request,
     ) -> BoxFuture<'static, Result<Reply>> {
-        let stats = self.stats.clone();
+        let metrics = self.of(&request);
         Box::pin(async move {
-            let (kind, type_name) = (request.kind.as_str(), request.type_name());
             let started = Instant::now();
             let result = inner.call(request).await;
-            let elapsed = started.elapsed();
-            {
-                let mut entry = stats.entry(type_name).or_default();
-                entry.count += 1;
-                entry.failures += u64::from(result.is_err());
-                entry.total_latency += elapsed;
-            }
-            metrics::counter!(crate::metrics::DISPATCHED, "kind" => kind, "type" => type_name)
-                .increment(1);
-            if result.is_err() {
-                metrics::counter!(crate::metrics::DISPATCH_FAILURES, "kind" => kind, "type" => type_name)
-                    .increment(1);
-            }
-            metrics::histogram!(crate::metrics::DISPATCH_SECONDS, "kind" => kind, "type" => type_name)
-                .record(elapsed.as_secs_f64());
+            metrics.record(result.is_err(), started.elapsed());
             result
         })
     }
