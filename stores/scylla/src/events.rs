@@ -476,22 +476,27 @@ impl Shared {
             .collect()
     }
 
-    /// The stream from version `from`, lazily, page by page and bucket by bucket. Version
-    /// `from` lives in its own bucket or, after an overflowing append, in the one before.
-    /// The stream from version `from`, lazily, page by page and bucket by bucket. Version
-    /// `from` lives in its own bucket or, after an overflowing append, in the one before.
+    /// The stream from version `from`, at most `max` events, lazily, page by page and bucket
+    /// by bucket (no page asks for more rows than are still wanted). Version `from` lives in
+    /// its own bucket or, after an overflowing append, in the one before.
     fn pages_from<'a>(
         &'a self,
         stream: &'a StreamId,
         from: u64,
+        max: usize,
     ) -> BoxStream<'a, Result<Vec<RecordedEvent>>> {
         let from = from.max(1) as i64;
         let start = (self.bucket_of(from) - 1).max(0);
         Box::pin(stream::try_unfold(
-            (start, from),
-            move |(mut bucket, mut next)| async move {
+            (start, from, max),
+            move |(mut bucket, mut next, wanted)| async move {
+                if wanted == 0 {
+                    return Ok(None);
+                }
                 loop {
-                    let size = self.read_page_size;
+                    let size = self
+                        .read_page_size
+                        .min(i32::try_from(wanted).unwrap_or(i32::MAX));
                     let page = self.read_page(stream, bucket, next, size).await?;
                     if page.is_empty() {
                         if bucket >= self.bucket_of(next) {
@@ -504,7 +509,8 @@ impl Shared {
                     if page.len() < size as usize {
                         bucket += 1;
                     }
-                    return Ok(Some((page, (bucket, next))));
+                    let wanted = wanted - page.len();
+                    return Ok(Some((page, (bucket, next, wanted))));
                 }
             },
         ))
@@ -512,8 +518,19 @@ impl Shared {
 
     /// The stream from version `from`, event by event.
     pub(crate) fn stream_from<'a>(&'a self, stream: &'a StreamId, from: u64) -> EventStream<'a> {
+        self.events_from(stream, from, usize::MAX)
+    }
+
+    /// At most `max` events of the stream from version `from`, event by event, reading no
+    /// more rows than that.
+    pub(crate) fn events_from<'a>(
+        &'a self,
+        stream: &'a StreamId,
+        from: u64,
+        max: usize,
+    ) -> EventStream<'a> {
         let pages = self
-            .pages_from(stream, from)
+            .pages_from(stream, from, max)
             .map_ok(|page| stream::iter(page.into_iter().map(Ok)));
         Box::pin(pages.try_flatten())
     }
@@ -582,7 +599,7 @@ impl EventStore for KeelScylla {
     fn read_stream_pages<'a>(&'a self, stream: &'a StreamId, from_version: u64) -> PageStream<'a> {
         Box::pin(
             self.shared
-                .pages_from(stream, from_version)
+                .pages_from(stream, from_version, usize::MAX)
                 .map_ok(EventPage::from),
         )
     }

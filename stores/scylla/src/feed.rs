@@ -458,8 +458,7 @@ impl FeederState {
                 async move {
                     let wanted = (range.last - range.first + 1) as usize;
                     let events: Vec<RecordedEvent> = shared
-                        .stream_from(&StreamId::new(&range.stream), range.first as u64)
-                        .take(wanted)
+                        .events_from(&StreamId::new(&range.stream), range.first as u64, wanted)
                         .try_collect()
                         .await?;
                     if events.len() != wanted {
@@ -639,8 +638,7 @@ impl FeederState {
                             None => shared.fed_version(&stream).await?,
                         };
                         let new: Vec<RecordedEvent> = shared
-                            .stream_from(&StreamId::new(stream), after as u64 + 1)
-                            .take(share)
+                            .events_from(&StreamId::new(stream), after as u64 + 1, share)
                             .try_collect()
                             .await?;
                         Ok::<_, Error>((after, new))
