@@ -585,108 +585,134 @@ impl FeederState {
     }
 
     /// The fed progress and new events of `candidates` (in their order), up to [`MAX_PLAN`]
-    /// events in all, and how many that is.
-    ///
-    /// Streams are read [`READ_CONCURRENCY`] at a time: one after the other, a round of many
-    /// one-event streams cost two round trips per stream. Each stream first brings at most an
-    /// equal share of the plan, so reads stay bounded when many streams have long backlogs;
-    /// the streams that filled their share then share what is left of the plan, and so on.
-    /// Streams with events beyond the plan, and candidates not looked at, are woken for the
-    /// next round.
-    async fn gather_new_events(
-        &self,
-        candidates: &[String],
-    ) -> Result<(Vec<(String, i64, Vec<RecordedEvent>)>, usize)> {
-        let mut found: Vec<(String, i64, Vec<RecordedEvent>)> = Vec::new();
-        let mut planned = 0usize;
-        // Pass one reads every candidate from its progress; later passes read the streams
-        // that filled their share (indices into `found`) from where they stopped.
-        let mut full_share: Vec<usize> = Vec::new();
-        let mut looked_at = 0;
-        let mut first_pass = true;
-        while planned < MAX_PLAN && (first_pass || !full_share.is_empty()) {
-            let readers = if first_pass {
-                candidates.len()
-            } else {
-                full_share.len()
-            };
-            let share = ((MAX_PLAN - planned) / readers.max(1)).max(MIN_SHARE);
-            let reads: Vec<(String, Option<i64>)> = if first_pass {
-                candidates
-                    .iter()
-                    .map(|s| (s.clone(), self.progress.get(s).copied()))
-                    .collect()
-            } else {
-                full_share
-                    .iter()
-                    .map(|&i| {
-                        let (stream, fed, new) = &found[i];
-                        let last = new.last().map_or(*fed, |e| e.version as i64);
-                        (stream.clone(), Some(last))
-                    })
-                    .collect()
-            };
-            let shared = self.shared.clone();
-            let mut reads = stream::iter(reads)
-                .map(|(stream, from)| {
-                    // Owned (a name and the shared state): a borrowing future would not be
-                    // `Send` for every lifetime, which the spawned feeder task needs.
-                    let shared = shared.clone();
-                    async move {
-                        let after = match from {
-                            Some(version) => version,
-                            None => shared.fed_version(&stream).await?,
-                        };
-                        let new: Vec<RecordedEvent> = shared
-                            .events_from(&StreamId::new(stream), after as u64 + 1, share)
-                            .try_collect()
-                            .await?;
-                        Ok::<_, Error>((after, new))
-                    }
-                })
-                .buffered(READ_CONCURRENCY);
-            let mut filled = Vec::new();
-            let mut consumed = 0;
-            while planned < MAX_PLAN {
-                let Some(read) = reads.next().await else {
-                    break;
+    /// events in all, and how many that is; see [`gather`]. Streams with events beyond the
+    /// plan, and candidates not looked at, are woken for the next round.
+    async fn gather_new_events(&self, candidates: &[String]) -> Result<(Vec<Found>, usize)> {
+        let shared = self.shared.clone();
+        let read = move |stream: String, after: Option<i64>, max: usize| {
+            // Owned (a name and the shared state): a borrowing future would not be `Send`
+            // for every lifetime, which the spawned feeder task needs.
+            let shared = shared.clone();
+            async move {
+                let after = match after {
+                    Some(version) => version,
+                    None => shared.fed_version(&stream).await?,
                 };
-                let (after, mut new) = read?;
-                // A stream that filled its share, or did not fit, may have more.
-                let more = new.len() == share || new.len() > MAX_PLAN - planned;
-                new.truncate(MAX_PLAN - planned);
-                planned += new.len();
-                let index = if first_pass {
-                    found.push((candidates[consumed].clone(), after, Vec::new()));
-                    found.len() - 1
-                } else {
-                    full_share[consumed]
-                };
-                consumed += 1;
-                if more {
-                    filled.push(index);
-                }
-                found[index].2.append(&mut new);
+                let new: Vec<RecordedEvent> = shared
+                    .events_from(&StreamId::new(stream), after as u64 + 1, max)
+                    .try_collect()
+                    .await?;
+                Ok((after, new))
             }
-            if first_pass {
-                looked_at = consumed;
-            } else {
-                // Those not read again this pass (the plan filled up) still have more.
-                filled.extend_from_slice(&full_share[consumed..]);
-            }
-            full_share = filled;
-            first_pass = false;
-        }
-        // What did not fit comes back next round.
-        let waiting = full_share
-            .iter()
-            .map(|&i| &found[i].0)
-            .chain(&candidates[looked_at..]);
-        for stream in waiting {
+        };
+        let round = gather(candidates, |s| self.progress.get(s).copied(), read).await?;
+        for stream in &round.waiting {
             self.shared.wake.notify(StreamId::new(stream));
         }
-        Ok((found, planned))
+        Ok((round.found, round.planned))
     }
+}
+
+/// A stream looked at in a round: its name, its fed progress, and its new events read.
+type Found = (String, i64, Vec<RecordedEvent>);
+
+/// What [`gather`] read for a round.
+struct Round {
+    /// The streams looked at, in candidate order.
+    found: Vec<Found>,
+    /// Events in `found`: at most [`MAX_PLAN`].
+    planned: usize,
+    /// Streams that may have events beyond what was read, and candidates not looked at.
+    waiting: Vec<String>,
+}
+
+/// Reads the new events of `candidates` for one round: `read(stream, after, max)` gives a
+/// stream's progress (`after`, or read when `None`) and at most `max` events after it.
+///
+/// Streams are read [`READ_CONCURRENCY`] at a time: one after the other, a round of many
+/// one-event streams cost two round trips per stream. Each stream first brings at most an
+/// equal share of the plan, so reads stay bounded when many streams have long backlogs; the
+/// streams that filled their share then share what is left of the plan, and so on.
+async fn gather<R, F>(
+    candidates: &[String],
+    known: impl Fn(&str) -> Option<i64>,
+    read: R,
+) -> Result<Round>
+where
+    R: Fn(String, Option<i64>, usize) -> F,
+    F: std::future::Future<Output = Result<(i64, Vec<RecordedEvent>)>>,
+{
+    let mut found: Vec<Found> = Vec::new();
+    let mut planned = 0usize;
+    // Pass one reads every candidate from its progress; later passes read the streams that
+    // filled their share (indices into `found`) from where they stopped.
+    let mut full_share: Vec<usize> = Vec::new();
+    let mut looked_at = 0;
+    let mut first_pass = true;
+    while planned < MAX_PLAN && (first_pass || !full_share.is_empty()) {
+        let readers = if first_pass {
+            candidates.len()
+        } else {
+            full_share.len()
+        };
+        let share = ((MAX_PLAN - planned) / readers.max(1)).max(MIN_SHARE);
+        let reads: Vec<(String, Option<i64>)> = if first_pass {
+            candidates.iter().map(|s| (s.clone(), known(s))).collect()
+        } else {
+            full_share
+                .iter()
+                .map(|&i| {
+                    let (stream, fed, new) = &found[i];
+                    let last = new.last().map_or(*fed, |e| e.version as i64);
+                    (stream.clone(), Some(last))
+                })
+                .collect()
+        };
+        let mut reads = stream::iter(reads)
+            .map(|(stream, after)| read(stream, after, share))
+            .buffered(READ_CONCURRENCY);
+        let mut filled = Vec::new();
+        let mut consumed = 0;
+        while planned < MAX_PLAN {
+            let Some(result) = reads.next().await else {
+                break;
+            };
+            let (after, mut new) = result?;
+            // A stream that filled its share, or did not fit, may have more.
+            let more = new.len() == share || new.len() > MAX_PLAN - planned;
+            new.truncate(MAX_PLAN - planned);
+            planned += new.len();
+            let index = if first_pass {
+                found.push((candidates[consumed].clone(), after, Vec::new()));
+                found.len() - 1
+            } else {
+                full_share[consumed]
+            };
+            consumed += 1;
+            if more {
+                filled.push(index);
+            }
+            found[index].2.append(&mut new);
+        }
+        if first_pass {
+            looked_at = consumed;
+        } else {
+            // Those not read again this pass (the plan filled up) still have more.
+            filled.extend_from_slice(&full_share[consumed..]);
+        }
+        full_share = filled;
+        first_pass = false;
+    }
+    let waiting = full_share
+        .iter()
+        .map(|&i| found[i].0.clone())
+        .chain(candidates[looked_at..].iter().cloned())
+        .collect();
+    Ok(Round {
+        found,
+        planned,
+        waiting,
+    })
 }
 
 /// Feed rows per write: a batch stays in one feed partition and under Cassandra's default
@@ -1031,6 +1057,70 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Whatever the candidates' backlogs, a round reads for each stream a contiguous run
+        /// from its progress, stays within the plan, fills it when enough waits, looks at
+        /// every stream when they all fit a minimal share, and wakes every stream it left
+        /// events of.
+        #[test]
+        fn a_round_reads_contiguous_runs_within_the_plan_and_wakes_what_is_left(
+            streams in prop::collection::vec((0i64..50, 0usize..1_500, any::<bool>()), 0..80),
+        ) {
+            let candidates: Vec<String> =
+                (0..streams.len()).map(|i| format!("s{i:03}")).collect();
+            let of = |name: &str| streams[name[1..].parse::<usize>().unwrap()];
+            let known = |name: &str| {
+                let (fed, _, cached) = of(name);
+                cached.then_some(fed)
+            };
+            let read = |name: String, after: Option<i64>, max: usize| {
+                let (fed, backlog, _) = of(&name);
+                let after = after.unwrap_or(fed);
+                let events: Vec<RecordedEvent> = (after + 1..=fed + backlog as i64)
+                    .take(max)
+                    .map(|v| {
+                        let event = keel::NewEvent::new("Happened", 1, &b"{}"[..]);
+                        RecordedEvent::record(StreamId::new(&name), v as u64, None, event)
+                    })
+                    .collect();
+                std::future::ready(Ok((after, events)))
+            };
+            let round = futures::executor::block_on(gather(&candidates, known, read)).unwrap();
+
+            let total: usize = streams.iter().map(|s| s.1).sum();
+            let read_count: usize = round.found.iter().map(|f| f.2.len()).sum();
+            prop_assert_eq!(round.planned, read_count);
+            prop_assert_eq!(round.planned, total.min(MAX_PLAN));
+            let waiting: HashSet<&String> = round.waiting.iter().collect();
+            for (i, (name, after, events)) in round.found.iter().enumerate() {
+                let (fed, backlog, _) = of(name);
+                prop_assert_eq!(name, &candidates[i], "candidate order");
+                prop_assert_eq!(*after, fed);
+                let versions: Vec<i64> = events.iter().map(|e| e.version as i64).collect();
+                prop_assert_eq!(versions, (fed + 1..=fed + events.len() as i64).collect::<Vec<_>>());
+                if events.len() < backlog {
+                    prop_assert!(waiting.contains(name), "{} left events unwoken", name);
+                }
+            }
+            for name in &candidates[round.found.len()..] {
+                prop_assert!(of(name).1 == 0 || waiting.contains(name), "{} not looked at, not woken", name);
+            }
+            if total < MAX_PLAN {
+                prop_assert!(round.waiting.is_empty(), "nothing left, nobody woken");
+            }
+            if streams.len() * MIN_SHARE <= MAX_PLAN {
+                prop_assert_eq!(round.found.len(), streams.len(), "every stream looked at");
+                let share = MAX_PLAN / streams.len().max(1);
+                for (name, _, events) in &round.found {
+                    prop_assert!(events.len() >= of(name).1.min(share), "{} got less than its share", name);
+                }
+            }
+        }
+    }
 
     fn row(position: i64, payload: usize) -> (i64, RecordedEvent) {
         let event = keel::NewEvent::new("Happened", 1, vec![b'x'; payload]);
