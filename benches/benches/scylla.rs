@@ -85,16 +85,7 @@ fn warm_up(b: &Bench) {
         let until = Instant::now() + Duration::from_secs(10);
         for v in (0..).take_while(|_| Instant::now() < until) {
             let body = keel_benches::order_payload(v);
-            let values = (
-                "raw-warm-up",
-                v as i64,
-                Uuid::new_v4(),
-                "OrderPlaced",
-                1i32,
-                &body[..],
-                None::<Vec<u8>>,
-                CqlTimestamp(0),
-            );
+            let values = raw_row("raw-warm-up", v as i64, "OrderPlaced", body.clone());
             b.session.execute_unpaged(&raw, values).await.unwrap();
             let event = NewEvent::new("OrderPlaced", 1, body);
             b.store
@@ -107,6 +98,37 @@ fn warm_up(b: &Bench) {
 
 fn payload() -> Bytes {
     Bytes::from(serde_json::to_vec(&CounterEvent::Incremented { by: 1 }).unwrap())
+}
+
+/// The values of one [`raw_insert`]: an event row as Keel would write it, without metadata.
+type RawRow = (
+    String,
+    i64,
+    Uuid,
+    &'static str,
+    i32,
+    Bytes,
+    Option<Vec<u8>>,
+    CqlTimestamp,
+);
+
+fn raw_row(
+    stream: impl Into<String>,
+    version: i64,
+    event_type: &'static str,
+    body: Bytes,
+) -> RawRow {
+    let id = Uuid::new_v4();
+    (
+        stream.into(),
+        version,
+        id,
+        event_type,
+        1,
+        body,
+        None,
+        CqlTimestamp(0),
+    )
 }
 
 /// The raw driver's baseline append: a prepared LWT insert of one event row.
@@ -131,16 +153,7 @@ fn appends(c: &mut Criterion, b: &Bench) {
     group.bench_function("baseline: raw driver LWT insert, 1 event", |bench| {
         bench.to_async(&b.rt).iter(|| async {
             let v = version.fetch_add(1, Ordering::Relaxed) + 1;
-            let values = (
-                "raw-1",
-                v,
-                Uuid::new_v4(),
-                "Incremented",
-                1i32,
-                &body[..],
-                None::<Vec<u8>>,
-                CqlTimestamp(0),
-            );
+            let values = raw_row("raw-1", v, "Incremented", body.clone());
             let result = b.session.execute_unpaged(&raw, values).await.unwrap();
             assert!(result
                 .into_rows_result()
@@ -193,16 +206,7 @@ fn concurrent_appends(c: &mut Criterion, b: &Bench) {
             bench.to_async(&b.rt).iter(|| async {
                 let v = round.fetch_add(1, Ordering::Relaxed) + 1;
                 futures::future::try_join_all((0..WRITERS).map(|w| {
-                    let values = (
-                        format!("raw-w{w}"),
-                        v,
-                        Uuid::new_v4(),
-                        "Incremented",
-                        1i32,
-                        body.clone(),
-                        None::<Vec<u8>>,
-                        CqlTimestamp(0),
-                    );
+                    let values = raw_row(format!("raw-w{w}"), v, "Incremented", body.clone());
                     let (session, raw) = (&b.session, &raw);
                     async move { session.execute_unpaged(raw, values).await }
                 }))

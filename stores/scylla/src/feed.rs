@@ -38,9 +38,10 @@ use crate::{partition_batch, Shared};
 pub(crate) const FEEDER_LEASE: &str = "keel.feeder";
 /// Events planned in one allocation at most.
 const MAX_PLAN: usize = 2_000;
-/// Streams whose progress and new events a round reads at once. Read one after the other, a
-/// round of many one-event streams cost two round trips per stream.
-const READ_CONCURRENCY: usize = 32;
+/// Requests the feeder and the feed's maintenance reads keep in flight at once (a round's
+/// stream reads, its feed-row and progress writes, status and reconciliation reads). Read one
+/// after the other, a round of many one-event streams cost two round trips per stream.
+pub(crate) const IN_FLIGHT: usize = 32;
 /// The fewest events a stream may bring to a round when many streams share its plan.
 const MIN_SHARE: usize = 64;
 /// How far back a new leader looks for markers: their time to live.
@@ -448,7 +449,7 @@ impl FeederState {
         Ok(head)
     }
 
-    /// The events of a recorded plan, read [`READ_CONCURRENCY`] streams at a time.
+    /// The events of a recorded plan, read [`IN_FLIGHT`] streams at a time.
     async fn read_plan_events(&self, plan: &[Range]) -> Result<Vec<Vec<RecordedEvent>>> {
         // Owned futures (a stream name and the shared state each): a future that borrows
         // would not be `Send` for every lifetime, which the spawned feeder task needs.
@@ -473,7 +474,7 @@ impl FeederState {
                     Ok(events)
                 }
             })
-            .buffered(READ_CONCURRENCY)
+            .buffered(IN_FLIGHT)
             .try_collect()
             .await
     }
@@ -497,7 +498,7 @@ impl FeederState {
                 let shared = writer.clone();
                 async move { shared.write_feed_rows(&batch).await }
             })
-            .buffer_unordered(32)
+            .buffer_unordered(IN_FLIGHT)
             .try_collect::<Vec<()>>()
             .await?;
         let recorder = self.shared.clone();
@@ -508,7 +509,7 @@ impl FeederState {
                 let shared = recorder.clone();
                 async move { shared.record_progress(&stream, last).await }
             })
-            .buffer_unordered(32)
+            .buffer_unordered(IN_FLIGHT)
             .try_collect::<Vec<()>>()
             .await?;
         for range in plan {
@@ -629,7 +630,7 @@ struct Round {
 /// Reads the new events of `candidates` for one round: `read(stream, after, max)` gives a
 /// stream's progress (`after`, or read when `None`) and at most `max` events after it.
 ///
-/// Streams are read [`READ_CONCURRENCY`] at a time: one after the other, a round of many
+/// Streams are read [`IN_FLIGHT`] at a time: one after the other, a round of many
 /// one-event streams cost two round trips per stream. Each stream first brings at most an
 /// equal share of the plan, so reads stay bounded when many streams have long backlogs; the
 /// streams that filled their share then share what is left of the plan, and so on.
@@ -670,7 +671,7 @@ where
         };
         let mut reads = stream::iter(reads)
             .map(|(stream, after)| read(stream, after, share))
-            .buffered(READ_CONCURRENCY);
+            .buffered(IN_FLIGHT);
         let mut filled = Vec::new();
         let mut consumed = 0;
         while planned < MAX_PLAN {
@@ -782,7 +783,7 @@ impl crate::KeelScylla {
             .map(|range| async move {
                 Ok::<_, Error>(shared.fed_version(&range.stream).await? < range.last)
             })
-            .buffer_unordered(32)
+            .buffer_unordered(IN_FLIGHT)
             .try_collect()
             .await?;
         let unfinished_plan = short.into_iter().filter(|&s| s).count();
@@ -831,7 +832,7 @@ impl Shared {
                 let head = self.current_version(&s).await?.unwrap_or(0) as i64;
                 Ok::<_, Error>(head - self.fed_version(&s).await?)
             })
-            .buffer_unordered(32)
+            .buffer_unordered(IN_FLIGHT)
             .try_filter(|&lag| futures::future::ready(lag > 0))
             .try_collect()
             .await?;

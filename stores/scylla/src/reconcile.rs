@@ -19,9 +19,6 @@ use futures::TryStreamExt;
 use crate::error::store_err;
 use crate::{KeelScylla, Shared};
 
-/// How many progress reads a reconciliation keeps in flight.
-const CONCURRENCY: usize = 32;
-
 /// What [`KeelScylla::reconcile_feed`] found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Reconciled {
@@ -74,7 +71,7 @@ impl Shared {
                 let fed = self.fed_version(&stream).await?;
                 Ok::<_, keel::Error>((stream, head.unwrap_or(0), fed))
             })
-            .try_buffer_unordered(CONCURRENCY));
+            .try_buffer_unordered(crate::feed::IN_FLIGHT));
         while let Some((stream, head, fed)) = behind.try_next().await? {
             found.partitions += 1;
             if head > fed {

@@ -38,6 +38,26 @@ fn assert_dense(events: &[RecordedEvent]) {
     assert_eq!(ids.len(), events.len(), "no event stored twice");
 }
 
+/// Asserts that `fed` holds `count` events, none twice, and each of `streams` as versions
+/// `1..=n` in feed order.
+fn assert_once_in_order(fed: &[RecordedEvent], count: usize, streams: &[(&StreamId, u64)]) {
+    assert_eq!(fed.len(), count, "every committed event reached the feed");
+    let ids: HashSet<_> = fed.iter().map(|e| e.event_id).collect();
+    assert_eq!(ids.len(), count, "none twice");
+    for &(stream, n) in streams {
+        let versions: Vec<u64> = fed
+            .iter()
+            .filter(|e| &e.stream == stream)
+            .map(|e| e.version)
+            .collect();
+        assert_eq!(
+            versions,
+            (1..=n).collect::<Vec<u64>>(),
+            "`{stream}` in order"
+        );
+    }
+}
+
 /// Waits until the feed from `from` holds `count` events of `streams`.
 async fn feed_of(
     store: &KeelScylla,
@@ -198,17 +218,8 @@ async fn events_of_a_writer_that_died_before_the_feed_heard_reach_the_feed_once(
     let feeder = common::open(common::builder(&keyspace)).await;
     let wanted: HashSet<StreamId> = streams.iter().cloned().collect();
     let fed = feed_of(&feeder, 1, &wanted, 25, Duration::from_secs(20)).await;
-    assert_eq!(fed.len(), 25, "every committed event reached the feed");
-    let ids: HashSet<_> = fed.iter().map(|e| e.event_id).collect();
-    assert_eq!(ids.len(), 25, "none twice");
-    for s in &streams {
-        let versions: Vec<u64> = fed
-            .iter()
-            .filter(|e| &e.stream == s)
-            .map(|e| e.version)
-            .collect();
-        assert_eq!(versions, vec![1, 2, 3, 4, 5], "per-stream order");
-    }
+    let each: Vec<(&StreamId, u64)> = streams.iter().map(|s| (s, 5)).collect();
+    assert_once_in_order(&fed, 25, &each);
     // Give the feeder more rounds: nothing is published again.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let again: Vec<RecordedEvent> = feeder.read_all(1).try_collect().await.unwrap();
@@ -447,27 +458,14 @@ async fn a_backlog_of_thousands_of_streams_reaches_the_feed_once_and_in_order() 
     // Well within `settle_after` (60 s): streams that did not fit a plan come back through
     // the feeder's own wake-ups, not through the second look at their markers.
     let fed = feed_of(&feeder, 1, &all, 7_000, Duration::from_secs(30)).await;
-    assert_eq!(fed.len(), 7_000, "every committed event reached the feed");
+    let each: Vec<(&StreamId, u64)> = long.iter().map(|s| (s, 1_500)).collect();
+    assert_once_in_order(&fed, 7_000, &each);
     let positions: Vec<u64> = fed.iter().map(|e| e.position.unwrap()).collect();
     assert_eq!(
         positions,
         (1..=7_000).collect::<Vec<u64>>(),
         "dense positions"
     );
-    let ids: HashSet<_> = fed.iter().map(|e| e.event_id).collect();
-    assert_eq!(ids.len(), 7_000, "none twice");
-    for stream in &long {
-        let versions: Vec<u64> = fed
-            .iter()
-            .filter(|e| &e.stream == stream)
-            .map(|e| e.version)
-            .collect();
-        assert_eq!(
-            versions,
-            (1..=1_500).collect::<Vec<u64>>(),
-            "`{stream}` in order"
-        );
-    }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let again: Vec<RecordedEvent> = feeder.read_all(7_001).try_collect().await.unwrap();
     assert!(again.is_empty(), "nothing after: {} more", again.len());
@@ -534,21 +532,7 @@ async fn assert_feed_holds_only_a_fresh_event(feeder: &KeelScylla, why: &str) {
 async fn assert_fed(feeder: &KeelScylla, long: &StreamId, short: &StreamId) {
     let wanted: HashSet<StreamId> = [long.clone(), short.clone()].into();
     let fed = feed_of(feeder, 1, &wanted, 612, Duration::from_secs(30)).await;
-    assert_eq!(fed.len(), 612, "every committed event reached the feed");
-    let ids: HashSet<_> = fed.iter().map(|e| e.event_id).collect();
-    assert_eq!(ids.len(), 612, "none twice");
-    for (stream, n) in [(long, 610), (short, 2)] {
-        let versions: Vec<u64> = fed
-            .iter()
-            .filter(|e| &e.stream == stream)
-            .map(|e| e.version)
-            .collect();
-        assert_eq!(
-            versions,
-            (1..=n).collect::<Vec<u64>>(),
-            "`{stream}` in order"
-        );
-    }
+    assert_once_in_order(&fed, 612, &[(long, 610), (short, 2)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
