@@ -182,6 +182,46 @@ pub enum Error {
         reason: String,
     },
 
+    /// A stream id no store can hold (empty, or longer than [`StreamId::MAX_BYTES`]).
+    /// Refused before anything is written.
+    #[error("invalid stream id `{stream}`: {reason}")]
+    InvalidStream {
+        /// The id as given (its first 64 characters).
+        stream: String,
+        /// Why it was refused.
+        reason: String,
+    },
+
+    /// Too few replicas answer for the consistency the operation needs (a quorum of a
+    /// cluster with nodes down). Nothing was written; retry once the nodes are back.
+    #[error("{store} store: {operation} needs {required} replica(s) at {consistency}, {alive} alive: {reason}")]
+    Unavailable {
+        /// The store's name.
+        store: &'static str,
+        /// The operation that was refused.
+        operation: String,
+        /// The consistency level asked for (`QUORUM`, `SERIAL`, ...).
+        consistency: String,
+        /// Replicas the level needs.
+        required: u32,
+        /// Replicas the coordinator knew alive.
+        alive: u32,
+        /// What the server said.
+        reason: String,
+    },
+
+    /// A stored row is damaged: a column the store always writes is missing, or versions have
+    /// a gap. Names the stream, the version and what is wrong, so that an operator can repair it.
+    #[error("stream `{stream}` is damaged at version {version}: {reason}")]
+    Damaged {
+        /// The stream.
+        stream: StreamId,
+        /// The version of the damaged row (for a gap: the first missing version).
+        version: u64,
+        /// What is wrong (`column event_type is null`, `versions 4..=4 are missing`).
+        reason: String,
+    },
+
     /// A store backend failed (connection, server error, schema).
     #[error("{store} store failed during {operation}: {source}")]
     Store {

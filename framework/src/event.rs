@@ -52,7 +52,43 @@ pub trait DomainEvent: Serialize + DeserializeOwned + Clone + Send + Sync + 'sta
 pub struct StreamId(Arc<str>);
 
 impl StreamId {
-    /// A stream id from any string.
+    /// The longest stream id a store accepts, in UTF-8 bytes: far above any id an
+    /// application needs, and safely below ScyllaDB's and Cassandra's 64 KiB key limit with
+    /// the other key columns of every table that a stream id is part of.
+    pub const MAX_BYTES: usize = 1024;
+
+    /// Whether a store can hold this id: not empty, at most [`MAX_BYTES`](Self::MAX_BYTES).
+    /// Every store checks it before it writes anything for an append.
+    ///
+    /// ```
+    /// use keel::StreamId;
+    /// assert!(StreamId::new("account-1").validate().is_ok());
+    /// assert!(StreamId::new("").validate().is_err());
+    /// assert!(StreamId::new("x".repeat(2_000)).validate().is_err());
+    /// ```
+    pub fn validate(&self) -> crate::Result<()> {
+        let refuse = |reason: String| {
+            let shown: String = self.0.chars().take(64).collect();
+            Err(crate::Error::InvalidStream {
+                stream: shown,
+                reason,
+            })
+        };
+        if self.0.is_empty() {
+            return refuse("a stream id may not be empty".into());
+        }
+        if self.0.len() > Self::MAX_BYTES {
+            return refuse(format!(
+                "{} bytes is longer than the {} bytes a stream id may have",
+                self.0.len(),
+                Self::MAX_BYTES
+            ));
+        }
+        Ok(())
+    }
+
+    /// A stream id from any string (checked by the store at append: see
+    /// [`validate`](Self::validate)).
     pub fn new(id: impl AsRef<str>) -> Self {
         StreamId(Arc::from(id.as_ref()))
     }

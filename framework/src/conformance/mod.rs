@@ -91,7 +91,7 @@ macro_rules! conformance_tests {
             empty_append_checks_expectation, concurrent_appenders_one_winner_per_version,
             long_stream_reads_in_order, metadata_round_trips, feed_orders_and_resumes,
             feed_positions_are_dense_and_unique, bad_payloads_are_typed_errors,
-            random_histories_match_a_model);
+            invalid_stream_ids_are_refused, random_histories_match_a_model);
     };
     (snapshots, $factory:expr) => {
         $crate::conformance_tests!(@section snapshots, $factory;
@@ -190,6 +190,40 @@ pub(crate) async fn wait_for_feed<S: EventStore + ?Sized>(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// An empty stream id and one over [`StreamId::MAX_BYTES`] are refused with
+/// [`Error::InvalidStream`] and leave nothing behind: later appends to good streams reach the
+/// feed, and the longest allowed id works.
+pub async fn invalid_stream_ids_are_refused<S: EventStore>(store: Arc<S>) {
+    let too_long = StreamId::new("x".repeat(StreamId::MAX_BYTES + 1));
+    for bad in [StreamId::new(""), too_long] {
+        match store
+            .append(&bad, ExpectedVersion::Any, counter_events(&[1]))
+            .await
+        {
+            Err(Error::InvalidStream { .. }) => {}
+            other => panic!("a stream id of {} bytes: {other:?}", bad.as_str().len()),
+        }
+    }
+    let longest = StreamId::new(format!(
+        "{}{}",
+        fresh_stream("conf-long").as_str(),
+        "y".repeat(StreamId::MAX_BYTES - 48)
+    ));
+    assert!(longest.as_str().len() <= StreamId::MAX_BYTES);
+    let good = fresh_stream("conf-after-bad");
+    let from = store.feed_head().await.expect("feed_head");
+    store
+        .append(&longest, ExpectedVersion::NoStream, counter_events(&[1]))
+        .await
+        .expect("a stream id within the limit is stored");
+    store
+        .append(&good, ExpectedVersion::NoStream, counter_events(&[2]))
+        .await
+        .expect("append after refused ones");
+    assert_eq!(read(&*store, &longest, 1).await.len(), 1);
+    wait_for_feed(&*store, from + 1, &[&longest, &good], 2).await;
 }
 
 /// Appended events read back with dense versions, in order, with their types and payloads.

@@ -225,6 +225,7 @@ impl EventStore for MemoryStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
+        stream.validate()?;
         // Recorded (stamped, allocated) before any lock is taken; only numbered under them.
         let count = events.len() as u64;
         let mut recorded: Arc<[RecordedEvent]> = events

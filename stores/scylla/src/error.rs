@@ -38,6 +38,22 @@ pub enum Error {
         /// The driver's error.
         source: Box<scylla::errors::NewSessionError>,
     },
+    /// Opening the session did not finish in time (nodes that accept connections but never
+    /// complete the handshake, or a TLS set-up the nodes do not answer).
+    #[error("cannot connect to {nodes:?}: no session after {after:?}")]
+    ConnectTimeout {
+        /// The nodes tried.
+        nodes: Vec<String>,
+        /// How long it waited.
+        after: std::time::Duration,
+    },
+    /// The TLS material could not be used (a file missing, not PEM, or a key that does not
+    /// match its certificate), or this build has no TLS.
+    #[error("TLS set-up failed: {reason}")]
+    Tls {
+        /// What went wrong, naming the file.
+        reason: String,
+    },
     /// Creating or checking the schema failed.
     #[error("schema setup failed during `{step}`: {reason}")]
     Schema {
@@ -64,12 +80,36 @@ impl From<Error> for keel::Error {
     }
 }
 
-/// A driver error as a Keel store error naming the operation.
+/// A driver error as a Keel store error naming the operation: [`keel::Error::Unavailable`]
+/// when the coordinator refused for want of live replicas, [`keel::Error::Store`] otherwise.
 pub(crate) fn store_err(
     operation: impl Into<String>,
     e: impl std::error::Error + Send + Sync + 'static,
 ) -> keel::Error {
-    keel::Error::store("scylla", operation, e)
+    let boxed: keel::BoxError = Box::new(e);
+    if let Some(ExecutionError::LastAttemptError(RequestAttemptError::DbError(
+        DbError::Unavailable {
+            consistency,
+            required,
+            alive,
+        },
+        message,
+    ))) = boxed.downcast_ref::<ExecutionError>()
+    {
+        return keel::Error::Unavailable {
+            store: "scylla",
+            operation: operation.into(),
+            consistency: format!("{consistency:?}").to_uppercase(),
+            required: (*required).max(0) as u32,
+            alive: (*alive).max(0) as u32,
+            reason: message.clone(),
+        };
+    }
+    keel::Error::Store {
+        store: "scylla",
+        operation: operation.into(),
+        source: boxed,
+    }
 }
 
 /// Whether an error leaves a conditional write's outcome unknown: a client-side timeout, a

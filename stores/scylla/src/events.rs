@@ -26,8 +26,17 @@ use crate::{KeelScylla, Shared};
 /// Rows fetched per page when reading a stream or the feed.
 pub(crate) const PAGE: i32 = 1_000;
 
-/// How many times an append whose outcome turned out "not committed" is tried again.
+/// How many times an append whose outcome was unknown and read back as absent is tried.
 pub(crate) const ATTEMPTS: usize = 3;
+
+/// The longest one append can take, every statement bounded: its marker write, then up to
+/// [`ATTEMPTS`] rounds of the fresh bucket's SERIAL read, the LWT and its read-back.
+pub(crate) fn longest_append(
+    append_timeout: std::time::Duration,
+    request_timeout: std::time::Duration,
+) -> std::time::Duration {
+    request_timeout + (append_timeout + request_timeout * 2) * ATTEMPTS as u32
+}
 
 /// One statement's values in the append batch: the head guard, then one insert per event.
 enum AppendRow<'a> {
@@ -67,6 +76,18 @@ impl SerializeRow for AppendRow<'_> {
         false
     }
 }
+
+/// An event row as read: every column but the version may be null in a damaged row, which
+/// [`Shared::decode_row`] names as such.
+pub(crate) type StoredRow = (
+    i64,
+    Option<Uuid>,
+    Option<String>,
+    Option<i32>,
+    Option<Bytes>,
+    Option<Vec<u8>>,
+    Option<CqlTimestamp>,
+);
 
 /// The outcome of a conditional write: applied or not, and the current value of `head` when
 /// the server returned it.
@@ -374,26 +395,38 @@ impl Shared {
         // to guard on; the fresh path checks the predecessor instead.
         let mut fresh = n == 0 || (n % self.bucket_size == 0);
         self.write_marker(s).await?;
+        let committed = AppendResult {
+            first_version: first as u64,
+            last_version: last as u64,
+        };
+        // Whether an earlier attempt's outcome is unknown. A SERIAL read-back that finds
+        // nothing does not make it final: the coordinator of a timed-out LWT goes on with new
+        // Paxos rounds until its own CAS timeout, so that attempt may still commit. Every
+        // attempt carries the same commit id, so a later "conflict" may be our own write.
+        let mut unsure = false;
         for _ in 0..ATTEMPTS {
             // The fresh path: the stream must end at version n in the previous bucket. Once that
             // bucket's head reached n it cannot move any more (later versions belong here), so
             // this check and the conditional create of this bucket together are exact.
             if fresh && n > 0 && self.head(s, bucket - 1, true).await? != Some(n) {
-                return Err(self.conflict(stream, expected).await);
+                return self
+                    .conflict_unless_ours(stream, expected, bucket, first, commit_id, unsure)
+                    .await
+                    .map(|()| committed);
             }
             match self.try_append(s, bucket, n, fresh, &rows, last).await? {
                 Attempt::Applied => {
                     self.counters.appends.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("keel_scylla_appends_total").increment(1);
                     self.wake.notify(stream.clone());
-                    return Ok(AppendResult {
-                        first_version: first as u64,
-                        last_version: last as u64,
-                    });
+                    return Ok(committed);
                 }
                 Attempt::FreshBucket if n > 0 => fresh = true,
                 Attempt::FreshBucket | Attempt::Conflict => {
-                    return Err(self.conflict(stream, expected).await)
+                    return self
+                        .conflict_unless_ours(stream, expected, bucket, first, commit_id, unsure)
+                        .await
+                        .map(|()| committed);
                 }
                 Attempt::Failed(e) if outcome_unknown(&e) => {
                     self.counters
@@ -411,25 +444,71 @@ impl Shared {
                             });
                         }
                         Some(false) => return Err(self.conflict(stream, expected).await),
-                        None => continue, // not committed, and now it never will be: try again
+                        // Not there yet: try again with the same commit id.
+                        None => unsure = true,
                     }
                 }
+                Attempt::Failed(e) if unsure => return Err(Error::UnknownOutcome {
+                    stream: stream.clone(),
+                    reason: format!(
+                        "an earlier attempt timed out and may still commit; this one failed: {e}"
+                    ),
+                }),
                 Attempt::Failed(e) => return Err(store_err(format!("append to `{s}`"), *e)),
             }
         }
-        Err(Error::Timeout {
-            operation: format!("append to `{s}` (not committed after {ATTEMPTS} attempts)"),
-            after: self.st.append_timeout * ATTEMPTS as u32,
+        Err(Error::UnknownOutcome {
+            stream: stream.clone(),
+            reason: format!(
+                "{ATTEMPTS} attempts timed out and none was found stored at version {first}; \
+                 a coordinator may still commit one: read the stream before deciding"
+            ),
         })
+    }
+
+    /// A refused append after `unsure` (an earlier attempt of it timed out): the refusal may
+    /// be that attempt's own commit. Read back and tell; otherwise it is a conflict.
+    async fn conflict_unless_ours(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        bucket: i64,
+        first: i64,
+        commit_id: Uuid,
+        unsure: bool,
+    ) -> Result<()> {
+        if unsure
+            && self
+                .read_back(stream.as_str(), bucket, first, commit_id)
+                .await?
+                == Some(true)
+        {
+            self.counters.appends.fetch_add(1, Ordering::Relaxed);
+            self.wake.notify(stream.clone());
+            return Ok(());
+        }
+        Err(self.conflict(stream, expected).await)
     }
 
     pub(crate) fn decode_row(
         &self,
         stream: &StreamId,
         position: Option<u64>,
-        row: (i64, Uuid, String, i32, Bytes, Option<Vec<u8>>, CqlTimestamp),
+        row: StoredRow,
     ) -> Result<RecordedEvent> {
         let (version, event_id, event_type, schema_version, payload, metadata, recorded_at) = row;
+        fn column<T>(stream: &StreamId, version: i64, name: &str, value: Option<T>) -> Result<T> {
+            value.ok_or_else(|| Error::Damaged {
+                stream: stream.clone(),
+                version: version as u64,
+                reason: format!("column `{name}` is null"),
+            })
+        }
+        let event_id = column(stream, version, "event_id", event_id)?;
+        let event_type = column(stream, version, "event_type", event_type)?;
+        let schema_version = column(stream, version, "schema_version", schema_version)?;
+        let payload = column(stream, version, "payload", payload)?;
+        let recorded_at = column(stream, version, "recorded_at", recorded_at)?;
         let metadata = match metadata {
             None => Metadata::default(),
             Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::Decode {
@@ -470,7 +549,7 @@ impl Shared {
                 op(),
             )
             .await?;
-        rows.rows::<(i64, Uuid, String, i32, Bytes, Option<Vec<u8>>, CqlTimestamp)>()
+        rows.rows::<StoredRow>()
             .map_err(|e| store_err(op(), e))?
             .map(|row| self.decode_row(stream, None, row.map_err(|e| store_err(op(), e))?))
             .collect()
@@ -504,6 +583,20 @@ impl Shared {
                         }
                         bucket += 1;
                         continue;
+                    }
+                    for (expected, event) in (next..).zip(&page) {
+                        if event.version as i64 != expected {
+                            return Err(Error::Damaged {
+                                stream: stream.clone(),
+                                version: expected as u64,
+                                reason: format!(
+                                    "versions {expected}..={} are missing (version {} follows {})",
+                                    event.version - 1,
+                                    event.version,
+                                    expected - 1
+                                ),
+                            });
+                        }
                     }
                     next = page.last().map_or(next, |e| e.version as i64 + 1);
                     if page.len() < size as usize {
@@ -545,6 +638,7 @@ impl EventStore for KeelScylla {
         events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
         let shared = &self.shared;
+        stream.validate()?;
         if events.len() as i64 > shared.bucket_size {
             return Err(Error::Config {
                 field: "append".into(),

@@ -974,12 +974,12 @@ impl Shared {
             i64,
             String,
             i64,
-            uuid::Uuid,
-            String,
-            i32,
-            Bytes,
+            Option<uuid::Uuid>,
+            Option<String>,
+            Option<i32>,
+            Option<Bytes>,
             Option<Vec<u8>>,
-            CqlTimestamp,
+            Option<CqlTimestamp>,
         );
         let typed = rows
             .rows::<FeedRow>()

@@ -36,6 +36,7 @@ mod projections;
 mod reconcile;
 mod sagas;
 mod schema;
+mod tls;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -84,6 +85,87 @@ pub struct ScyllaConfig {
     pub feeder: Option<bool>,
     /// The feeder lease's time to live, milliseconds.
     pub feeder_lease_ttl_ms: Option<u64>,
+    /// Replication of the keyspaces Keel creates: `simple:N` or `DC:N[,DC:N...]`.
+    pub replication: Option<String>,
+    /// The data centre this process is in: requests go to its nodes first (token-aware).
+    pub local_datacenter: Option<String>,
+    /// User name for `PasswordAuthenticator`.
+    pub username: Option<String>,
+    /// Password for `PasswordAuthenticator`.
+    pub password: Option<String>,
+    /// PEM file of the CA that signed the nodes' certificates: connects with TLS.
+    pub tls_ca_file: Option<std::path::PathBuf>,
+    /// PEM file of this client's certificate, for nodes that require one.
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    /// PEM file of this client's private key (with `tls_cert_file`).
+    pub tls_key_file: Option<std::path::PathBuf>,
+    /// Client-side timeout of every request but an append's LWT, milliseconds.
+    pub request_timeout_ms: Option<u64>,
+    /// Timeout of opening a connection to a node, milliseconds.
+    pub connect_timeout_ms: Option<u64>,
+}
+
+impl ScyllaConfig {
+    /// Reads the settings from `KEEL_*` environment variables; unset ones stay `None`.
+    ///
+    /// | variable | field |
+    /// |---|---|
+    /// | `KEEL_SCYLLA_NODES` | `nodes` (comma-separated) |
+    /// | `KEEL_KEYSPACE` | `keyspace` |
+    /// | `KEEL_SCYLLA_REPLICATION` | `replication` |
+    /// | `KEEL_SCYLLA_LOCAL_DC` | `local_datacenter` |
+    /// | `KEEL_SCYLLA_USERNAME`, `KEEL_SCYLLA_PASSWORD` | `username`, `password` |
+    /// | `KEEL_SCYLLA_TLS_CA`, `KEEL_SCYLLA_TLS_CERT`, `KEEL_SCYLLA_TLS_KEY` | `tls_*_file` |
+    /// | `KEEL_SCYLLA_CONSISTENCY`, `KEEL_SCYLLA_SERIAL_CONSISTENCY` | `consistency`, `serial_consistency` |
+    /// | `KEEL_SCYLLA_REQUEST_TIMEOUT_MS`, `KEEL_SCYLLA_APPEND_TIMEOUT_MS`, `KEEL_SCYLLA_CONNECT_TIMEOUT_MS` | the timeouts |
+    ///
+    /// A number that does not parse is an error naming its variable.
+    pub fn from_env() -> Result<ScyllaConfig, Error> {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// [`from_env`](Self::from_env) over the given variables (for tests and embedding).
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<ScyllaConfig, Error> {
+        let text = |name: &str| var(name).filter(|v| !v.is_empty());
+        let number = |name: &'static str| -> Result<Option<u64>, Error> {
+            text(name)
+                .map(|v| {
+                    v.trim().parse::<u64>().map_err(|_| Error::InvalidSetting {
+                        field: name,
+                        reason: format!("`{v}` is not a whole number of milliseconds"),
+                    })
+                })
+                .transpose()
+        };
+        Ok(ScyllaConfig {
+            nodes: text("KEEL_SCYLLA_NODES")
+                .map(|v| v.split(',').map(|n| n.trim().to_owned()).collect())
+                .unwrap_or_default(),
+            keyspace: text("KEEL_KEYSPACE"),
+            replication: text("KEEL_SCYLLA_REPLICATION"),
+            local_datacenter: text("KEEL_SCYLLA_LOCAL_DC"),
+            username: text("KEEL_SCYLLA_USERNAME"),
+            password: text("KEEL_SCYLLA_PASSWORD"),
+            tls_ca_file: text("KEEL_SCYLLA_TLS_CA").map(Into::into),
+            tls_cert_file: text("KEEL_SCYLLA_TLS_CERT").map(Into::into),
+            tls_key_file: text("KEEL_SCYLLA_TLS_KEY").map(Into::into),
+            consistency: text("KEEL_SCYLLA_CONSISTENCY"),
+            serial_consistency: text("KEEL_SCYLLA_SERIAL_CONSISTENCY"),
+            request_timeout_ms: number("KEEL_SCYLLA_REQUEST_TIMEOUT_MS")?,
+            append_timeout_ms: number("KEEL_SCYLLA_APPEND_TIMEOUT_MS")?,
+            connect_timeout_ms: number("KEEL_SCYLLA_CONNECT_TIMEOUT_MS")?,
+            ..ScyllaConfig::default()
+        })
+    }
+}
+
+/// Where the TLS material of a connection is: see [`KeelScyllaBuilder::tls`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM file of the CA (or CAs) that signed the nodes' certificates.
+    pub ca_file: std::path::PathBuf,
+    /// PEM files of this client's certificate and private key, for nodes that require one.
+    pub client: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 /// Counters of one store, as a snapshot.
@@ -123,6 +205,11 @@ pub struct KeelScyllaBuilder {
     feeder: bool,
     feeder_id: String,
     feeder_lease_ttl: Duration,
+    credentials: Option<(String, String)>,
+    local_datacenter: Option<String>,
+    tls: Option<TlsFiles>,
+    request_timeout: Duration,
+    connect_timeout: Duration,
     feeder_interval: Duration,
     settle_after: Duration,
     feeder_gather: Duration,
@@ -149,6 +236,11 @@ impl Default for KeelScyllaBuilder {
             feeder: true,
             feeder_id: uuid::Uuid::new_v4().to_string(),
             feeder_lease_ttl: Duration::from_secs(10),
+            credentials: None,
+            local_datacenter: None,
+            tls: None,
+            request_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
             feeder_interval: Duration::from_millis(100),
             settle_after: Duration::from_secs(60),
             feeder_gather: Duration::from_millis(20),
@@ -235,7 +327,99 @@ impl KeelScyllaBuilder {
         if let Some(ms) = config.feeder_lease_ttl_ms {
             self = self.feeder_lease_ttl(Duration::from_millis(ms));
         }
+        if let Some(text) = &config.replication {
+            self = self.replication(Replication::parse(text)?);
+        }
+        if let Some(dc) = &config.local_datacenter {
+            self = self.local_datacenter(dc.clone());
+        }
+        match (&config.username, &config.password) {
+            (Some(user), Some(password)) => self = self.credentials(user.clone(), password.clone()),
+            (None, None) => {}
+            _ => {
+                return Err(Error::InvalidSetting {
+                    field: "username",
+                    reason: "give both a username and a password, or neither".into(),
+                })
+            }
+        }
+        match (
+            &config.tls_ca_file,
+            &config.tls_cert_file,
+            &config.tls_key_file,
+        ) {
+            (Some(ca), cert, key) => {
+                let client =
+                    match (cert, key) {
+                        (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+                        (None, None) => None,
+                        _ => return Err(Error::InvalidSetting {
+                            field: "tls_cert_file",
+                            reason:
+                                "a client certificate needs its key file, and a key its certificate"
+                                    .into(),
+                        }),
+                    };
+                self = self.tls(TlsFiles {
+                    ca_file: ca.clone(),
+                    client,
+                });
+            }
+            (None, None, None) => {}
+            (None, _, _) => {
+                return Err(Error::InvalidSetting {
+                    field: "tls_ca_file",
+                    reason: "a client certificate is only used with TLS: give the CA file too"
+                        .into(),
+                })
+            }
+        }
+        if let Some(ms) = config.request_timeout_ms {
+            self = self.request_timeout(Duration::from_millis(ms));
+        }
+        if let Some(ms) = config.connect_timeout_ms {
+            self = self.connect_timeout(Duration::from_millis(ms));
+        }
         Ok(self)
+    }
+
+    /// User name and password for a cluster with `PasswordAuthenticator` on. A wrong pair
+    /// fails [`build`](Self::build) with [`Error::Connect`] saying the server refused them.
+    pub fn credentials(mut self, username: impl Into<String>, password: impl Into<String>) -> Self {
+        self.credentials = Some((username.into(), password.into()));
+        self
+    }
+
+    /// The data centre this process runs in: requests go to its nodes (token-aware, the
+    /// replica that owns the row first) and never to another data centre's; `LOCAL_QUORUM`
+    /// and `LOCAL_SERIAL` count this data centre's replicas. Without it the driver picks the
+    /// data centre of the first node it reaches.
+    pub fn local_datacenter(mut self, datacenter: impl Into<String>) -> Self {
+        self.local_datacenter = Some(datacenter.into());
+        self
+    }
+
+    /// Connects with TLS, trusting the CA in `files.ca_file` (and presenting a client
+    /// certificate when given). Needs keel-scylla's `tls` cargo feature (OpenSSL); without it
+    /// [`build`](Self::build) refuses the setting. A node whose certificate that CA did not
+    /// sign fails the connection with an error that says so.
+    pub fn tls(mut self, files: TlsFiles) -> Self {
+        self.tls = Some(files);
+        self
+    }
+
+    /// Client-side timeout of every request except an append's LWT (default 5 s): reads,
+    /// the feed's writes, the read-back of an unknown outcome, leases. On expiry the request
+    /// fails with a timeout (the server may still run it).
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// How long opening a connection to a node may take (default 5 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
     }
 
     /// A node to connect to, `host:port`.
@@ -378,6 +562,49 @@ impl KeelScyllaBuilder {
         self
     }
 
+    /// A session on the configured nodes with the connection settings: credentials, TLS, the
+    /// local data centre, the request timeout.
+    async fn open_session(&self) -> Result<Session, Error> {
+        use scylla::client::execution_profile::ExecutionProfile;
+        use scylla::policies::load_balancing::DefaultPolicy;
+        let mut policy = DefaultPolicy::builder().token_aware(true);
+        if let Some(dc) = &self.local_datacenter {
+            policy = policy
+                .prefer_datacenter(dc.clone())
+                .permit_dc_failover(false);
+        }
+        let profile = ExecutionProfile::builder()
+            .consistency(self.consistency)
+            .serial_consistency(Some(self.serial))
+            .request_timeout(Some(self.request_timeout))
+            .load_balancing_policy(policy.build())
+            .build();
+        let mut builder = SessionBuilder::new()
+            .known_nodes(&self.nodes)
+            .connection_timeout(self.connect_timeout)
+            .default_execution_profile_handle(profile.into_handle());
+        if let Some((user, password)) = &self.credentials {
+            builder = builder.user(user, password);
+        }
+        if let Some(files) = &self.tls {
+            builder = builder.tls_context(Some(tls::context(files)?));
+        }
+        // The driver retries a refused handshake forever in the background; bound the whole
+        // opening so that a wrong password or an untrusted certificate is an error, not a hang.
+        let bound = self.connect_timeout * 2;
+        let connect = |source| Error::Connect {
+            nodes: self.nodes.clone(),
+            source: Box::new(source),
+        };
+        match tokio::time::timeout(bound, builder.build()).await {
+            Ok(result) => result.map_err(connect),
+            Err(_) => Err(Error::ConnectTimeout {
+                nodes: self.nodes.clone(),
+                after: bound,
+            }),
+        }
+    }
+
     /// Validates the settings, connects, creates the schema if missing, prepares every
     /// statement, and starts the feeder.
     pub async fn build(self) -> Result<KeelScylla, Error> {
@@ -409,13 +636,25 @@ impl KeelScyllaBuilder {
                 ),
             });
         }
-        let longest_append = self.append_timeout * 2 * events::ATTEMPTS as u32;
+        for (field, timeout) in [
+            ("append_timeout", self.append_timeout),
+            ("request_timeout", self.request_timeout),
+            ("connect_timeout", self.connect_timeout),
+        ] {
+            if timeout.is_zero() {
+                return Err(Error::InvalidSetting {
+                    field,
+                    reason: "a zero timeout fails every request".into(),
+                });
+            }
+        }
+        let longest_append = events::longest_append(self.append_timeout, self.request_timeout);
         if self.settle_after <= longest_append {
             return Err(Error::InvalidSetting {
                 field: "settle_after",
                 reason: format!(
-                    "{:?} must exceed the longest an append can take ({longest_append:?} with append_timeout {:?})",
-                    self.settle_after, self.append_timeout
+                    "{:?} must exceed the longest an append can take ({longest_append:?} with append_timeout {:?} and request_timeout {:?})",
+                    self.settle_after, self.append_timeout, self.request_timeout
                 ),
             });
         }
@@ -437,16 +676,7 @@ impl KeelScyllaBuilder {
                 if self.nodes.is_empty() {
                     return Err(Error::NoNodes);
                 }
-                let session = SessionBuilder::new()
-                    .known_nodes(&self.nodes)
-                    .connection_timeout(Duration::from_secs(5))
-                    .build()
-                    .await
-                    .map_err(|source| Error::Connect {
-                        nodes: self.nodes.clone(),
-                        source: Box::new(source),
-                    })?;
-                Arc::new(session)
+                Arc::new(self.open_session().await?)
             }
         };
         let (bucket_size, feed_bucket_size) = schema::ensure(
@@ -760,6 +990,7 @@ impl Statements {
             SerialConsistency::LocalSerial => Consistency::LocalSerial,
         };
         let consistency = cfg.consistency;
+        let request_timeout = cfg.request_timeout;
         let prep = |cql: String| async move {
             let mut statement = session
                 .prepare(cql.clone())
@@ -769,6 +1000,9 @@ impl Statements {
                     reason: e.to_string(),
                 })?;
             statement.set_consistency(consistency);
+            // Every statement is bounded, whatever session it runs on (the append's LWT gets
+            // the append timeout where it runs).
+            statement.set_request_timeout(Some(request_timeout));
             Ok::<_, Error>(statement)
         };
         let lwt = |mut s: PreparedStatement| {

@@ -38,8 +38,96 @@ pub fn validate_identifier(what: &'static str, name: &str) -> Result<(), Error> 
     if !chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
         return refuse("it may hold only lowercase letters, digits and `_`");
     }
+    if RESERVED.binary_search(&name).is_ok() {
+        return refuse("it is a reserved CQL word, which the server refuses unquoted");
+    }
+    if name.starts_with("system") {
+        return refuse("names starting with `system` belong to the server's own keyspaces");
+    }
     Ok(())
 }
+
+/// The words that CQL reserves in ScyllaDB or Cassandra 5 (the union, sorted): neither server
+/// accepts them as unquoted names, and Keel never quotes.
+const RESERVED: &[&str] = &[
+    "add",
+    "aggregate",
+    "all",
+    "allow",
+    "alter",
+    "and",
+    "any",
+    "apply",
+    "asc",
+    "authorize",
+    "batch",
+    "begin",
+    "by",
+    "columnfamily",
+    "create",
+    "default",
+    "delete",
+    "desc",
+    "describe",
+    "drop",
+    "each_quorum",
+    "entries",
+    "execute",
+    "from",
+    "full",
+    "grant",
+    "if",
+    "in",
+    "index",
+    "infinity",
+    "insert",
+    "into",
+    "is",
+    "keyspace",
+    "keyspaces",
+    "limit",
+    "local_one",
+    "local_quorum",
+    "materialized",
+    "mbean",
+    "mbeans",
+    "modify",
+    "nan",
+    "norecursive",
+    "not",
+    "null",
+    "of",
+    "on",
+    "one",
+    "or",
+    "order",
+    "password",
+    "primary",
+    "quorum",
+    "rename",
+    "replace",
+    "revoke",
+    "schema",
+    "scylla_clustering_bound",
+    "scylla_counter_shard_list",
+    "scylla_timeuuid_list_index",
+    "select",
+    "set",
+    "table",
+    "three",
+    "to",
+    "token",
+    "truncate",
+    "two",
+    "unlogged",
+    "unset",
+    "update",
+    "use",
+    "using",
+    "view",
+    "where",
+    "with",
+];
 
 /// The replication of a new keyspace.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,6 +139,49 @@ pub enum Replication {
 }
 
 impl Replication {
+    /// Reads the text form used by configuration files and the environment: `simple:N`, or
+    /// `DC:N[,DC:N...]` for `NetworkTopologyStrategy`.
+    ///
+    /// ```
+    /// use keel_scylla::Replication;
+    /// assert_eq!(Replication::parse("simple:1").unwrap(), Replication::Simple(1));
+    /// assert_eq!(
+    ///     Replication::parse("dc1:3,dc2:3").unwrap(),
+    ///     Replication::NetworkTopology(vec![("dc1".into(), 3), ("dc2".into(), 3)])
+    /// );
+    /// assert!(Replication::parse("dc1").is_err());
+    /// ```
+    pub fn parse(text: &str) -> Result<Replication, Error> {
+        let bad = |reason: String| Error::InvalidSetting {
+            field: "replication",
+            reason,
+        };
+        let mut dcs = Vec::new();
+        for part in text.split(',').map(str::trim) {
+            let (name, factor) = part
+                .split_once(':')
+                .ok_or_else(|| bad(format!("`{part}`: write `simple:N` or `DC:N[,DC:N...]`")))?;
+            let factor: u32 = factor
+                .trim()
+                .parse()
+                .ok()
+                .filter(|f| *f > 0)
+                .ok_or_else(|| bad(format!("`{part}`: the factor must be a positive number")))?;
+            dcs.push((name.trim().to_owned(), factor));
+        }
+        match dcs.as_slice() {
+            [(name, factor)] if name == "simple" => Ok(Replication::Simple(*factor)),
+            _ if dcs.iter().any(|(name, _)| name == "simple") => Err(bad(format!(
+                "`{text}`: `simple` stands alone, without data centres"
+            ))),
+            _ => {
+                let replication = Replication::NetworkTopology(dcs);
+                replication.to_cql()?;
+                Ok(replication)
+            }
+        }
+    }
+
     pub(crate) fn to_cql(&self) -> Result<String, Error> {
         match self {
             Replication::Simple(rf) => Ok(format!(

@@ -276,21 +276,22 @@ async fn a_feeder_that_dies_mid_plan_is_finished_by_the_next() {
     );
 }
 
+/// 64 appenders on one stream with a 2 ms append timeout: most LWTs outlive it, and their
+/// coordinators go on retrying Paxos rounds after the client gave up. An append may only say
+/// "not committed" (a conflict) when that is certain; otherwise it is `UnknownOutcome`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn timed_out_appends_are_resolved_by_reading_back() {
     let keyspace = common::fresh_keyspace("keel_lwt");
-    // A 1 ms client timeout: nearly every LWT outlives it, so its outcome must be read back.
     let store = Arc::new(
-        common::open(common::builder(&keyspace).append_timeout(Duration::from_millis(1))).await,
+        common::open(common::builder(&keyspace).append_timeout(Duration::from_millis(2))).await,
     );
     let stream = StreamId::new("acct-timeouts");
-    let tasks: Vec<_> = (0..8)
+    let tasks: Vec<_> = (0..64)
         .map(|_| {
             let (store, stream) = (store.clone(), stream.clone());
             tokio::spawn(async move {
-                let mut committed = Vec::new();
-                let mut unsure = Vec::new();
-                for _ in 0..10 {
+                let (mut committed, mut refused, mut unsure) = (Vec::new(), Vec::new(), Vec::new());
+                for _ in 0..4 {
                     let event = events(1).remove(0);
                     let id = event.event_id;
                     let at = store.stream_version(&stream).await.unwrap().unwrap_or(0);
@@ -299,28 +300,51 @@ async fn timed_out_appends_are_resolved_by_reading_back() {
                         .await
                     {
                         Ok(_) => committed.push(id),
-                        Err(e) if e.is_conflict() => {}
-                        Err(Error::Timeout { .. }) | Err(Error::UnknownOutcome { .. }) => {
-                            unsure.push(id)
-                        }
-                        Err(e) => panic!("unexpected error: {e}"),
+                        Err(e) if e.is_conflict() => refused.push(id),
+                        Err(Error::UnknownOutcome { .. }) => unsure.push(id),
+                        Err(e) => panic!("neither committed, refused nor unknown: {e}"),
                     }
                 }
-                (committed, unsure)
+                (committed, refused, unsure)
             })
         })
         .collect();
-    let mut committed = HashSet::new();
+    let (mut committed, mut refused, mut unsure) = (HashSet::new(), HashSet::new(), HashSet::new());
     for t in tasks {
-        let (ok, _unsure) = t.await.unwrap();
+        let (ok, no, maybe) = t.await.unwrap();
         committed.extend(ok);
+        refused.extend(no);
+        unsure.extend(maybe);
     }
+    // Coordinators that outlived their client finish within their CAS timeout (1 s here).
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let all = read(&store, &stream).await;
     assert_dense(&all);
     let stored: HashSet<_> = all.iter().map(|e| e.event_id).collect();
+    println!(
+        "{} committed, {} refused, {} unknown; {} stored ({} of the unknown), {} outcomes read back",
+        committed.len(),
+        refused.len(),
+        unsure.len(),
+        stored.len(),
+        unsure.intersection(&stored).count(),
+        store.metrics().unknown_outcomes
+    );
     assert!(
         committed.is_subset(&stored),
         "every reported success is stored"
+    );
+    let wrongly_refused: Vec<_> = refused.intersection(&stored).collect();
+    assert!(
+        wrongly_refused.is_empty(),
+        "{} append(s) reported refused are stored",
+        wrongly_refused.len()
+    );
+    assert!(
+        stored
+            .iter()
+            .all(|id| committed.contains(id) || unsure.contains(id)),
+        "a stored event that no appender reported as committed or unknown"
     );
     assert!(!committed.is_empty(), "some appends succeeded");
     assert!(
@@ -358,6 +382,65 @@ async fn undecodable_metadata_is_a_typed_error_naming_the_event() {
             );
         }
         other => panic!("expected a decode error, got {other:?}"),
+    }
+}
+
+/// Rows damaged in the database (a column nulled, a version deleted) read back as
+/// `Error::Damaged` naming the stream, the version and the column or the missing versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn damaged_rows_are_typed_errors_naming_stream_version_and_column() {
+    let keyspace = common::fresh_keyspace("keel_damaged");
+    let store = Arc::new(common::open(common::builder(&keyspace)).await);
+    let cql = |statement: String| {
+        let store = store.clone();
+        async move { store.session().query_unpaged(statement, ()).await.unwrap() }
+    };
+    for (stream, column) in [
+        ("nulled-type", "event_type"),
+        ("nulled-payload", "payload"),
+        ("nulled-schema", "schema_version"),
+        ("nulled-id", "event_id"),
+    ] {
+        let id = StreamId::new(stream);
+        store
+            .append(&id, ExpectedVersion::NoStream, events(3))
+            .await
+            .unwrap();
+        cql(format!(
+            "UPDATE {keyspace}.events SET {column} = null WHERE stream = '{stream}' AND bucket = 0 AND version = 2"
+        ))
+        .await;
+        match store.read_stream(&id, 1).try_collect::<Vec<_>>().await {
+            Err(Error::Damaged {
+                stream: s,
+                version: 2,
+                reason,
+            }) => {
+                assert_eq!(s, id);
+                assert!(reason.contains(column), "{reason}");
+            }
+            other => panic!("{column} nulled: {other:?}"),
+        }
+    }
+    let gap = StreamId::new("gap");
+    store
+        .append(&gap, ExpectedVersion::NoStream, events(5))
+        .await
+        .unwrap();
+    cql(format!(
+        "DELETE FROM {keyspace}.events WHERE stream = 'gap' AND bucket = 0 AND version = 4"
+    ))
+    .await;
+    match store.read_stream(&gap, 1).try_collect::<Vec<_>>().await {
+        Err(Error::Damaged {
+            stream,
+            version: 4,
+            reason,
+        }) => {
+            assert_eq!(stream, gap);
+            assert!(reason.contains("4..=4 are missing"), "{reason}");
+        }
+        other => panic!("a gap at version 4: {other:?}"),
     }
 }
 

@@ -37,6 +37,97 @@ async fn injection_attempts_in_names_are_refused_before_any_cql() {
     );
 }
 
+/// Names the validator used to pass and the server then refused (reserved words) or owned
+/// (`system_*`): refused by Keel with the reason, before anything reaches the server.
+#[tokio::test]
+async fn reserved_words_and_system_keyspaces_are_refused() {
+    for (bad, why) in [
+        ("select", "reserved"),
+        ("table", "reserved"),
+        ("from", "reserved"),
+        ("primary", "reserved"),
+        ("null", "reserved"),
+        ("system_traces", "system"),
+        ("system", "system"),
+        ("system_auth", "system"),
+    ] {
+        match KeelScylla::builder().keyspace(bad).build().await {
+            Err(e @ Error::InvalidIdentifier { .. }) => {
+                assert!(e.to_string().contains(why), "{bad}: {e}")
+            }
+            other => panic!("{bad:?}: expected InvalidIdentifier, got {:?}", other.err()),
+        }
+    }
+    // Words that only look like reserved ones are fine.
+    for good in ["selection", "tables", "keel_system"] {
+        keel_scylla::validate_identifier("keyspace", good).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn connection_settings_from_the_environment_are_checked() {
+    let vars = |pairs: &'static [(&'static str, &'static str)]| {
+        move |name: &str| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        }
+    };
+    let config = keel_scylla::ScyllaConfig::from_vars(vars(&[
+        ("KEEL_SCYLLA_NODES", "10.0.0.1:9042, 10.0.0.2:9042"),
+        ("KEEL_SCYLLA_LOCAL_DC", "dc1"),
+        ("KEEL_SCYLLA_USERNAME", "keel"),
+        ("KEEL_SCYLLA_PASSWORD", "secret"),
+        ("KEEL_SCYLLA_REPLICATION", "dc1:3,dc2:3"),
+        ("KEEL_SCYLLA_REQUEST_TIMEOUT_MS", "2500"),
+    ]))
+    .unwrap();
+    assert_eq!(config.nodes, ["10.0.0.1:9042", "10.0.0.2:9042"]);
+    assert_eq!(config.local_datacenter.as_deref(), Some("dc1"));
+    assert_eq!(config.request_timeout_ms, Some(2500));
+    KeelScylla::builder().config(&config).unwrap();
+    match keel_scylla::ScyllaConfig::from_vars(vars(&[("KEEL_SCYLLA_REQUEST_TIMEOUT_MS", "2s")])) {
+        Err(Error::InvalidSetting { field, .. }) => {
+            assert_eq!(field, "KEEL_SCYLLA_REQUEST_TIMEOUT_MS")
+        }
+        other => panic!("{other:?}"),
+    }
+    for (pairs, field) in [
+        (&[("KEEL_SCYLLA_USERNAME", "keel")][..], "username"),
+        (
+            &[
+                ("KEEL_SCYLLA_TLS_CERT", "/c.pem"),
+                ("KEEL_SCYLLA_TLS_KEY", "/k.pem"),
+            ][..],
+            "tls_ca_file",
+        ),
+        (&[("KEEL_SCYLLA_REPLICATION", "dc1")][..], "replication"),
+        (
+            &[("KEEL_SCYLLA_REPLICATION", "simple:1,dc1:3")][..],
+            "replication",
+        ),
+    ] {
+        let pairs: &'static [(&'static str, &'static str)] =
+            Box::leak(pairs.to_vec().into_boxed_slice());
+        let config = keel_scylla::ScyllaConfig::from_vars(vars(pairs)).unwrap();
+        match KeelScylla::builder().config(&config) {
+            Err(Error::InvalidSetting { field: f, .. }) => assert_eq!(f, field, "{pairs:?}"),
+            other => panic!("{pairs:?}: {:?}", other.err()),
+        }
+    }
+    // Zero timeouts are refused at build, before connecting.
+    match KeelScylla::builder()
+        .known_node("127.0.0.1:9042")
+        .request_timeout(std::time::Duration::ZERO)
+        .build()
+        .await
+    {
+        Err(Error::InvalidSetting { field, .. }) => assert_eq!(field, "request_timeout"),
+        other => panic!("{:?}", other.err()),
+    }
+}
+
 #[tokio::test]
 async fn missing_nodes_and_bad_settings_are_named() {
     assert!(matches!(
