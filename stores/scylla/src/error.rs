@@ -99,7 +99,7 @@ pub(crate) fn store_err(
         return keel::Error::Unavailable {
             store: "scylla",
             operation: operation.into(),
-            consistency: format!("{consistency:?}").to_uppercase(),
+            consistency: cql_level(&format!("{consistency:?}")),
             required: (*required).max(0) as u32,
             alive: (*alive).max(0) as u32,
             reason: message.clone(),
@@ -134,5 +134,26 @@ pub(crate) fn outcome_unknown(e: &ExecutionError) -> bool {
             _ => true,
         },
         _ => false,
+    }
+}
+
+/// `LocalQuorum` as CQL writes it: `LOCAL_QUORUM`.
+fn cql_level(debug: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in debug.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn levels_read_as_cql_writes_them() {
+        assert_eq!(super::cql_level("LocalQuorum"), "LOCAL_QUORUM");
+        assert_eq!(super::cql_level("Serial"), "SERIAL");
     }
 }

@@ -270,6 +270,7 @@ impl Shared {
                 batch.set_consistency(level);
             }
             batch.set_is_idempotent(false);
+            batch.set_retry_policy(self.st.head_cond.get_retry_policy().cloned());
             batch.set_request_timeout(Some(self.st.append_timeout));
             let guard = if fresh {
                 batch.append_statement(self.st.head_new.clone());
@@ -448,12 +449,14 @@ impl Shared {
                         None => unsure = true,
                     }
                 }
-                Attempt::Failed(e) if unsure => return Err(Error::UnknownOutcome {
-                    stream: stream.clone(),
-                    reason: format!(
+                Attempt::Failed(e) if unsure => {
+                    return Err(Error::UnknownOutcome {
+                        stream: stream.clone(),
+                        reason: format!(
                         "an earlier attempt timed out and may still commit; this one failed: {e}"
                     ),
-                }),
+                    })
+                }
                 Attempt::Failed(e) => return Err(store_err(format!("append to `{s}`"), *e)),
             }
         }

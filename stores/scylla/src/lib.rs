@@ -34,6 +34,7 @@ mod keys;
 mod kv;
 mod projections;
 mod reconcile;
+mod retry;
 mod sagas;
 mod schema;
 mod tls;
@@ -577,6 +578,7 @@ impl KeelScyllaBuilder {
             .consistency(self.consistency)
             .serial_consistency(Some(self.serial))
             .request_timeout(Some(self.request_timeout))
+            .retry_policy(Arc::new(retry::KeelRetry::default()))
             .load_balancing_policy(policy.build())
             .build();
         let mut builder = SessionBuilder::new()
@@ -991,6 +993,9 @@ impl Statements {
         };
         let consistency = cfg.consistency;
         let request_timeout = cfg.request_timeout;
+        let retry_policy: Arc<dyn scylla::policies::retry::RetryPolicy> =
+            Arc::new(retry::KeelRetry::default());
+        let retry_policy = &retry_policy;
         let prep = |cql: String| async move {
             let mut statement = session
                 .prepare(cql.clone())
@@ -1003,6 +1008,11 @@ impl Statements {
             // Every statement is bounded, whatever session it runs on (the append's LWT gets
             // the append timeout where it runs).
             statement.set_request_timeout(Some(request_timeout));
+            // Every plain statement of Keel's is idempotent (inserts of fixed keys and values,
+            // reads), so the driver may send it to the next node when one is down; `lwt`
+            // below turns this off for conditional writes.
+            statement.set_is_idempotent(true);
+            statement.set_retry_policy(Some(retry_policy.clone()));
             Ok::<_, Error>(statement)
         };
         let lwt = |mut s: PreparedStatement| {

@@ -108,7 +108,10 @@ async fn a_node_restart_mid_run_loses_and_doubles_nothing() {
         assert!(
             matches!(
                 e,
-                Error::Store { .. } | Error::UnknownOutcome { .. } | Error::Timeout { .. }
+                Error::Store { .. }
+                    | Error::UnknownOutcome { .. }
+                    | Error::Unavailable { .. }
+                    | Error::Timeout { .. }
             ),
             "errors while down are store errors, not {e:?}"
         );
