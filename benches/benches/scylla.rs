@@ -37,11 +37,16 @@ fn setup() -> Bench {
         .unwrap();
     let nodes = std::env::var("KEEL_SCYLLA_NODES").unwrap_or_else(|_| "127.0.0.1:9042".into());
     let keyspace = format!("keel_bench_{}", &Uuid::new_v4().simple().to_string()[..8]);
+    // `KEEL_BENCH_REPLICATION` (`simple:N` or `dc:N,...`) for a cluster: `./scripts/bench cluster`.
+    let replication = std::env::var("KEEL_BENCH_REPLICATION")
+        .map(|text| keel_scylla::Replication::parse(&text).expect("KEEL_BENCH_REPLICATION"))
+        .unwrap_or(keel_scylla::Replication::Simple(1));
     let store = rt
         .block_on(
             KeelScylla::builder()
                 .known_nodes(nodes.split(','))
                 .keyspace(&keyspace)
+                .replication(replication)
                 .master_key(keel::codec::MasterKey::generate())
                 .build(),
         )

@@ -17,7 +17,10 @@
 //! ```
 //!
 //! Where: `--nodes host:port,...` (or `KEEL_SCYLLA_NODES`, default `127.0.0.1:9042`) and
-//! `--keyspace NAME` (or `KEEL_KEYSPACE`, default `keel`). `--json` prints JSON for scripts.
+//! `--keyspace NAME` (or `KEEL_KEYSPACE`, default `keel`); on a secured cluster
+//! `--username`/`--password`, `--tls-ca` (with `--tls-cert`/`--tls-key` for a client
+//! certificate), `--local-dc` and `--request-timeout-ms`, each also from its `KEEL_SCYLLA_*`
+//! variable (see `docs/scylla.md`). `--json` prints JSON for scripts.
 //! Requests (pause, resume, reset, rebuild) are left in the store and carried out by whichever
 //! `ProjectionManager` runs the projection. The memory store lives inside its process, so this
 //! command works on ScyllaDB only.
@@ -52,6 +55,32 @@ struct Cli {
     /// The keyspace holding the Keel store.
     #[arg(long, env = "KEEL_KEYSPACE", default_value = "keel", global = true)]
     keyspace: String,
+    /// User name, for a cluster with PasswordAuthenticator.
+    #[arg(long, env = "KEEL_SCYLLA_USERNAME", global = true)]
+    username: Option<String>,
+    /// Password, with --username.
+    #[arg(
+        long,
+        env = "KEEL_SCYLLA_PASSWORD",
+        global = true,
+        hide_env_values = true
+    )]
+    password: Option<String>,
+    /// PEM file of the CA that signed the nodes' certificates: connects with TLS.
+    #[arg(long, env = "KEEL_SCYLLA_TLS_CA", global = true)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// PEM file of a client certificate, for nodes that require one (with --tls-key).
+    #[arg(long, env = "KEEL_SCYLLA_TLS_CERT", global = true)]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM file of the client certificate's key.
+    #[arg(long, env = "KEEL_SCYLLA_TLS_KEY", global = true)]
+    tls_key: Option<std::path::PathBuf>,
+    /// The data centre to talk to (the others are never used).
+    #[arg(long, env = "KEEL_SCYLLA_LOCAL_DC", global = true)]
+    local_dc: Option<String>,
+    /// Client-side timeout of each request, milliseconds (default 5,000).
+    #[arg(long, env = "KEEL_SCYLLA_REQUEST_TIMEOUT_MS", global = true)]
+    request_timeout_ms: Option<u64>,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -183,9 +212,20 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    let connection = keel_scylla::ScyllaConfig {
+        nodes: cli.nodes.split(',').map(|n| n.trim().to_owned()).collect(),
+        keyspace: Some(cli.keyspace.clone()),
+        username: cli.username.clone(),
+        password: cli.password.clone(),
+        tls_ca_file: cli.tls_ca.clone(),
+        tls_cert_file: cli.tls_cert.clone(),
+        tls_key_file: cli.tls_key.clone(),
+        local_datacenter: cli.local_dc.clone(),
+        request_timeout_ms: cli.request_timeout_ms,
+        ..Default::default()
+    };
     let mut builder = KeelScylla::builder()
-        .known_nodes(cli.nodes.split(','))
-        .keyspace(&cli.keyspace)
+        .config(&connection)?
         .create_schema(false)
         .feeder(false);
     if let Command::Subjects {

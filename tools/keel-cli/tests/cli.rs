@@ -207,6 +207,26 @@ async fn a_keyspace_without_keel_is_a_clear_error_and_nothing_is_created() {
     assert!(!ok && err.contains("invalid keyspace"), "{err}");
 }
 
+/// The connection flags reach the store's settings, and bad ones are named.
+#[tokio::test]
+async fn connection_flags_are_applied_and_checked() {
+    let keyspace = fresh_keyspace("keel_flags");
+    let (ok, _, err) = keel(&keyspace, &["--username", "keel", "health"]).await;
+    assert!(!ok && err.contains("username"), "{err}");
+    let (ok, _, err) = keel(&keyspace, &["--tls-ca", "/nonexistent/ca.pem", "health"]).await;
+    assert!(
+        !ok && err.contains("TLS") && err.contains("/nonexistent/ca.pem"),
+        "{err}"
+    );
+    let (ok, _, err) = keel_with_env(
+        &keyspace,
+        &["health"],
+        &[("KEEL_SCYLLA_REQUEST_TIMEOUT_MS", "0")],
+    )
+    .await;
+    assert!(!ok && err.contains("request_timeout"), "{err}");
+}
+
 mod sagas {
     use super::*;
     use keel::saga::{SagaOrchestrator, SagaStatus, SagaStep};
