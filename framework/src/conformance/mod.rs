@@ -107,7 +107,7 @@ macro_rules! conformance_tests {
             projection_stops_on_poison_event, projection_dead_letters_when_told,
             projection_pause_resume_reset, projection_rebuilds_while_writes_continue,
             projection_has_one_active_instance, projection_takeover_after_holder_dies,
-            projection_rebuild_on_a_fresh_manager);
+            projection_stale_holder_stops_applying, projection_rebuild_on_a_fresh_manager);
     };
     (sagas, $factory:expr) => {
         $crate::conformance_tests!(@section sagas, $factory;

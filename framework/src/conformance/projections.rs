@@ -472,3 +472,103 @@ pub async fn projection_rebuild_on_a_fresh_manager<S: ProjectionHost>(store: Arc
     assert_eq!(recorder.model.active(), 2);
     assert_eq!(recorder.seen(), from_scratch(&store, &p).await);
 }
+
+/// Stalls once, inside `apply` of one event, for longer than the lease: a stand-in for a
+/// process paused by SIGSTOP or a long GC. Counts what it applies after the stall.
+struct Staller {
+    name: String,
+    prefix: String,
+    stall_at: u64,
+    stall_for: Duration,
+    stalled: AtomicBool,
+    resumed: AtomicBool,
+    applied_after: std::sync::atomic::AtomicU64,
+}
+
+#[async_trait]
+impl Projection for Staller {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    async fn apply(&self, _generation: u64, event: &RecordedEvent) -> Result<(), BoxError> {
+        if !event.stream.as_str().starts_with(&self.prefix) {
+            return Ok(());
+        }
+        if self.resumed.load(Ordering::SeqCst) {
+            self.applied_after.fetch_add(1, Ordering::SeqCst);
+        } else if event.version == self.stall_at && !self.stalled.swap(true, Ordering::SeqCst) {
+            tokio::time::sleep(self.stall_for).await;
+            self.resumed.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+    async fn reset(&self, _generation: u64) -> Result<(), BoxError> {
+        Ok(())
+    }
+    async fn activate(&self, _generation: u64) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+/// A lease holder that stalls mid-batch past its lease while a second manager takes the
+/// projection over: once it resumes it applies nothing more and writes no checkpoint, so the
+/// stored checkpoint never moves back.
+pub async fn projection_stale_holder_stops_applying<S: ProjectionHost>(store: Arc<S>) {
+    let p = prefix();
+    write(&store, &p, 1, 20).await;
+    let stale = Arc::new(Staller {
+        name: format!("{p}-proj"),
+        prefix: p.clone(),
+        stall_at: 10,
+        stall_for: Duration::from_secs(5), // the lease is 2 s
+        stalled: AtomicBool::new(false),
+        resumed: AtomicBool::new(false),
+        applied_after: Default::default(),
+    });
+    let a = manager(&store, stale.clone());
+    a.start();
+    let deadline = std::time::Instant::now() + FEED_WAIT;
+    while !stale.stalled.load(Ordering::SeqCst) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the holder never reached event 10"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let heir = Recorder::new(&p);
+    let b = manager(&store, heir.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    loop {
+        let status = b.catch_up(&heir.name).await.unwrap();
+        if status.state == ProjectionState::Running && heir.seen().len() == 20 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second manager did not take over within the stall: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let key = format!(
+        "{}/{}",
+        heir.name,
+        b.status(&heir.name).await.unwrap().generation
+    );
+    let before = store.load_checkpoint(&key).await.unwrap().unwrap();
+    while !stale.resumed.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let after = store.load_checkpoint(&key).await.unwrap().unwrap();
+    let late = stale.applied_after.load(Ordering::SeqCst);
+    a.stop().await;
+    b.stop().await;
+    assert_eq!(
+        late, 0,
+        "the stale holder applied {late} event(s) after it resumed"
+    );
+    assert!(
+        after >= before,
+        "the checkpoint moved back from {before} to {after}"
+    );
+}

@@ -545,30 +545,43 @@ impl Inner {
         Ok(())
     }
 
+    /// Whether the held lease is still this manager's by its own clock: `renewed` is when the
+    /// last successful renewal was *sent*, so the store's TTL ran out no earlier than
+    /// `renewed + ttl`; a tenth of the TTL is kept back for clocks that run at other rates.
+    /// A manager that was stalled (a long GC pause, SIGSTOP, an overloaded host) past that
+    /// point stops applying at once, before it hears that another manager took over.
+    fn lease_current(&self, runner: &Runner) -> bool {
+        let ttl = self.config.lease_ttl;
+        runner.lease.is_some() && runner.renewed.elapsed() < ttl - ttl / 10
+    }
+
     /// Keeps this manager's lease on the projection; `false` when another manager holds it.
     async fn hold_lease(&self, runner: &mut Runner) -> Result<bool> {
         let ttl = self.config.lease_ttl;
         match runner.lease.clone() {
             Some(_) if runner.renewed.elapsed() < ttl / 3 => Ok(true),
             Some(lease) => {
-                if self.leases.renew(&lease).await? {
-                    runner.renewed = Instant::now();
+                let sent = Instant::now();
+                if self.lease_current(runner) && self.leases.renew(&lease).await? {
+                    runner.renewed = sent;
                     Ok(true)
                 } else {
-                    tracing::warn!(projection = %runner.name, "projection lease lost");
+                    tracing::warn!(projection = %runner.name, "projection lease lost or expired; applying stops");
                     runner.lease = None;
                     runner.loaded = false; // the next holder moved the checkpoint on: reload
                     Ok(false)
                 }
             }
-            None => match self
-                .leases
-                .acquire(&runner.lease_name(), &self.config.id, ttl)
-                .await?
-            {
-                Some(lease) => {
+            None => match {
+                let sent = Instant::now();
+                self.leases
+                    .acquire(&runner.lease_name(), &self.config.id, ttl)
+                    .await?
+                    .map(|lease| (lease, sent))
+            } {
+                Some((lease, sent)) => {
                     runner.lease = Some(lease);
-                    runner.renewed = Instant::now();
+                    runner.renewed = sent;
                     runner.loaded = false;
                     Ok(true)
                 }
@@ -626,7 +639,8 @@ impl Inner {
                 let n = self
                     .batch(slot, runner, generation, from, self.config.batch_size * 16)
                     .await?;
-                if n == 0 && runner.state != ProjectionState::Failed {
+                // `runner.lease` is gone when the batch stopped for a lost lease.
+                if n == 0 && runner.lease.is_some() && runner.state != ProjectionState::Failed {
                     self.swap(slot, runner).await?;
                 }
                 Step::Progress(n.max(1))
@@ -704,6 +718,10 @@ impl Inner {
             events = tracing::field::Empty);
         let (mut consumed, mut next) = (0, from);
         while let Some(chunk) = chunks.try_next().await.map_err(|e| e.1)? {
+            // Long batches renew as they go (a third of the TTL after the last renewal).
+            if !self.hold_lease(runner).await? {
+                return Ok(0);
+            }
             let (applied, at) = self
                 .apply_batch(slot, runner, generation, &chunk)
                 .instrument(span.clone())
@@ -715,6 +733,11 @@ impl Inner {
             }
         }
         span.record("events", consumed);
+        // The lease again before the read model's commit and the checkpoint: a manager that
+        // stalled mid-batch must not write either once another may have taken over.
+        if consumed > 0 && !self.hold_lease(runner).await? {
+            return Ok(0);
+        }
         if consumed > 0 {
             slot.projection
                 .commit(generation)
@@ -750,6 +773,11 @@ impl Inner {
         let mut next = events[0].position.unwrap_or(1);
         for (i, event) in events.iter().enumerate() {
             let position = event.position.unwrap_or(next);
+            if !self.lease_current(runner) {
+                // Past the lease by this manager's clock: stop here; the batch renews or
+                // gives up before it commits anything.
+                return Ok((i, position));
+            }
             if projection.handles(&event.event_type) {
                 if let Err(e) = projection.apply(generation, event).await {
                     if event.is_shredded() || is_shredded(&*e) {
