@@ -572,21 +572,27 @@ impl Inner {
                     Ok(false)
                 }
             }
-            None => match {
+            None => {
                 let sent = Instant::now();
-                self.leases
+                let acquired = self
+                    .leases
                     .acquire(&runner.lease_name(), &self.config.id, ttl)
-                    .await?
-                    .map(|lease| (lease, sent))
-            } {
-                Some((lease, sent)) => {
-                    runner.lease = Some(lease);
-                    runner.renewed = sent;
-                    runner.loaded = false;
-                    Ok(true)
-                }
-                None => Ok(false),
-            },
+                    .await?;
+                Ok(Self::took(runner, acquired, sent))
+            }
+        }
+    }
+
+    /// Records a lease `acquire` returned (sent at `sent`); `false` when somebody else has it.
+    fn took(runner: &mut Runner, acquired: Option<Lease>, sent: Instant) -> bool {
+        match acquired {
+            Some(lease) => {
+                runner.lease = Some(lease);
+                runner.renewed = sent;
+                runner.loaded = false;
+                true
+            }
+            None => false,
         }
     }
 
