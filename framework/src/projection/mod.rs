@@ -178,7 +178,7 @@ pub enum Control {
 }
 
 /// An event a projection could not apply and skipped under [`ErrorPolicy::DeadLetter`].
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadLetter {
     /// The projection.
     pub projection: String,

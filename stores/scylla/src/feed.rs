@@ -115,6 +115,29 @@ pub struct FeedStatus {
     /// Streams in a plan that was allocated but not yet fully written (a feeder died in the
     /// middle of a round; the next one finishes it first). Usually 0.
     pub unfinished_plan: usize,
+    /// Streams the feed cannot carry past a damaged row (a null column, a version gap,
+    /// metadata that does not decode): each names the stream, the version and why. The
+    /// feed goes on for every other stream; this one waits until the row is repaired or an
+    /// operator skips it ([`KeelScylla::skip_in_feed`](crate::KeelScylla::skip_in_feed),
+    /// `keel feed skip`).
+    pub stuck: Vec<keel::projection::DeadLetter>,
+}
+
+/// The dead-letter name under which the feeder records a stream it cannot carry past a
+/// damaged row (`keel projections dead-letters keel.feed` lists them all, old ones too).
+pub const FEED_DEAD_LETTERS: &str = "keel.feed";
+
+/// Whether a stream read failed for that stream's own rows: the feed goes on without it.
+fn is_stream_damage(e: &Error) -> Option<(u64, String)> {
+    match e {
+        Error::Damaged {
+            version, reason, ..
+        } => Some((*version, reason.clone())),
+        Error::Decode {
+            version, reason, ..
+        } => Some((*version, reason.clone())),
+        _ => None,
+    }
 }
 
 /// A planned range: `stream` versions `first..=last` at positions from `position`.
@@ -249,6 +272,8 @@ impl FeederState {
                 .is_none_or(|at| at.elapsed() >= self.config.interval)
             {
                 self.last_scan = Some(Instant::now());
+                // Stuck streams are tried again as often: a repaired row goes on at once.
+                candidates.extend(self.shared.stuck_streams());
                 match self.scan_markers().await {
                     Ok(found) => candidates.extend(found),
                     Err(e) => tracing::warn!(error = %e, "feeder could not scan markers"),
@@ -536,7 +561,12 @@ impl FeederState {
         let mut plan = Vec::new();
         let mut events = Vec::new();
         let mut next = head + 1;
+        let stuck: HashSet<String> = self.shared.stuck_streams().into_iter().collect();
         for (stream, fed, new) in found {
+            if stuck.contains(&stream) {
+                self.progress.remove(&stream);
+                continue;
+            }
             self.progress.insert(stream.clone(), fed);
             let Some(last) = new.last().map(|e| e.version as i64) else {
                 continue;
@@ -599,14 +629,29 @@ impl FeederState {
                     Some(version) => version,
                     None => shared.fed_version(&stream).await?,
                 };
-                let new: Vec<RecordedEvent> = shared
-                    .events_from(&StreamId::new(stream), after as u64 + 1, max)
+                let read: Result<Vec<RecordedEvent>> = shared
+                    .events_from(&StreamId::new(&stream), after as u64 + 1, max)
                     .try_collect()
-                    .await?;
-                Ok((after, new))
+                    .await;
+                match read {
+                    Ok(new) => {
+                        shared.unstuck(&stream);
+                        Ok((after, new))
+                    }
+                    Err(e) => match is_stream_damage(&e) {
+                        // One bad row holds its own stream back, never the others.
+                        Some((version, reason)) => {
+                            shared.stuck_at(&stream, version, reason).await;
+                            Ok((after, Vec::new()))
+                        }
+                        None => Err(e),
+                    },
+                }
             }
         };
         let round = gather(candidates, |s| self.progress.get(s).copied(), read).await?;
+        // A stuck stream's progress is read again each time: an operator may have skipped
+        // the damaged version in the meantime.
         for stream in &round.waiting {
             self.shared.wake.notify(StreamId::new(stream));
         }
@@ -793,7 +838,111 @@ impl crate::KeelScylla {
             epoch,
             last_alive,
             unfinished_plan,
+            stuck: self.stuck_in_feed().await?,
         })
+    }
+
+    /// The streams the feed cannot carry past a damaged row, as recorded by any process's
+    /// feeder, without those repaired or skipped since (their fed progress reached the
+    /// version).
+    pub async fn stuck_in_feed(&self) -> Result<Vec<keel::projection::DeadLetter>> {
+        use keel::projection::ProjectionStore;
+        let mut latest: HashMap<(String, u64), keel::projection::DeadLetter> = HashMap::new();
+        for letter in self.dead_letters(FEED_DEAD_LETTERS).await? {
+            latest.insert((letter.event.stream.clone(), letter.event.version), letter);
+        }
+        let mut stuck = Vec::new();
+        for ((stream, version), letter) in latest {
+            if self.shared.fed_version(&stream).await? < version as i64 {
+                stuck.push(letter);
+            }
+        }
+        stuck.sort_by(|a, b| {
+            (&a.event.stream, a.event.version).cmp(&(&b.event.stream, b.event.version))
+        });
+        Ok(stuck)
+    }
+
+    /// Lets the feed go past version `version` of `stream`, which it cannot carry (see
+    /// [`FeedStatus::stuck`]): the feed will never hold that event, and carries on with the
+    /// stream's next version. For an operator, once repairing the row is out of the question.
+    /// Refused unless the feed holds the stream exactly up to `version - 1`.
+    pub async fn skip_in_feed(&self, stream: &StreamId, version: u64) -> Result<()> {
+        let fed = self.shared.fed_version(stream.as_str()).await?;
+        if fed != version as i64 - 1 {
+            return Err(Error::Invalid {
+                type_name: "skip_in_feed",
+                reason: format!(
+                    "the feed holds `{stream}` up to version {fed}: only version {} can be skipped",
+                    fed + 1
+                ),
+            });
+        }
+        self.shared
+            .record_progress(stream.as_str(), version as i64)
+            .await?;
+        tracing::warn!(stream = %stream, version, "operator skipped a version in the feed");
+        self.shared.unstuck(stream.as_str());
+        self.shared.wake.notify(stream.clone());
+        Ok(())
+    }
+}
+
+impl Shared {
+    /// Notes that `stream` cannot be fed past `version`; the first time in this process it
+    /// is also logged and recorded as a dead letter of the feed.
+    async fn stuck_at(&self, stream: &str, version: u64, reason: String) {
+        let new = {
+            let mut stuck = self.stuck.lock().unwrap_or_else(|p| p.into_inner());
+            stuck.insert(stream.to_owned(), (version, reason.clone()))
+                != Some((version, reason.clone()))
+        };
+        if !new {
+            return;
+        }
+        tracing::error!(stream, version, reason = %reason, "the feed cannot carry this stream past a damaged row; other streams go on");
+        metrics::counter!("keel_scylla_feed_stuck_total").increment(1);
+        let letter = keel::projection::DeadLetter {
+            projection: FEED_DEAD_LETTERS.to_owned(),
+            event: keel::projection::FailedEvent {
+                stream: stream.to_owned(),
+                version,
+                event_type: String::new(),
+                position: 0,
+            },
+            error: reason,
+            at: keel::event::now_millis(),
+        };
+        let blob = match serde_json::to_vec(&letter) {
+            Ok(blob) => blob,
+            Err(_) => return,
+        };
+        if let Err(e) = self
+            .session
+            .execute_unpaged(
+                &self.st.add_dead_letter,
+                (FEED_DEAD_LETTERS, letter.at, Uuid::new_v4(), blob),
+            )
+            .await
+        {
+            tracing::warn!(stream, error = %e, "could not record the stuck stream");
+        }
+    }
+
+    fn unstuck(&self, stream: &str) {
+        self.stuck
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(stream);
+    }
+
+    pub(crate) fn stuck_streams(&self) -> Vec<String> {
+        self.stuck
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 }
 

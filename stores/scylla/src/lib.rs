@@ -49,7 +49,7 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::{Consistency, SerialConsistency};
 
 pub use error::Error;
-pub use feed::FeedStatus;
+pub use feed::{FeedStatus, FEED_DEAD_LETTERS};
 pub use keys::Rewrapped;
 pub use projections::ViewBatch;
 pub use reconcile::Reconciled;
@@ -704,6 +704,7 @@ impl KeelScyllaBuilder {
             master_key: self.master_key.clone(),
             previous_master_keys: self.previous_master_keys.clone(),
             read_page_size: self.read_page_size,
+            stuck: std::sync::Mutex::new(std::collections::HashMap::new()),
         });
         let feeder = if self.feeder {
             Some(feed::Feeder::start(
@@ -754,6 +755,9 @@ pub(crate) struct Shared {
     pub(crate) previous_master_keys: Vec<keel::codec::MasterKey>,
     /// Events per read when loading a stream.
     pub(crate) read_page_size: i32,
+    /// Streams this process's feeder cannot carry past a damaged row: stream -> (version,
+    /// reason). Also recorded as dead letters of [`feed::FEED_DEAD_LETTERS`].
+    pub(crate) stuck: std::sync::Mutex<std::collections::HashMap<String, (u64, String)>>,
 }
 
 pub(crate) type StreamKey = String;
@@ -880,6 +884,34 @@ impl KeelScylla {
         }
         let (healthy, feeder) = self.feeder_health().await;
         health.check("feeder", healthy, feeder);
+        match self.stuck_in_feed().await {
+            Ok(stuck) if stuck.is_empty() => {
+                health.check("feed", true, "no stream held back");
+            }
+            Ok(stuck) => {
+                let named: Vec<String> = stuck
+                    .iter()
+                    .map(|l| {
+                        format!(
+                            "`{}` version {} ({})",
+                            l.event.stream, l.event.version, l.error
+                        )
+                    })
+                    .collect();
+                health.check(
+                    "feed",
+                    false,
+                    format!(
+                        "{} stream(s) held back by a damaged row, the others fed: {}",
+                        stuck.len(),
+                        named.join("; ")
+                    ),
+                );
+            }
+            Err(e) => {
+                health.check("feed", false, format!("stuck streams unreadable: {e}"));
+            }
+        }
         health
     }
 

@@ -444,6 +444,121 @@ async fn damaged_rows_are_typed_errors_naming_stream_version_and_column() {
     }
 }
 
+/// A damaged row in one stream holds that stream back and no other: events appended after
+/// it to other streams are fed, `feed_status` and `health` name the stream, version and
+/// reason, and `skip_in_feed` lets the feed go on past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_damaged_row_holds_back_its_stream_only() {
+    let keyspace = common::fresh_keyspace("keel_stuck");
+    // Written with no feeder anywhere, damaged, then a feeder starts.
+    let writer = common::open(common::builder(&keyspace).feeder(false)).await;
+    let bad = StreamId::new("bad");
+    writer
+        .append(&bad, ExpectedVersion::NoStream, events(3))
+        .await
+        .unwrap();
+    writer
+        .session()
+        .query_unpaged(
+            format!("UPDATE {keyspace}.events SET event_type = null WHERE stream = 'bad' AND bucket = 0 AND version = 2"),
+            (),
+        )
+        .await
+        .unwrap();
+    let feeder = common::open(common::builder(&keyspace)).await;
+    let good = StreamId::new("good");
+    feeder
+        .append(&good, ExpectedVersion::NoStream, events(4))
+        .await
+        .unwrap();
+    let wanted: HashSet<StreamId> = [good.clone(), bad.clone()].into_iter().collect();
+    // The bad stream is held back from the read that met the damaged row: none of its
+    // events yet, all four of the good one's.
+    let fed = feed_of(&feeder, 1, &wanted, 4, Duration::from_secs(15)).await;
+    let good_fed = fed.iter().filter(|e| e.stream == good).count();
+    assert_eq!(
+        good_fed, 4,
+        "the good stream was fed past the bad one: {fed:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let status = feeder.feed_status().await.unwrap();
+        if !status.stuck.is_empty() || Instant::now() > deadline {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status.stuck.len(), 1, "{status:?}");
+    let stuck = &status.stuck[0];
+    assert_eq!(
+        (stuck.event.stream.as_str(), stuck.event.version),
+        ("bad", 2)
+    );
+    assert!(stuck.error.contains("event_type"), "{}", stuck.error);
+    let health = feeder.health().await;
+    let text = format!("{health:?}");
+    assert!(
+        !health.is_healthy() && text.contains("`bad` version 2"),
+        "{text}"
+    );
+    // Skipping anything but the next version is refused; the right one lets it go on.
+    let fed_bad = fed.iter().filter(|e| e.stream == bad).count() as u64;
+    assert!(feeder.skip_in_feed(&bad, 3).await.is_err());
+    assert_eq!(
+        fed_bad, 0,
+        "the bad stream is held back from the damaged read on: {fed:?}"
+    );
+    // Repaired in place: the feeder tries stuck streams again at every marker scan.
+    writer
+        .session()
+        .query_unpaged(
+            format!("UPDATE {keyspace}.events SET event_type = 'Incremented' WHERE stream = 'bad' AND bucket = 0 AND version = 2"),
+            (),
+        )
+        .await
+        .unwrap();
+    let fed = feed_of(&feeder, 1, &wanted, 7, Duration::from_secs(15)).await;
+    assert_eq!(fed.len(), 7, "the repaired stream was fed: {fed:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !feeder.feed_status().await.unwrap().stuck.is_empty() {
+        assert!(Instant::now() < deadline, "still stuck after the repair");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A second damage, skipped this time: the feed leaves version 4 out and goes on. The
+    // feeder stops while the row is written and damaged, and a new one starts.
+    feeder.shutdown().await;
+    drop(feeder);
+    writer
+        .append(&bad, ExpectedVersion::Exact(3), events(2))
+        .await
+        .unwrap();
+    writer
+        .session()
+        .query_unpaged(
+            format!("UPDATE {keyspace}.events SET payload = null WHERE stream = 'bad' AND bucket = 0 AND version = 4"),
+            (),
+        )
+        .await
+        .unwrap();
+    let feeder = common::open(common::builder(&keyspace)).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while feeder.feed_status().await.unwrap().stuck.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the second damage was not noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    feeder.skip_in_feed(&bad, 4).await.unwrap();
+    let fed = feed_of(&feeder, 1, &wanted, 8, Duration::from_secs(15)).await;
+    let versions: Vec<u64> = fed
+        .iter()
+        .filter(|e| e.stream == bad)
+        .map(|e| e.version)
+        .collect();
+    assert_eq!(versions, vec![1, 2, 3, 5], "version 4 skipped, 5 fed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn feeder_lease_moves_to_the_next_store_on_shutdown() {
     let keyspace = common::fresh_keyspace("keel_lead");

@@ -14,6 +14,7 @@
 //! keel subjects rewrap                 # master key rotation (KEEL_MASTER_KEY, KEEL_PREVIOUS_MASTER_KEYS)
 //! keel feed status                     # head, feeder, last heartbeat, unfinished plan
 //! keel feed reconcile                  # finds committed events missing from the feed
+//! keel feed skip STREAM VERSION --yes  # lets the feed go past a damaged row
 //! ```
 //!
 //! Where: `--nodes host:port,...` (or `KEEL_SCYLLA_NODES`, default `127.0.0.1:9042`) and
@@ -128,6 +129,18 @@ enum FeedAction {
     /// running feeder publishes their missing events. Needed after writers ran for over an
     /// hour with no feeder anywhere (their markers expired). Reads every stream's head.
     Reconcile,
+    /// Let the feed go past a version it cannot carry (a damaged row `feed status` lists
+    /// as stuck): the feed will never hold that event. Repair the row instead where you can.
+    /// Needs `--yes`.
+    Skip {
+        /// The stream held back.
+        stream: String,
+        /// The version to leave out of the feed.
+        version: u64,
+        /// Confirms that the event is to be left out of the feed for good.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -247,6 +260,21 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Command::Feed { action } => match action {
             FeedAction::Status => feed_status(&store, cli.json).await,
             FeedAction::Reconcile => reconcile(&store, cli.json).await,
+            FeedAction::Skip {
+                stream,
+                version,
+                yes,
+            } => {
+                if !yes {
+                    return Err(format!(
+                        "skipping leaves `{stream}` version {version} out of the feed for good: add --yes"
+                    )
+                    .into());
+                }
+                store.skip_in_feed(&StreamId::new(&stream), version).await?;
+                println!("the feed goes on past `{stream}` version {version}");
+                Ok(())
+            }
         },
     }
 }
@@ -263,6 +291,11 @@ async fn feed_status(store: &KeelScylla, json: bool) -> Result<(), Box<dyn std::
                 "epoch": status.epoch,
                 "last_alive_seconds_ago": alive,
                 "unfinished_plan": status.unfinished_plan,
+                "stuck": status.stuck.iter().map(|l| serde_json::json!({
+                    "stream": l.event.stream,
+                    "version": l.event.version,
+                    "reason": l.error,
+                })).collect::<Vec<_>>(),
             })
         );
         return Ok(());
@@ -280,6 +313,12 @@ async fn feed_status(store: &KeelScylla, json: bool) -> Result<(), Box<dyn std::
         println!(
             "unfinished: a round for {} stream(s); the next feeder finishes it first",
             status.unfinished_plan
+        );
+    }
+    for letter in &status.stuck {
+        println!(
+            "stuck:      `{}` version {}: {} (other streams go on; repair the row, or `keel feed skip`)",
+            letter.event.stream, letter.event.version, letter.error
         );
     }
     Ok(())
