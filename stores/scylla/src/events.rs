@@ -417,9 +417,7 @@ impl Shared {
             }
             match self.try_append(s, bucket, n, fresh, &rows, last).await? {
                 Attempt::Applied => {
-                    self.counters.appends.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("keel_scylla_appends_total").increment(1);
-                    self.wake.notify(stream.clone());
+                    self.record_commit(stream);
                     return Ok(committed);
                 }
                 Attempt::FreshBucket if n > 0 => fresh = true,
@@ -437,12 +435,8 @@ impl Shared {
                     tracing::warn!(stream = s, error = %e, "append outcome unknown; reading back at SERIAL");
                     match self.read_back(s, bucket, first, commit_id).await? {
                         Some(true) => {
-                            self.counters.appends.fetch_add(1, Ordering::Relaxed);
-                            self.wake.notify(stream.clone());
-                            return Ok(AppendResult {
-                                first_version: first as u64,
-                                last_version: last as u64,
-                            });
+                            self.record_commit(stream);
+                            return Ok(committed);
                         }
                         Some(false) => return Err(self.conflict(stream, expected).await),
                         // Not there yet: try again with the same commit id.
@@ -486,11 +480,17 @@ impl Shared {
                 .await?
                 == Some(true)
         {
-            self.counters.appends.fetch_add(1, Ordering::Relaxed);
-            self.wake.notify(stream.clone());
+            self.record_commit(stream);
             return Ok(());
         }
         Err(self.conflict(stream, expected).await)
+    }
+
+    /// An append of `stream` committed, however it was learnt: counted, and the feeder woken.
+    fn record_commit(&self, stream: &StreamId) {
+        self.counters.appends.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("keel_scylla_appends_total").increment(1);
+        self.wake.notify(stream.clone());
     }
 
     pub(crate) fn decode_row(

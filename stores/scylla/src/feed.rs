@@ -564,6 +564,8 @@ impl FeederState {
         let stuck: HashSet<String> = self.shared.stuck_streams().into_iter().collect();
         for (stream, fed, new) in found {
             if stuck.contains(&stream) {
+                // Its progress is read again next time: an operator may skip the damaged
+                // version in the meantime.
                 self.progress.remove(&stream);
                 continue;
             }
@@ -650,8 +652,6 @@ impl FeederState {
             }
         };
         let round = gather(candidates, |s| self.progress.get(s).copied(), read).await?;
-        // A stuck stream's progress is read again each time: an operator may have skipped
-        // the damaged version in the meantime.
         for stream in &round.waiting {
             self.shared.wake.notify(StreamId::new(stream));
         }
