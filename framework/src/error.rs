@@ -222,6 +222,19 @@ pub enum Error {
         reason: String,
     },
 
+    /// A write made under a lease whose epoch is no longer the newest: another worker took the
+    /// lease over (this one stalled past its TTL) and the store refused the stale write.
+    /// The worker has lost its lease; nothing was written.
+    #[error("`{name}`: write under lease epoch {epoch} refused, epoch {current} holds it now")]
+    Fenced {
+        /// What the lease guards (a projection's checkpoint, a read model).
+        name: String,
+        /// The epoch the refused write was made under.
+        epoch: u64,
+        /// The newest epoch the store has seen.
+        current: u64,
+    },
+
     /// A store backend failed (connection, server error, schema).
     #[error("{store} store failed during {operation}: {source}")]
     Store {
@@ -272,6 +285,11 @@ impl Error {
     /// Whether this is [`Error::Shredded`]: the event's subject was forgotten.
     pub fn is_shredded(&self) -> bool {
         matches!(self, Error::Shredded { .. })
+    }
+
+    /// Whether this is [`Error::Fenced`]: a write under a stale lease epoch was refused.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, Error::Fenced { .. })
     }
 
     /// The aggregate's own error, when the command was rejected with an error of type `E`.

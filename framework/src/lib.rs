@@ -96,7 +96,7 @@ pub use event::{
 };
 pub use repository::{Executed, Loaded, Repository, RepositoryMetrics, SnapshotPolicy};
 pub use store::{
-    CheckpointStore, EventPage, EventStore, EventStream, Lease, LeaseStore, PageStream, Snapshot,
-    SnapshotStore,
+    CheckpointStore, EventPage, EventStore, EventStream, Fence, Lease, LeaseStore, PageStream,
+    Snapshot, SnapshotStore,
 };
 pub use upcast::Upcasters;

@@ -146,8 +146,60 @@ pub trait CheckpointStore: Send + Sync + 'static {
     /// The position `name` resumes from (`None`: never saved).
     async fn load_checkpoint(&self, name: &str) -> Result<Option<u64>>;
 
-    /// Saves the position `name` resumes from.
-    async fn save_checkpoint(&self, name: &str, position: u64) -> Result<()>;
+    /// Saves the position `name` resumes from, made under `fence`: refused with
+    /// [`Error::Fenced`](crate::Error::Fenced) when a save under a higher epoch is stored, so a
+    /// worker that lost its lease can never move a checkpoint (backwards, typically) after its
+    /// successor saved one. The check and the write are one atomic step in the store.
+    async fn save_checkpoint(&self, name: &str, position: u64, fence: &Fence) -> Result<()>;
+}
+
+/// The lease a write is made under: stores (and read models) that see a write under a higher
+/// epoch refuse every later one under a lower epoch.
+///
+/// ```
+/// let fence = keel::Fence::new("projection/orders", 3);
+/// assert!(fence.admits(3) && fence.admits(2) && !fence.admits(4));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Fence {
+    /// What the lease guards.
+    pub name: String,
+    /// The lease's epoch when the write was made.
+    pub epoch: u64,
+}
+
+impl Fence {
+    /// A fence for writes under lease `name` at `epoch`.
+    pub fn new(name: impl Into<String>, epoch: u64) -> Self {
+        Fence {
+            name: name.into(),
+            epoch,
+        }
+    }
+
+    /// The fence of a held lease.
+    pub fn of(lease: &Lease) -> Self {
+        Fence::new(lease.name.clone(), lease.epoch)
+    }
+
+    /// Whether a write under this fence may follow one made under epoch `seen`.
+    pub fn admits(&self, seen: u64) -> bool {
+        self.epoch >= seen
+    }
+
+    /// Checks this fence against the newest epoch `seen` by a store, and (when admitted)
+    /// returns the epoch to record: the [`Error::Fenced`](crate::Error::Fenced) a store refuses with.
+    pub fn check(&self, seen: u64) -> Result<u64> {
+        if self.admits(seen) {
+            Ok(self.epoch)
+        } else {
+            Err(crate::Error::Fenced {
+                name: self.name.clone(),
+                epoch: self.epoch,
+                current: seen,
+            })
+        }
+    }
 }
 
 /// A time-limited exclusive right to run the worker called `name`.

@@ -46,7 +46,7 @@ use crate::doc::{Counter, CounterEvent};
 use crate::error::Error;
 use crate::event::{ExpectedVersion, Metadata, NewEvent, RecordedEvent, StreamId};
 use crate::repository::{Repository, SnapshotPolicy};
-use crate::store::{CheckpointStore, EventStore, LeaseStore, Snapshot, SnapshotStore};
+use crate::store::{CheckpointStore, EventStore, Fence, LeaseStore, Snapshot, SnapshotStore};
 
 /// How long feed cases wait for appended events to reach the feed.
 pub const FEED_WAIT: Duration = Duration::from_secs(20);
@@ -98,7 +98,8 @@ macro_rules! conformance_tests {
             snapshot_latest_wins, snapshot_missing_is_none, repository_loads_from_snapshot);
     };
     (checkpoints, $factory:expr) => {
-        $crate::conformance_tests!(@section checkpoints, $factory; checkpoint_round_trip);
+        $crate::conformance_tests!(@section checkpoints, $factory;
+            checkpoint_round_trip, checkpoint_refuses_a_stale_epoch);
     };
     (projections, $factory:expr) => {
         $crate::conformance_tests!(@section projections, $factory;
@@ -107,7 +108,8 @@ macro_rules! conformance_tests {
             projection_stops_on_poison_event, projection_dead_letters_when_told,
             projection_pause_resume_reset, projection_rebuilds_while_writes_continue,
             projection_has_one_active_instance, projection_takeover_after_holder_dies,
-            projection_stale_holder_stops_applying, projection_rebuild_on_a_fresh_manager);
+            projection_stale_holder_stops_applying, projection_stale_writes_are_fenced,
+            projection_rebuild_on_a_fresh_manager);
     };
     (sagas, $factory:expr) => {
         $crate::conformance_tests!(@section sagas, $factory;
@@ -775,11 +777,47 @@ pub async fn repository_loads_from_snapshot<S: EventStore + SnapshotStore>(store
 /// Checkpoints start absent, then read back the last saved position.
 pub async fn checkpoint_round_trip<S: CheckpointStore>(store: Arc<S>) {
     let name = format!("conf-proj-{}", Uuid::new_v4().simple());
+    let fence = Fence::new(format!("projection/{name}"), 1);
     assert_eq!(store.load_checkpoint(&name).await.unwrap(), None);
-    store.save_checkpoint(&name, 42).await.unwrap();
+    store.save_checkpoint(&name, 42, &fence).await.unwrap();
     assert_eq!(store.load_checkpoint(&name).await.unwrap(), Some(42));
-    store.save_checkpoint(&name, 43).await.unwrap();
+    store.save_checkpoint(&name, 43, &fence).await.unwrap();
     assert_eq!(store.load_checkpoint(&name).await.unwrap(), Some(43));
+    // The holder itself may move its checkpoint back (an operator's reset).
+    store.save_checkpoint(&name, 7, &fence).await.unwrap();
+    assert_eq!(store.load_checkpoint(&name).await.unwrap(), Some(7));
+}
+
+/// A save under an epoch lower than one already stored is refused with `Fenced` and changes
+/// nothing, however it races: of two writers saving at once under epochs 1 and 2, the
+/// checkpoint ends with epoch 2's position whatever the order.
+pub async fn checkpoint_refuses_a_stale_epoch<S: CheckpointStore>(store: Arc<S>) {
+    let name = format!("conf-fence-{}", Uuid::new_v4().simple());
+    let (old, new) = (Fence::new("conf", 1), Fence::new("conf", 2));
+    store.save_checkpoint(&name, 100, &old).await.unwrap();
+    store.save_checkpoint(&name, 4_000, &new).await.unwrap();
+    match store.save_checkpoint(&name, 1_201, &old).await {
+        Err(Error::Fenced { epoch, current, .. }) => assert_eq!((epoch, current), (1, 2)),
+        other => panic!("a save under a stale epoch must be refused as Fenced, got {other:?}"),
+    }
+    assert_eq!(store.load_checkpoint(&name).await.unwrap(), Some(4_000));
+    // Racing: the stale writer never wins once the newer one has saved.
+    for round in 0..10u64 {
+        let name = format!("{name}-{round}");
+        let (a, b) = tokio::join!(
+            store.save_checkpoint(&name, 1, &old),
+            store.save_checkpoint(&name, 2, &new)
+        );
+        b.unwrap();
+        if let Err(e) = a {
+            assert!(e.is_fenced(), "round {round}: {e}");
+        }
+        assert_eq!(
+            store.load_checkpoint(&name).await.unwrap(),
+            Some(2),
+            "round {round}: the stale writer's position won"
+        );
+    }
 }
 
 /// One holder at a time; the holder can re-acquire and renew.

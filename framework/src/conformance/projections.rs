@@ -15,7 +15,7 @@ use crate::projection::{
     Control, DeadLetter, ErrorPolicy, FailedEvent, Generations, Projection, ProjectionManager,
     ProjectionState, ProjectionStatus, ProjectionStore,
 };
-use crate::store::{CheckpointStore, EventStore, LeaseStore};
+use crate::store::{CheckpointStore, EventStore, Fence, LeaseStore};
 
 /// Everything a store needs to host projections.
 pub trait ProjectionHost: EventStore + CheckpointStore + LeaseStore + ProjectionStore {}
@@ -508,6 +508,154 @@ impl Projection for Staller {
     async fn activate(&self, _generation: u64) -> Result<(), BoxError> {
         Ok(())
     }
+}
+
+/// A read model shared by two managers, written with [`Generations::update_fenced`]: it keeps,
+/// per event, the epoch of the manager that wrote it. One instance (the stalling one) stalls
+/// *inside* the write of one event, after the manager's own lease check.
+struct FencedModel {
+    name: String,
+    prefix: String,
+    model: Generations<std::collections::HashMap<(String, u64), u64>>,
+    fence: std::sync::Mutex<Option<Fence>>,
+    stall_at: Option<u64>,
+    stalled: AtomicBool,
+    resumed: AtomicBool,
+    refused: std::sync::atomic::AtomicU64,
+}
+
+impl FencedModel {
+    fn new(
+        name: &str,
+        prefix: &str,
+        model: &Generations<std::collections::HashMap<(String, u64), u64>>,
+        stall_at: Option<u64>,
+    ) -> Arc<Self> {
+        Arc::new(FencedModel {
+            name: name.to_owned(),
+            prefix: prefix.to_owned(),
+            model: model.clone(),
+            fence: Default::default(),
+            stall_at,
+            stalled: AtomicBool::new(false),
+            resumed: AtomicBool::new(false),
+            refused: Default::default(),
+        })
+    }
+}
+
+#[async_trait]
+impl Projection for FencedModel {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    async fn fence(&self, fence: &Fence) -> Result<(), BoxError> {
+        *self.fence.lock().unwrap() = Some(fence.clone());
+        Ok(())
+    }
+    async fn apply(&self, generation: u64, event: &RecordedEvent) -> Result<(), BoxError> {
+        if !event.stream.as_str().starts_with(&self.prefix) {
+            return Ok(());
+        }
+        let fence = self
+            .fence
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or("applied before fence()")?;
+        if Some(event.version) == self.stall_at && !self.stalled.swap(true, Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_secs(5)).await; // the lease is 2 s
+            self.resumed.store(true, Ordering::SeqCst);
+        }
+        let key = (event.stream.to_string(), event.version);
+        match self
+            .model
+            .update_fenced(&fence, generation, |m| m.insert(key, fence.epoch))
+        {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.refused.fetch_add(1, Ordering::SeqCst);
+                Err(e.into())
+            }
+        }
+    }
+    async fn reset(&self, generation: u64) -> Result<(), BoxError> {
+        self.model.reset(generation);
+        Ok(())
+    }
+    async fn activate(&self, generation: u64) -> Result<(), BoxError> {
+        self.model.activate(generation);
+        Ok(())
+    }
+}
+
+/// A holder that stalls in the middle of a read-model write (past its own lease check, so its
+/// clock cannot save it) while a second manager takes over: when it resumes, the read model
+/// refuses its write (the fence), it lets the lease go without dead-lettering or failing, and
+/// every event ends written under the successor's epoch.
+pub async fn projection_stale_writes_are_fenced<S: ProjectionHost>(store: Arc<S>) {
+    let p = prefix();
+    write(&store, &p, 1, 20).await;
+    let name = format!("{p}-proj");
+    let model = Generations::default();
+    let stale = FencedModel::new(&name, &p, &model, Some(10));
+    let heir = FencedModel::new(&name, &p, &model, None);
+    let a = manager(&store, stale.clone());
+    a.start();
+    let deadline = std::time::Instant::now() + FEED_WAIT;
+    while !stale.stalled.load(Ordering::SeqCst) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the holder never reached event 10"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stale_epoch = stale.fence.lock().unwrap().as_ref().unwrap().epoch;
+    let b = manager(&store, heir.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    let heir_epoch = loop {
+        let status = b.catch_up(&name).await.unwrap();
+        let epoch = heir.fence.lock().unwrap().as_ref().map(|f| f.epoch);
+        if status.state == ProjectionState::Running && model.read(|m| m.len()) == 20 {
+            break epoch.expect("the heir applied under a fence");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second manager did not take over within the stall: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    while !stale.resumed.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status_a = a.status(&name).await.unwrap();
+    a.stop().await;
+    b.stop().await;
+    assert!(
+        stale.refused.load(Ordering::SeqCst) >= 1,
+        "the stale holder's write after the takeover was not refused"
+    );
+    assert!(
+        stale_epoch < heir_epoch,
+        "epochs {stale_epoch} then {heir_epoch}"
+    );
+    let by_stale: Vec<_> = model.read(|m| {
+        m.iter()
+            .filter(|(_, e)| **e < heir_epoch)
+            .map(|(k, e)| (k.clone(), *e))
+            .collect()
+    });
+    assert!(
+        by_stale.is_empty(),
+        "events last written by the stale holder after its successor: {by_stale:?}"
+    );
+    assert_eq!(model.read(|m| m.len()), 20);
+    assert_eq!(
+        status_a.dead_letters, 0,
+        "a fenced write is not a poison event"
+    );
+    assert_ne!(status_a.state, ProjectionState::Failed, "{status_a:?}");
 }
 
 /// A lease holder that stalls mid-batch past its lease while a second manager takes the

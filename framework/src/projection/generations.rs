@@ -3,6 +3,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
+use crate::store::Fence;
+
 /// An in-memory read model kept per generation: queries read the active one while a rebuild
 /// fills the next. Cloning shares the data.
 #[derive(Debug)]
@@ -14,6 +16,8 @@ pub struct Generations<M> {
 struct State<M> {
     active: u64,
     models: BTreeMap<u64, M>,
+    /// The highest lease epoch a fenced update was made under.
+    epoch: u64,
 }
 
 impl<M> Clone for Generations<M> {
@@ -30,6 +34,7 @@ impl<M: Default> Default for Generations<M> {
             inner: Arc::new(RwLock::new(State {
                 active: 1,
                 models: BTreeMap::new(),
+                epoch: 0,
             })),
         }
     }
@@ -50,6 +55,30 @@ impl<M: Default> Generations<M> {
     /// Changes `generation` (creating it empty if needed).
     pub fn update<R>(&self, generation: u64, f: impl FnOnce(&mut M) -> R) -> R {
         f(self.write().models.entry(generation).or_default())
+    }
+
+    /// Changes `generation` under `fence`, the lease of the manager writing: refused with
+    /// [`Error::Fenced`](crate::Error::Fenced) (and nothing changed) once an update under a
+    /// higher epoch was made, so a manager that stalled past its lease cannot write after its
+    /// successor. The check and the change happen under one lock.
+    ///
+    /// ```
+    /// # use keel::{projection::Generations, Fence};
+    /// let counts: Generations<u64> = Generations::default();
+    /// counts.update_fenced(&Fence::new("projection/counts", 2), 1, |n| *n += 1).unwrap();
+    /// let stale = counts.update_fenced(&Fence::new("projection/counts", 1), 1, |n| *n += 1);
+    /// assert!(stale.unwrap_err().is_fenced());
+    /// assert_eq!(counts.read(|n| *n), 1);
+    /// ```
+    pub fn update_fenced<R>(
+        &self,
+        fence: &Fence,
+        generation: u64,
+        f: impl FnOnce(&mut M) -> R,
+    ) -> crate::Result<R> {
+        let mut state = self.write();
+        state.epoch = fence.check(state.epoch)?;
+        Ok(f(state.models.entry(generation).or_default()))
     }
 
     /// Makes `generation` the one [`read`](Generations::read) sees, and drops older ones.

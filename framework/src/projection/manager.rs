@@ -14,7 +14,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::event::{now_millis, RecordedEvent};
-use crate::store::{CheckpointStore, EventStore, Lease, LeaseStore};
+use crate::store::{CheckpointStore, EventStore, Fence, Lease, LeaseStore};
 
 /// How often a busy projection reads operator requests.
 const POLL_EVERY: Duration = Duration::from_millis(200);
@@ -404,9 +404,15 @@ impl ProjectionManager {
         self.local_control(name, Control::ResetTo(position)).await
     }
 
+    /// Applies `control` here when this manager holds (or can take) the lease; otherwise
+    /// leaves it as a request for the manager that does.
     async fn local_control(&self, name: &str, control: Control) -> Result<()> {
         let slot = self.slot(name)?;
         let mut runner = slot.runner.lock().await;
+        if !self.inner.hold_lease(&mut runner).await? {
+            drop(runner);
+            return self.request(name, control).await;
+        }
         self.inner.control(slot, &mut runner, control).await?;
         self.inner.publish(&runner).await
     }
@@ -475,6 +481,13 @@ impl Inner {
             .activate(runner.generation)
             .await
             .map_err(|e| projection_error(&runner.name, e))?;
+        if let Some(lease) = &runner.lease {
+            // Before anything is applied under a new lease: a fenced read model learns its epoch.
+            slot.projection
+                .fence(&Fence::of(lease))
+                .await
+                .map_err(|e| projection_error(&runner.name, e))?;
+        }
         if matches!(
             runner.state,
             ProjectionState::Stopped | ProjectionState::Standby
@@ -514,10 +527,11 @@ impl Inner {
                 runner.failed_event = None;
             }
             Control::ResetTo(position) => {
+                let key = runner.checkpoint_key(runner.generation);
+                if !self.save_fenced(runner, &key, position.max(1)).await? {
+                    return Ok(()); // fenced: the request was taken by a stale holder; drop it
+                }
                 runner.checkpoint = position.max(1);
-                self.checkpoints
-                    .save_checkpoint(&runner.checkpoint_key(runner.generation), runner.checkpoint)
-                    .await?;
                 runner.failed_event = None;
                 if runner.state == ProjectionState::Failed {
                     runner.state = ProjectionState::Running;
@@ -543,6 +557,33 @@ impl Inner {
             }
         }
         Ok(())
+    }
+
+    /// Saves a checkpoint under the held lease's fence. `false`: the store refused it, because
+    /// another manager took the lease over; this one lets go and applies nothing more.
+    async fn save_fenced(&self, runner: &mut Runner, key: &str, position: u64) -> Result<bool> {
+        let Some(lease) = runner.lease.as_ref() else {
+            return Ok(false);
+        };
+        match self
+            .checkpoints
+            .save_checkpoint(key, position, &Fence::of(lease))
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(e) if e.is_fenced() => {
+                Self::let_go(runner, &e);
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Drops a lease that a store (or the read model) says is stale.
+    fn let_go(runner: &mut Runner, why: &dyn std::fmt::Display) {
+        tracing::warn!(projection = %runner.name, %why, "projection fenced out; applying stops");
+        runner.lease = None;
+        runner.loaded = false;
     }
 
     /// Whether the held lease is still this manager's by its own clock: `renewed` is when the
@@ -599,12 +640,9 @@ impl Inner {
     async fn step(&self, slot: &Slot, runner: &mut Runner) -> Result<Step> {
         // Requests are looked at after every idle step and at least every POLL_EVERY while
         // busy, so a long catch-up does not pay a request read per batch.
+        // Only the lease holder takes requests: a standby would take (and lose) requests meant
+        // for the manager that runs the projection.
         let poll = runner.poll_due || runner.last_poll.elapsed() >= POLL_EVERY;
-        if poll {
-            if let Some(control) = self.store.take_request(&runner.name).await? {
-                self.control(slot, runner, control).await?;
-            }
-        }
         if !self.hold_lease(runner).await? {
             runner.state = ProjectionState::Standby;
             self.publish(runner).await?;
@@ -612,6 +650,14 @@ impl Inner {
             return Ok(Step::Idle);
         }
         self.load(slot, runner).await?;
+        if poll {
+            if let Some(control) = self.store.take_request(&runner.name).await? {
+                self.control(slot, runner, control).await?;
+                if runner.lease.is_none() {
+                    return Ok(Step::Idle);
+                }
+            }
+        }
         if runner.state == ProjectionState::Standby || runner.state == ProjectionState::Stopped {
             runner.state = if runner.rebuild.is_some() {
                 ProjectionState::Rebuilding
@@ -679,18 +725,24 @@ impl Inner {
 
     /// The rebuilt generation has caught up: make it the active one.
     async fn swap(&self, slot: &Slot, runner: &mut Runner) -> Result<()> {
+        let Some(rebuild) = runner.rebuild.as_ref() else {
+            return Ok(());
+        };
+        let (generation, checkpoint) = (rebuild.generation, rebuild.checkpoint);
+        let (checkpoint_key, generation_key) =
+            (runner.checkpoint_key(generation), runner.generation_key());
+        if !self
+            .save_fenced(runner, &checkpoint_key, checkpoint)
+            .await?
+            || !self
+                .save_fenced(runner, &generation_key, generation)
+                .await?
+        {
+            return Ok(()); // the next holder finishes (or restarts) the rebuild
+        }
         let Some(rebuild) = runner.rebuild.take() else {
             return Ok(());
         };
-        self.checkpoints
-            .save_checkpoint(
-                &runner.checkpoint_key(rebuild.generation),
-                rebuild.checkpoint,
-            )
-            .await?;
-        self.checkpoints
-            .save_checkpoint(&runner.generation_key(), rebuild.generation)
-            .await?;
         slot.projection
             .activate(rebuild.generation)
             .await
@@ -745,13 +797,17 @@ impl Inner {
             return Ok(0);
         }
         if consumed > 0 {
-            slot.projection
-                .commit(generation)
-                .await
-                .map_err(|e| projection_error(&runner.name, e))?;
-            self.checkpoints
-                .save_checkpoint(&runner.checkpoint_key(generation), next)
-                .await?;
+            if let Err(e) = slot.projection.commit(generation).await {
+                if is_keel(&*e, Error::is_fenced) {
+                    Self::let_go(runner, &e);
+                    return Ok(0);
+                }
+                return Err(projection_error(&runner.name, e));
+            }
+            let key = runner.checkpoint_key(generation);
+            if !self.save_fenced(runner, &key, next).await? {
+                return Ok(0);
+            }
             match runner.rebuild.as_mut() {
                 Some(r) if r.generation == generation => {
                     r.checkpoint = next;
@@ -786,7 +842,13 @@ impl Inner {
             }
             if projection.handles(&event.event_type) {
                 if let Err(e) = projection.apply(generation, event).await {
-                    if event.is_shredded() || is_shredded(&*e) {
+                    if is_keel(&*e, Error::is_fenced) {
+                        // The read model refused a write under this lease: another manager
+                        // has it. Nothing of this batch is committed.
+                        Self::let_go(runner, &e);
+                        return Ok((i, position));
+                    }
+                    if event.is_shredded() || is_keel(&*e, Error::is_shredded) {
                         // A forgotten subject: nothing to project, and nothing wrong.
                         metrics::counter!(crate::metrics::PROJECTION_SHREDDED, "projection" => runner.name.clone()).increment(1);
                         tracing::debug!(projection = %runner.name, stream = %event.stream,
@@ -837,13 +899,11 @@ impl Inner {
     }
 }
 
-/// Whether a projection's error is (or wraps) [`Error::Shredded`](crate::Error::Shredded).
-fn is_shredded(error: &(dyn std::error::Error + 'static)) -> bool {
+/// Whether a projection's error is (or wraps) a Keel error that `kind` recognises.
+fn is_keel(error: &(dyn std::error::Error + 'static), kind: fn(&Error) -> bool) -> bool {
     let mut current = Some(error);
     while let Some(e) = current {
-        if e.downcast_ref::<crate::Error>()
-            .is_some_and(crate::Error::is_shredded)
-        {
+        if e.downcast_ref::<Error>().is_some_and(kind) {
             return true;
         }
         current = e.source();

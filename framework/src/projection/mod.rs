@@ -50,6 +50,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{BoxError, Result};
 use crate::event::RecordedEvent;
+use crate::store::Fence;
 
 /// A read model fed by events.
 ///
@@ -74,6 +75,18 @@ pub trait Projection: Send + Sync + 'static {
     /// Called after each batch, before its checkpoint is saved: flush buffered writes here.
     async fn commit(&self, generation: u64) -> Result<(), BoxError> {
         let _ = generation;
+        Ok(())
+    }
+
+    /// Called when the manager takes the projection's lease, before anything is applied under
+    /// it. A read model shared by several managers (a database table, say) records `fence`
+    /// and makes its writes conditional on it, so that a manager that stalled past its lease
+    /// cannot write once its successor has: see [`Generations::update_fenced`] for one, and
+    /// return [`Error::Fenced`](crate::Error::Fenced) from `apply` or `commit` when a write
+    /// is refused (the manager then lets the lease go; nothing is dead-lettered). The default
+    /// records nothing: checkpoints are fenced by the store either way.
+    async fn fence(&self, fence: &Fence) -> Result<(), BoxError> {
+        let _ = fence;
         Ok(())
     }
 

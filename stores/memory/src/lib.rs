@@ -38,7 +38,7 @@ use keel::projection::{Control, DeadLetter, ProjectionStatus, ProjectionStore};
 use keel::saga::{SagaRecord, SagaStore};
 use keel::{
     AppendResult, CheckpointStore, Error, EventPage, EventStore, EventStream, ExpectedVersion,
-    Lease, LeaseStore, NewEvent, PageStream, RecordedEvent, Result, Snapshot, SnapshotStore,
+    Fence, Lease, LeaseStore, NewEvent, PageStream, RecordedEvent, Result, Snapshot, SnapshotStore,
     StreamId,
 };
 
@@ -56,7 +56,8 @@ struct Inner {
     streams: DashMap<StreamId, StreamLog, foldhash::fast::RandomState>,
     feed: RwLock<Chunks<ByPosition>>,
     snapshots: DashMap<StreamId, Snapshot>,
-    checkpoints: DashMap<String, u64>,
+    /// Position and the epoch of the fence it was saved under.
+    checkpoints: DashMap<String, (u64, u64)>,
     leases: Mutex<std::collections::HashMap<String, HeldLease>>,
     statuses: DashMap<String, ProjectionStatus>,
     requests: DashMap<String, Control>,
@@ -326,11 +327,18 @@ impl SnapshotStore for MemoryStore {
 #[async_trait]
 impl CheckpointStore for MemoryStore {
     async fn load_checkpoint(&self, name: &str) -> Result<Option<u64>> {
-        Ok(self.inner.checkpoints.get(name).map(|p| *p))
+        Ok(self.inner.checkpoints.get(name).map(|p| p.0))
     }
 
-    async fn save_checkpoint(&self, name: &str, position: u64) -> Result<()> {
-        self.inner.checkpoints.insert(name.to_owned(), position);
+    async fn save_checkpoint(&self, name: &str, position: u64, fence: &Fence) -> Result<()> {
+        // The entry's lock makes the epoch check and the write one step.
+        let mut entry = self
+            .inner
+            .checkpoints
+            .entry(name.to_owned())
+            .or_insert((0, 0));
+        let epoch = fence.check(entry.1)?;
+        *entry = (position, epoch);
         Ok(())
     }
 }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use keel::{CheckpointStore, Lease, LeaseStore, Result, Snapshot, SnapshotStore, StreamId};
+use keel::{CheckpointStore, Fence, Lease, LeaseStore, Result, Snapshot, SnapshotStore, StreamId};
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::value::CqlTimestamp;
 
@@ -207,19 +207,52 @@ impl CheckpointStore for KeelScylla {
         Ok(row.and_then(|(p,)| p).map(|p| p as u64))
     }
 
-    async fn save_checkpoint(&self, name: &str, position: u64) -> Result<()> {
-        self.shared
-            .session
-            .execute_unpaged(
-                &self.shared.st.save_checkpoint,
-                (
-                    name,
-                    position as i64,
-                    CqlTimestamp(keel::event::now_millis()),
-                ),
-            )
-            .await
-            .map_err(|e| store_err(format!("save checkpoint `{name}`"), e))?;
-        Ok(())
+    async fn save_checkpoint(&self, name: &str, position: u64, fence: &Fence) -> Result<()> {
+        let op = format!("save checkpoint `{name}` under epoch {}", fence.epoch);
+        let epoch = fence.epoch as i64;
+        // `IF epoch <= ?` is false on a row without an epoch (never saved, or saved before
+        // schema v3): such a row is claimed with `IF epoch = null`, and a claim that loses a
+        // race is tried again against the winner's epoch.
+        for _ in 0..3 {
+            let values = (
+                position as i64,
+                epoch,
+                CqlTimestamp(keel::event::now_millis()),
+                name,
+            );
+            let result = self
+                .shared
+                .session
+                .execute_unpaged(
+                    &self.shared.st.save_checkpoint,
+                    (values.0, values.1, values.2, values.3, epoch),
+                )
+                .await
+                .map_err(|e| store_err(op.clone(), e))?;
+            let saved = Lwt::from_result(result).map_err(|r| lwt_err(&op, r))?;
+            if saved.applied {
+                return Ok(());
+            }
+            if let Some(current) = saved.bigint("epoch") {
+                fence.check(current as u64)?;
+                continue; // admitted after all (an epoch written between): try again
+            }
+            let result = self
+                .shared
+                .session
+                .execute_unpaged(&self.shared.st.claim_checkpoint, values)
+                .await
+                .map_err(|e| store_err(op.clone(), e))?;
+            if Lwt::from_result(result)
+                .map_err(|r| lwt_err(&op, r))?
+                .applied
+            {
+                return Ok(());
+            }
+        }
+        Err(lwt_err(
+            &op,
+            "the row's epoch kept changing; another writer saves the same checkpoint".into(),
+        ))
     }
 }

@@ -979,6 +979,7 @@ pub(crate) struct Statements {
     pub(crate) prune_snapshots: PreparedStatement,
     pub(crate) load_snapshot: PreparedStatement,
     pub(crate) save_checkpoint: PreparedStatement,
+    pub(crate) claim_checkpoint: PreparedStatement,
     pub(crate) load_checkpoint: PreparedStatement,
     pub(crate) heartbeat_write: PreparedStatement,
     pub(crate) heartbeat_read: PreparedStatement,
@@ -1106,10 +1107,14 @@ impl Statements {
             load_snapshot: prep(format!(
                 "SELECT version, schema_version, payload, taken_at FROM {ks}.snapshots WHERE stream = ? LIMIT 1"
             )).await?,
-            save_checkpoint: prep(format!(
-                "INSERT INTO {ks}.checkpoints (name, position, updated_at) VALUES (?, ?, ?)"
-            )).await?,
-            load_checkpoint: prep(format!("SELECT position FROM {ks}.checkpoints WHERE name = ?")).await?,
+            // Every write to a checkpoint row is conditional on its epoch (the fence).
+            save_checkpoint: lwt(prep(format!(
+                "UPDATE {ks}.checkpoints SET position = ?, epoch = ?, updated_at = ? WHERE name = ? IF epoch <= ?"
+            )).await?),
+            claim_checkpoint: lwt(prep(format!(
+                "UPDATE {ks}.checkpoints SET position = ?, epoch = ?, updated_at = ? WHERE name = ? IF epoch = null"
+            )).await?),
+            load_checkpoint: serial_select(prep(format!("SELECT position FROM {ks}.checkpoints WHERE name = ?")).await?),
             heartbeat_write: prep(format!(
                 "INSERT INTO {ks}.checkpoints (name, position, updated_at) VALUES (?, ?, ?) USING TTL {}",
                 crate::feed::HEARTBEAT_TTL_SECS

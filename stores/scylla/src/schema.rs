@@ -10,7 +10,8 @@ use crate::error::Error;
 /// - 1: the first schema.
 /// - 2: `shredded_keys`, and `sagas_unfinished`, the index of unfinished sagas (filled from
 ///   `sagas` when a version 1 keyspace is migrated).
-pub const SCHEMA_VERSION: i32 = 2;
+/// - 3: `checkpoints.epoch`, the fence of the lease a checkpoint was saved under.
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Checks a user-supplied name against the plain CQL identifier rule Keel allows: a lowercase
 /// letter, then lowercase letters, digits or `_`, 48 characters at most. Names are never
@@ -269,7 +270,7 @@ const TABLES: &[(&str, &str)] = &[
     (
         "checkpoints",
         "CREATE TABLE IF NOT EXISTS {ks}.checkpoints (
-            name text PRIMARY KEY, position bigint, updated_at timestamp
+            name text PRIMARY KEY, position bigint, updated_at timestamp, epoch bigint
         )",
     ),
     (
@@ -444,6 +445,40 @@ async fn migrate(session: &Session, keyspace: &str, from: i32) -> Result<(), Err
                     )
                     .await
                     .map_err(|e| step(what)(e.to_string()))?;
+            }
+        }
+    }
+    if from < 3 {
+        // The checkpoint's fence. `ADD` fails on a column that exists (a migration that ran
+        // half, or a process migrating beside this one): look first, and accept the race.
+        let what = "migrate to v3: add checkpoints.epoch";
+        let columns = session
+            .query_unpaged(
+                "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = 'checkpoints'",
+                (keyspace,),
+            )
+            .await
+            .map_err(|e| step(what)(e.to_string()))?
+            .into_rows_result()
+            .map_err(|e| step(what)(e.to_string()))?
+            .rows::<(String,)>()
+            .map_err(|e| step(what)(e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| step(what)(e.to_string()))?;
+        if !columns.iter().any(|(c,)| c == "epoch") {
+            if let Err(e) = session
+                .query_unpaged(
+                    format!("ALTER TABLE {keyspace}.checkpoints ADD epoch bigint"),
+                    (),
+                )
+                .await
+            {
+                let reason = e.to_string();
+                if !reason.contains("conflicts with an existing column")
+                    && !reason.contains("already exists")
+                {
+                    return Err(step(what)(reason));
+                }
             }
         }
     }

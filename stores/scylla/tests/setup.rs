@@ -576,10 +576,16 @@ async fn a_version_1_keyspace_is_migrated_and_its_unfinished_sagas_indexed() {
     let mut finished = saga("finished", SagaStatus::Compensated);
     finished.revision = 2;
     store.update_saga(&finished, 1).await.unwrap();
-    // What a version 1 keyspace looks like: no index entries, version 1.
+    // What a version 1 keyspace looks like: no index entries, no checkpoint epochs (a
+    // checkpoint saved without one), version 1.
     for cql in [
         format!("TRUNCATE {keyspace}.sagas_unfinished"),
-        format!("UPDATE {keyspace}.keel_schema SET version = 1 WHERE id = 0 IF version = 2"),
+        format!("ALTER TABLE {keyspace}.checkpoints DROP epoch"),
+        format!("INSERT INTO {keyspace}.checkpoints (name, position) VALUES ('legacy', 77)"),
+        format!(
+            "UPDATE {keyspace}.keel_schema SET version = 1 WHERE id = 0 IF version = {}",
+            keel_scylla::SCHEMA_VERSION
+        ),
     ] {
         store.session().query_unpaged(cql, ()).await.unwrap();
     }
@@ -602,4 +608,15 @@ async fn a_version_1_keyspace_is_migrated_and_its_unfinished_sagas_indexed() {
     let unfinished = migrated.list_sagas(true).await.unwrap();
     assert_eq!(unfinished.len(), 1);
     assert_eq!(unfinished[0].id, "running");
+    // The legacy checkpoint reads back, and takes a fence from its first fenced save on.
+    use keel::{CheckpointStore, Fence};
+    assert_eq!(migrated.load_checkpoint("legacy").await.unwrap(), Some(77));
+    let (old, new) = (Fence::new("legacy", 1), Fence::new("legacy", 2));
+    migrated.save_checkpoint("legacy", 80, &new).await.unwrap();
+    let stale = migrated.save_checkpoint("legacy", 78, &old).await;
+    assert!(
+        matches!(stale, Err(keel::Error::Fenced { .. })),
+        "{stale:?}"
+    );
+    assert_eq!(migrated.load_checkpoint("legacy").await.unwrap(), Some(80));
 }
