@@ -284,13 +284,26 @@ where
     F: FnOnce(Arc<Mutex<Outcomes>>) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let keyspace = common::fresh_keyspace(tag);
-    let store = Arc::new(
-        builder(&keyspace)
-            .build()
-            .await
-            .unwrap_or_else(|e| panic!("cannot open the store on the cluster {:?}: {e}\nstart it with `./scripts/scylla-node cluster start`", cluster_nodes())),
-    );
+    let store = open(builder(&common::fresh_keyspace(tag))).await;
+    let (outcomes, from) = writing_through(store.clone(), tag, fault).await;
+    (store, outcomes, from)
+}
+
+async fn open(builder: KeelScyllaBuilder) -> Arc<KeelScylla> {
+    Arc::new(builder.build().await.unwrap_or_else(|e| {
+        panic!(
+            "cannot open the store on the cluster {:?}: {e}\nstart it with `./scripts/scylla-node cluster start`",
+            cluster_nodes()
+        )
+    }))
+}
+
+/// Runs the writers on `store` while `fault` runs beside them.
+async fn writing_through<F, Fut>(store: Arc<KeelScylla>, tag: &str, fault: F) -> (Outcomes, u64)
+where
+    F: FnOnce(Arc<Mutex<Outcomes>>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let from = store.feed_head().await.unwrap() + 1;
     let stop = Arc::new(AtomicBool::new(false));
     let outcomes = Arc::new(Mutex::new(Outcomes::default()));
@@ -307,7 +320,7 @@ where
         .unwrap()
         .into_inner()
         .unwrap();
-    (store, outcomes, from)
+    (outcomes, from)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -478,4 +491,258 @@ async fn two_nodes_down_appends_fail_typed_within_the_timeout() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A lease holder in its own process (`tests/support/fault_worker.rs`), its output lines
+/// collected with the time each arrived.
+struct Worker {
+    name: &'static str,
+    child: std::process::Child,
+    lines: Arc<Mutex<Vec<(Instant, String)>>>,
+}
+
+impl Worker {
+    fn start(role: &str, keyspace: &str, name: &'static str) -> Worker {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keel-fault-worker"))
+            .args([role, keyspace, name])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start keel-fault-worker");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().unwrap();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                sink.lock().unwrap().push((Instant::now(), line));
+            }
+        });
+        Worker { name, child, lines }
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {}", self.name);
+    }
+
+    /// Waits up to `within` for a line starting with `prefix` that arrived after `after`.
+    async fn wait_for(&self, prefix: &str, after: Instant, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some((_, line)) = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(at, l)| *at >= after && l.starts_with(prefix))
+            {
+                return line.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} printed no `{prefix}` within {within:?}; it printed {:?}",
+                self.name,
+                self.lines
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .rev()
+                    .take(5)
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, l)| l.clone())
+            .collect()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill(); // SIGKILL; a paused process dies too
+        let _ = self.child.wait();
+    }
+}
+
+/// The feeder's holder paused (SIGSTOP) past its lease while a second process takes the feed
+/// over, then resumed: its rounds under the old epoch are refused, it learns it lost the
+/// lease, and the feed holds every committed event once, in stream order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_feeder_is_fenced_out_when_it_resumes() {
+    let _heal = Heal;
+    let keyspace = common::fresh_keyspace("keel_cl_fence_feed");
+    let store = open(builder(&keyspace).feeder(false)).await;
+    let start = Instant::now();
+    let a = Worker::start("feeder", &keyspace, "a");
+    a.wait_for("feeding true", start, Duration::from_secs(30))
+        .await;
+    let b = Worker::start("feeder", &keyspace, "b");
+    b.wait_for("ready", start, Duration::from_secs(30)).await;
+    let (outcomes, from) = writing_through(store.clone(), "fence-feed", |_| async {
+        let paused = Instant::now();
+        a.signal("-STOP");
+        b.wait_for("feeding true", paused, Duration::from_secs(15))
+            .await;
+        println!(
+            "feeder b took over {:?} after a was paused",
+            paused.elapsed()
+        );
+        tokio::time::sleep(Duration::from_secs(8).saturating_sub(paused.elapsed())).await;
+        let resumed = Instant::now();
+        a.signal("-CONT");
+        a.wait_for("feeding false", resumed, Duration::from_secs(10))
+            .await;
+        println!("feeder a let go {:?} after it resumed", resumed.elapsed());
+    })
+    .await;
+    verify(&store, &outcomes, from, "feeder paused past its lease").await;
+    let status = store.feed_status().await.unwrap();
+    assert_eq!(
+        status.feeder.as_deref().map(|h| h.contains('b')),
+        Some(true),
+        "{status:?}"
+    );
+    println!("feeder a: {:?}; b: {:?}", a.lines(), b.lines());
+}
+
+/// A projection's holder paused (SIGSTOP) past its lease while a second process takes the
+/// projection over, then resumed: no write it makes under its old epoch lands (its read
+/// model is fenced per row, its checkpoint by the store), the stored checkpoint never moves
+/// back, and the read model ends with every event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_projection_holder_is_fenced_out_when_it_resumes() {
+    let _heal = Heal;
+    let keyspace = common::fresh_keyspace("keel_cl_fence_proj");
+    let store = open(builder(&keyspace)).await;
+    let start = Instant::now();
+    let a = Worker::start("projection", &keyspace, "a");
+    let fence_a = a.wait_for("fence", start, Duration::from_secs(30)).await;
+    let b = Worker::start("projection", &keyspace, "b");
+    b.wait_for("state Standby", start, Duration::from_secs(30))
+        .await;
+    // Sample the stored checkpoint all along: it must never go down.
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (store, sampling) = (store.clone(), sampling.clone());
+        tokio::spawn(async move {
+            use keel::CheckpointStore;
+            let (mut last, mut samples) = (0, 0);
+            while sampling.load(Ordering::SeqCst) {
+                if let Ok(Some(at)) = store.load_checkpoint("fenced/1").await {
+                    assert!(at >= last, "the checkpoint moved back from {last} to {at}");
+                    (last, samples) = (at, samples + 1);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (last, samples)
+        })
+    };
+    let mut resumed_ms = 0;
+    let mut fence_b = String::new();
+    let (outcomes, _) = writing_through(store.clone(), "fence-proj", |_| async {
+        let paused = Instant::now();
+        a.signal("-STOP");
+        fence_b = b.wait_for("fence", paused, Duration::from_secs(15)).await;
+        tokio::time::sleep(Duration::from_secs(8).saturating_sub(paused.elapsed())).await;
+        let resumed = Instant::now();
+        resumed_ms = keel::event::now_millis();
+        a.signal("-CONT");
+        a.wait_for("state Standby", resumed, Duration::from_secs(10))
+            .await;
+        println!(
+            "projection a went standby {:?} after it resumed",
+            resumed.elapsed()
+        );
+    })
+    .await;
+    // Everything fed reaches the read model (b applies it).
+    let head = loop {
+        let head = store.feed_head().await.unwrap();
+        let rows: Vec<i64> = common::column(
+            &store,
+            format!("SELECT position FROM {keyspace}.fenced_model WHERE p = 0"),
+        )
+        .await;
+        use keel::CheckpointStore;
+        let checkpoint = store
+            .load_checkpoint("fenced/1")
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        if head > 0 && rows.len() as u64 >= head && checkpoint > head {
+            break head;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(240),
+            "the read model holds {} of {head} positions",
+            rows.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    sampling.store(false, Ordering::SeqCst);
+    let (last_checkpoint, samples) = sampler.await.unwrap();
+    let epoch_of = |line: &str| line.split(' ').nth(1).unwrap().parse::<i64>().unwrap();
+    let (epoch_a, epoch_b) = (epoch_of(&fence_a), epoch_of(&fence_b));
+    let from_b: i64 = fence_b.split(' ').nth(2).unwrap().parse().unwrap();
+    assert!(epoch_a < epoch_b, "epochs {epoch_a} then {epoch_b}");
+    // a's writes begun after it resumed, under its old epoch.
+    let mut late = (0, 0);
+    for line in a.lines().iter().filter(|l| l.starts_with("write ")) {
+        let f: Vec<&str> = line.split(' ').collect();
+        let (started, epoch): (i64, i64) = (f[1].parse().unwrap(), f[3].parse().unwrap());
+        if started >= resumed_ms && epoch == epoch_a {
+            if f[5] == "applied" {
+                late.0 += 1;
+            } else {
+                late.1 += 1;
+            }
+        }
+    }
+    // Rows b is responsible for (from its starting checkpoint on) hold no older epoch.
+    let rows = store
+        .session()
+        .query_unpaged(
+            format!("SELECT position, epoch FROM {keyspace}.fenced_model WHERE p = 0"),
+            (),
+        )
+        .await
+        .unwrap()
+        .into_rows_result()
+        .unwrap();
+    let stale_rows: Vec<(i64, i64)> = rows
+        .rows::<(i64, Option<i64>)>()
+        .unwrap()
+        .map(|r| r.unwrap())
+        .map(|(p, e)| (p, e.unwrap_or(0)))
+        .filter(|(p, e)| *p >= from_b && *e < epoch_b)
+        .collect();
+    println!(
+        "projection holder paused: {} acknowledged appends, feed head {head}; a's epoch {epoch_a}, b's epoch {epoch_b} from checkpoint {from_b}; a after resuming: {} write(s) applied, {} refused; stale rows past b's start: {}; checkpoint {last_checkpoint} ({samples} samples, never back)",
+        outcomes.acked.len(),
+        late.0,
+        late.1,
+        stale_rows.len()
+    );
+    assert_eq!(late.0, 0, "a wrote under its old epoch after it resumed");
+    assert!(
+        stale_rows.is_empty(),
+        "rows written by a after b took over: {stale_rows:?}"
+    );
+    assert!(
+        last_checkpoint > 0 && samples > 10,
+        "the checkpoint was sampled: {samples} samples, last {last_checkpoint}"
+    );
 }

@@ -1,0 +1,237 @@
+//! A lease holder in its own process, for the cluster's fencing case (`tests/cluster.rs`):
+//! the test starts two, pauses one with SIGSTOP past its lease and resumes it.
+//!
+//! `keel-fault-worker feeder KEYSPACE ID`: runs the feeder; prints `feeding true|false` on
+//! every change.
+//!
+//! `keel-fault-worker projection KEYSPACE ID`: runs the projection `fenced` over a read model
+//! in `KEYSPACE.fenced_model`, one row per feed position, each written by one LWT that is
+//! conditional on the writer's lease epoch (kept in the partition's static column). Prints
+//! `fence EPOCH CHECKPOINT` when it takes the lease, `write START_MS END_MS EPOCH POSITION
+//! applied|refused` for every write, and `state STATE` on every change.
+//!
+//! Nodes: `KEEL_CLUSTER_NODES` (default 127.0.0.1-3:9042).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use keel::projection::{Projection, ProjectionManager};
+use keel::{BoxError, CheckpointStore, Error, Fence, RecordedEvent};
+use keel_scylla::{KeelScylla, Replication};
+use scylla::statement::prepared::PreparedStatement;
+use scylla::statement::{Consistency, SerialConsistency};
+
+/// The projection's name, its checkpoint key and the read model's table.
+pub const PROJECTION: &str = "fenced";
+const LEASE_TTL: Duration = Duration::from_secs(3);
+
+fn now() -> i64 {
+    keel::event::now_millis()
+}
+
+struct FencedModel {
+    store: Arc<KeelScylla>,
+    fence: Mutex<Option<Fence>>,
+    claim: PreparedStatement,
+    claim_first: PreparedStatement,
+    write: PreparedStatement,
+}
+
+fn lwt(mut s: PreparedStatement) -> PreparedStatement {
+    s.set_consistency(Consistency::Quorum);
+    s.set_serial_consistency(Some(SerialConsistency::Serial));
+    s
+}
+
+fn applied(result: scylla::response::query_result::QueryResult) -> Result<bool, BoxError> {
+    let rows = result.into_rows_result()?;
+    let first = rows
+        .rows::<scylla::value::Row>()?
+        .next()
+        .ok_or("no LWT row")??;
+    Ok(matches!(
+        first.columns.first(),
+        Some(Some(scylla::value::CqlValue::Boolean(true)))
+    ))
+}
+
+impl FencedModel {
+    async fn new(store: Arc<KeelScylla>, keyspace: &str) -> Result<Self, BoxError> {
+        let session = store.session();
+        session
+            .query_unpaged(
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {keyspace}.fenced_model (p int, position bigint, \
+                     stream text, version bigint, epoch bigint, fence bigint static, \
+                     PRIMARY KEY (p, position))"
+                ),
+                (),
+            )
+            .await?;
+        let prep = |cql: String| async move { session.prepare(cql).await.map(lwt) };
+        Ok(FencedModel {
+            claim: prep(format!(
+                "UPDATE {keyspace}.fenced_model SET fence = ? WHERE p = 0 IF fence < ?"
+            ))
+            .await?,
+            claim_first: prep(format!(
+                "UPDATE {keyspace}.fenced_model SET fence = ? WHERE p = 0 IF fence = null"
+            ))
+            .await?,
+            write: prep(format!(
+                "UPDATE {keyspace}.fenced_model SET stream = ?, version = ?, epoch = ? \
+                 WHERE p = 0 AND position = ? IF fence = ?"
+            ))
+            .await?,
+            store: store.clone(),
+            fence: Mutex::new(None),
+        })
+    }
+}
+
+#[async_trait]
+impl Projection for FencedModel {
+    fn name(&self) -> &str {
+        PROJECTION
+    }
+
+    async fn fence(&self, fence: &Fence) -> Result<(), BoxError> {
+        let epoch = fence.epoch as i64;
+        let session = self.store.session();
+        // Raise the partition's fence to this epoch; from then on a lower one cannot write.
+        let raised = applied(session.execute_unpaged(&self.claim, (epoch, epoch)).await?)?
+            || applied(session.execute_unpaged(&self.claim_first, (epoch,)).await?)?;
+        if !raised {
+            return Err(Box::new(Error::Fenced {
+                name: fence.name.clone(),
+                epoch: fence.epoch,
+                current: u64::MAX,
+            }));
+        }
+        let checkpoint = self
+            .store
+            .load_checkpoint(&format!("{PROJECTION}/1"))
+            .await?
+            .unwrap_or(1);
+        println!("fence {epoch} {checkpoint}");
+        *self.fence.lock().unwrap() = Some(fence.clone());
+        Ok(())
+    }
+
+    async fn apply(&self, _generation: u64, event: &RecordedEvent) -> Result<(), BoxError> {
+        let fence = self.fence.lock().unwrap().clone().ok_or("no fence yet")?;
+        let position = event.position.ok_or("an event without a feed position")? as i64;
+        let started = now();
+        let values = (
+            event.stream.as_str(),
+            event.version as i64,
+            fence.epoch as i64,
+            position,
+            fence.epoch as i64,
+        );
+        let ok = applied(
+            self.store
+                .session()
+                .execute_unpaged(&self.write, values)
+                .await?,
+        )?;
+        let outcome = if ok { "applied" } else { "refused" };
+        println!(
+            "write {started} {} {} {position} {outcome}",
+            now(),
+            fence.epoch
+        );
+        if ok {
+            Ok(())
+        } else {
+            Err(Box::new(Error::Fenced {
+                name: fence.name,
+                epoch: fence.epoch,
+                current: fence.epoch + 1,
+            }))
+        }
+    }
+
+    async fn reset(&self, _generation: u64) -> Result<(), BoxError> {
+        Ok(())
+    }
+
+    async fn activate(&self, _generation: u64) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<(), BoxError> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [role, keyspace, id] = &args[..] else {
+        return Err("usage: keel-fault-worker feeder|projection KEYSPACE ID".into());
+    };
+    let nodes: Vec<String> = std::env::var("KEEL_CLUSTER_NODES")
+        .unwrap_or_else(|_| "127.0.0.1:9042,127.0.0.2:9042,127.0.0.3:9042".to_owned())
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    let store = Arc::new(
+        KeelScylla::builder()
+            .known_nodes(nodes)
+            .keyspace(keyspace.as_str())
+            .replication(Replication::NetworkTopology(vec![(
+                "datacenter1".into(),
+                3,
+            )]))
+            .local_datacenter("datacenter1")
+            .bucket_size(500)
+            .feed_bucket_size(1_000)
+            .append_timeout(Duration::from_secs(2))
+            .request_timeout(Duration::from_secs(3))
+            .feeder(role == "feeder")
+            .feeder_lease_ttl(LEASE_TTL)
+            .feeder_interval(Duration::from_millis(20))
+            .build()
+            .await?,
+    );
+    println!("ready {id}");
+    match role.as_str() {
+        "feeder" => {
+            let mut was = None;
+            loop {
+                let feeding = store.is_feeding();
+                if was != Some(feeding) {
+                    println!("feeding {feeding}");
+                    was = Some(feeding);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        "projection" => {
+            let model = Arc::new(FencedModel::new(store.clone(), keyspace).await?);
+            let manager = ProjectionManager::builder(
+                store.clone(),
+                store.clone(),
+                store.clone(),
+                store.clone(),
+            )
+            .projection(model)
+            .id(id.as_str())
+            .batch_size(50)
+            .lease_ttl(LEASE_TTL)
+            .poll_interval(Duration::from_millis(50))
+            .build();
+            manager.start();
+            let mut was = None;
+            loop {
+                let state = manager.status(PROJECTION).await.map(|s| s.state);
+                if let Ok(state) = state {
+                    if was != Some(state) {
+                        println!("state {state:?}");
+                        was = Some(state);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        other => Err(format!("unknown role `{other}`").into()),
+    }
+}
