@@ -192,6 +192,20 @@ pub enum Error {
         reason: String,
     },
 
+    /// An event too large for the store: refused at append, before anything is written, so
+    /// that nothing reaches the feed that the feed could not carry.
+    #[error("event `{event_type}` for stream `{stream}` is {bytes} bytes, over the store's maximum of {max} (payload, type and metadata)")]
+    TooLarge {
+        /// The stream appended to.
+        stream: StreamId,
+        /// The event's type.
+        event_type: String,
+        /// Its stored size.
+        bytes: usize,
+        /// The store's limit (`max_event_bytes`).
+        max: usize,
+    },
+
     /// Too few replicas answer for the consistency the operation needs (a quorum of a
     /// cluster with nodes down). Nothing was written; retry once the nodes are back.
     #[error("{store} store: {operation} needs {required} replica(s) at {consistency}, {alive} alive: {reason}")]

@@ -91,7 +91,8 @@ macro_rules! conformance_tests {
             empty_append_checks_expectation, concurrent_appenders_one_winner_per_version,
             long_stream_reads_in_order, metadata_round_trips, feed_orders_and_resumes,
             feed_positions_are_dense_and_unique, bad_payloads_are_typed_errors,
-            invalid_stream_ids_are_refused, random_histories_match_a_model);
+            invalid_stream_ids_are_refused, oversize_events_are_refused,
+            random_histories_match_a_model);
     };
     (snapshots, $factory:expr) => {
         $crate::conformance_tests!(@section snapshots, $factory;
@@ -371,6 +372,50 @@ pub async fn failed_append_writes_nothing<S: EventStore>(store: Arc<S>) {
         .unwrap();
     assert_eq!((r.first_version, r.last_version), (2, 6));
     assert_eq!(read(&*store, &stream, 1).await.len(), 6);
+}
+
+/// An event over the store's default limit ([`DEFAULT_MAX_EVENT_BYTES`](crate::event::DEFAULT_MAX_EVENT_BYTES))
+/// is refused with [`Error::TooLarge`] naming the stream and event type, together with the
+/// good events of its append: nothing of it is stored, and the feed carries on with the
+/// stream's next append.
+pub async fn oversize_events_are_refused<S: EventStore>(store: Arc<S>) {
+    let stream = fresh_stream("conf-oversize");
+    let from = store.feed_head().await.unwrap() + 1;
+    store
+        .append(&stream, ExpectedVersion::NoStream, counter_events(&[1]))
+        .await
+        .unwrap();
+    let max = crate::event::DEFAULT_MAX_EVENT_BYTES;
+    let huge = NewEvent::new("Uploaded", 1, vec![b'x'; max + 1]);
+    let mut events = counter_events(&[2]);
+    events.push(huge);
+    match store
+        .append(&stream, ExpectedVersion::Exact(1), events)
+        .await
+    {
+        Err(Error::TooLarge {
+            stream: named,
+            event_type,
+            bytes,
+            max: limit,
+        }) => {
+            assert_eq!(named, stream);
+            assert_eq!(event_type, "Uploaded");
+            assert!(bytes > limit && limit == max, "{bytes} over {limit}");
+        }
+        other => panic!(
+            "an event of {} bytes was not refused as too large: {other:?}",
+            max + 1
+        ),
+    }
+    assert_eq!(store.stream_version(&stream).await.unwrap(), Some(1));
+    store
+        .append(&stream, ExpectedVersion::Exact(1), counter_events(&[3]))
+        .await
+        .expect("the stream takes its next append");
+    let fed = wait_for_feed(&*store, from, &[&stream], 2).await;
+    let versions: Vec<u64> = fed.iter().map(|e| e.version).collect();
+    assert_eq!(versions, [1, 2]);
 }
 
 /// Appending no events checks the expectation and stores nothing.

@@ -49,6 +49,17 @@ const PAGE: usize = 512;
 #[derive(Clone, Default)]
 pub struct MemoryStore {
     inner: Arc<Inner>,
+    max_event_bytes: MaxEventBytes,
+}
+
+/// The largest event an append takes ([`keel::event::DEFAULT_MAX_EVENT_BYTES`] unless set).
+#[derive(Clone, Copy)]
+struct MaxEventBytes(usize);
+
+impl Default for MaxEventBytes {
+    fn default() -> Self {
+        MaxEventBytes(keel::event::DEFAULT_MAX_EVENT_BYTES)
+    }
 }
 
 #[derive(Default)]
@@ -180,6 +191,15 @@ impl MemoryStore {
         Self::default()
     }
 
+    /// Sets the largest event (payload, type and metadata, see [`NewEvent::stored_len`]) an
+    /// append takes; larger ones are refused with [`Error::TooLarge`]. The default is
+    /// [`keel::event::DEFAULT_MAX_EVENT_BYTES`], the same as the ScyllaDB store's, so that an
+    /// application tested on this store is refused the same events in production.
+    pub fn with_max_event_bytes(mut self, bytes: usize) -> Self {
+        self.max_event_bytes = MaxEventBytes(bytes);
+        self
+    }
+
     /// Number of events in the feed.
     pub fn len(&self) -> usize {
         read_lock(&self.inner.feed).len as usize
@@ -227,6 +247,9 @@ impl EventStore for MemoryStore {
         events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
         stream.validate()?;
+        for event in &events {
+            event.check_size(stream, self.max_event_bytes.0)?;
+        }
         // Recorded (stamped, allocated) before any lock is taken; only numbered under them.
         let count = events.len() as u64;
         let mut recorded: Arc<[RecordedEvent]> = events

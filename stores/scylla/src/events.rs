@@ -642,6 +642,9 @@ impl EventStore for KeelScylla {
     ) -> Result<AppendResult> {
         let shared = &self.shared;
         stream.validate()?;
+        for event in &events {
+            event.check_size(stream, shared.max_event_bytes)?;
+        }
         if events.len() as i64 > shared.bucket_size {
             return Err(Error::Config {
                 field: "append".into(),
