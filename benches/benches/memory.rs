@@ -439,6 +439,7 @@ fn snapshot(c: &mut Criterion) {
             schema_version: Counter::SNAPSHOT_VERSION,
             payload: Bytes::from(serde_json::to_vec(&loaded.state).unwrap()),
             taken_at: 0,
+            recent_commands: Some(Vec::new()),
         },
     ))
     .unwrap();

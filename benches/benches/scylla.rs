@@ -266,6 +266,7 @@ fn loads(c: &mut Criterion, b: &Bench) {
                 schema_version: Counter::SNAPSHOT_VERSION,
                 payload: Bytes::from(serde_json::to_vec(&loaded.state).unwrap()),
                 taken_at: 0,
+                recent_commands: Some(Vec::new()),
             })
             .await
             .unwrap();

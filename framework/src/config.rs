@@ -14,15 +14,16 @@
 //! # Ok::<(), keel::Error>(())
 //! ```
 
-use std::time::Duration;
-
 use serde::{Deserialize, Serialize};
 
-use crate::bus::{
-    CacheLayer, CommandBusBuilder, QueryBusBuilder, RetryLayer, TimeoutLayer, TraceLayer,
-    ValidateLayer,
-};
 use crate::error::{Error, Result};
+
+/// The largest payload a codec decompresses unless configured otherwise: 64 MiB.
+pub const DEFAULT_MAX_PAYLOAD: usize = 64 << 20;
+
+/// How many of a stream's last commands a repository remembers by id unless configured
+/// otherwise: 128.
+pub const DEFAULT_COMMAND_WINDOW: usize = 128;
 
 /// How a bus dispatches: which layers it gets, with which settings.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +66,9 @@ pub struct RepositoryConfig {
     pub max_retries: u32,
     /// First backoff between retries in milliseconds, doubled each time. Default 1.
     pub retry_backoff_ms: u64,
+    /// How many of a stream's last commands are remembered by id, so that a re-sent command
+    /// is applied once (0: off). Default 128.
+    pub command_window: usize,
 }
 
 impl Default for RepositoryConfig {
@@ -73,6 +77,7 @@ impl Default for RepositoryConfig {
             snapshot_every: None,
             max_retries: 3,
             retry_backoff_ms: 1,
+            command_window: DEFAULT_COMMAND_WINDOW,
         }
     }
 }
@@ -98,7 +103,7 @@ impl Default for PayloadConfig {
             compress_above_bytes: None,
             encrypt: false,
             key_cache_ttl_ms: 60_000,
-            max_payload_bytes: crate::codec::DEFAULT_MAX_PAYLOAD,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD,
         }
     }
 }
@@ -148,38 +153,6 @@ impl BusConfig {
             return Err(refuse("commands.cache_ttl_ms", "commands are never cached"));
         }
         Ok(())
-    }
-
-    /// Adds the configured layers to a command bus builder: trace, validate, timeout, retry.
-    pub fn apply_to_commands(&self, builder: CommandBusBuilder) -> CommandBusBuilder {
-        builder
-            .option_layer(self.tracing.then_some(TraceLayer))
-            .option_layer(self.validation.then_some(ValidateLayer))
-            .option_layer(
-                self.timeout_ms
-                    .map(|ms| TimeoutLayer::new(Duration::from_millis(ms))),
-            )
-            .option_layer((self.retry_attempts > 0).then(|| {
-                RetryLayer::new(
-                    self.retry_attempts,
-                    Duration::from_millis(self.retry_backoff_ms),
-                )
-            }))
-    }
-
-    /// Adds the configured layers to a query bus builder: trace, validate, cache, timeout.
-    pub fn apply_to_queries(&self, builder: QueryBusBuilder) -> QueryBusBuilder {
-        builder
-            .option_layer(self.tracing.then_some(TraceLayer))
-            .option_layer(self.validation.then_some(ValidateLayer))
-            .option_layer(
-                self.cache_ttl_ms
-                    .map(|ms| CacheLayer::new(Duration::from_millis(ms))),
-            )
-            .option_layer(
-                self.timeout_ms
-                    .map(|ms| TimeoutLayer::new(Duration::from_millis(ms))),
-            )
     }
 }
 

@@ -328,7 +328,7 @@ impl NewEvent {
         self.payload.len() + self.event_type.len() + ids + user + 16
     }
 
-    /// Refuses (with [`Error::TooLarge`](crate::Error::TooLarge)) an event over `max` bytes
+    /// Refuses (with [`Error::TooLarge`]) an event over `max` bytes
     /// by [`stored_len`](Self::stored_len); every store checks its events with it before it
     /// writes anything.
     ///

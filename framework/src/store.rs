@@ -127,6 +127,12 @@ pub struct Snapshot {
     pub payload: Bytes,
     /// When it was taken, in milliseconds since the Unix epoch.
     pub taken_at: i64,
+    /// The ids of the stream's last commands up to `version`, oldest first: the repository's
+    /// command window (see [`Repository`](crate::Repository)), so that a load from this
+    /// snapshot still tells a re-sent command from a new one. `None` for a snapshot stored
+    /// without them (by a store or a Keel version that kept none): a repository then loads
+    /// from the stream's start when it must look for a command id.
+    pub recent_commands: Option<Vec<uuid::Uuid>>,
 }
 
 /// Snapshots of aggregate state, so loading a long stream replays only its tail.

@@ -109,9 +109,8 @@ async fn a_bus_gets_the_configured_layers() {
     let config =
         KeelConfig::from_json(r#"{"commands":{"timeout_ms":50},"queries":{"cache_ttl_ms":1000}}"#)
             .unwrap();
-    let commands = config
-        .commands
-        .apply_to_commands(CommandBus::builder())
+    let commands = CommandBus::builder()
+        .config(&config.commands)
         .command(|_: Slow, _| async {
             tokio::time::sleep(Duration::from_secs(5)).await;
             Ok(())
@@ -124,9 +123,8 @@ async fn a_bus_gets_the_configured_layers() {
     );
     let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     let seen = calls.clone();
-    let queries = config
-        .queries
-        .apply_to_queries(QueryBus::builder())
+    let queries = QueryBus::builder()
+        .config(&config.queries)
         .query(move |_: Count, _| {
             let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             async move { Ok(n) }

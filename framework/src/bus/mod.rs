@@ -49,6 +49,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -331,6 +332,45 @@ macro_rules! bus {
             }
         }
     };
+}
+
+impl CommandBusBuilder {
+    /// Adds the layers a [`BusConfig`](crate::config::BusConfig) asks for, outermost first:
+    /// trace, validate, timeout, retry.
+    pub fn config(self, config: &crate::config::BusConfig) -> Self {
+        self.option_layer(config.tracing.then_some(TraceLayer))
+            .option_layer(config.validation.then_some(ValidateLayer))
+            .option_layer(
+                config
+                    .timeout_ms
+                    .map(|ms| TimeoutLayer::new(Duration::from_millis(ms))),
+            )
+            .option_layer((config.retry_attempts > 0).then(|| {
+                RetryLayer::new(
+                    config.retry_attempts,
+                    Duration::from_millis(config.retry_backoff_ms),
+                )
+            }))
+    }
+}
+
+impl QueryBusBuilder {
+    /// Adds the layers a [`BusConfig`](crate::config::BusConfig) asks for, outermost first:
+    /// trace, validate, cache, timeout.
+    pub fn config(self, config: &crate::config::BusConfig) -> Self {
+        self.option_layer(config.tracing.then_some(TraceLayer))
+            .option_layer(config.validation.then_some(ValidateLayer))
+            .option_layer(
+                config
+                    .cache_ttl_ms
+                    .map(|ms| CacheLayer::new(Duration::from_millis(ms))),
+            )
+            .option_layer(
+                config
+                    .timeout_ms
+                    .map(|ms| TimeoutLayer::new(Duration::from_millis(ms))),
+            )
+    }
 }
 
 bus!(

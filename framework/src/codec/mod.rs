@@ -75,7 +75,7 @@ pub const KEY_CACHE_CAPACITY: usize = 10_000;
 
 /// The largest payload a codec decompresses unless told otherwise (64 MiB): a corrupt length
 /// field cannot make it allocate more.
-pub const DEFAULT_MAX_PAYLOAD: usize = 64 << 20;
+pub use crate::config::DEFAULT_MAX_PAYLOAD;
 
 /// Why a stored payload could not be opened. Kept on
 /// [`RecordedEvent::unreadable`](crate::RecordedEvent::unreadable) so that reading a stream

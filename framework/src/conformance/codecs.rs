@@ -156,6 +156,7 @@ pub async fn codec_round_trips<S: CodecHost>(store: Arc<S>) {
             schema_version: 1,
             payload: big_event().payload,
             taken_at: 0,
+            recent_commands: Some(vec![uuid::Uuid::new_v4()]),
         };
         snapshots.save_snapshot(snapshot.clone()).await.unwrap();
         assert_eq!(

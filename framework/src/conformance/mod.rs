@@ -33,11 +33,13 @@ use futures::TryStreamExt;
 use uuid::Uuid;
 
 mod codecs;
+mod commands;
 mod histories;
 mod projections;
 mod sagas;
 
 pub use codecs::*;
+pub use commands::*;
 pub use histories::*;
 pub use projections::*;
 pub use sagas::*;
@@ -96,7 +98,8 @@ macro_rules! conformance_tests {
     };
     (snapshots, $factory:expr) => {
         $crate::conformance_tests!(@section snapshots, $factory;
-            snapshot_latest_wins, snapshot_missing_is_none, repository_loads_from_snapshot);
+            snapshot_latest_wins, snapshot_missing_is_none, repository_loads_from_snapshot,
+            command_ids_survive_snapshots, command_window_is_the_last_k_commands);
     };
     (checkpoints, $factory:expr) => {
         $crate::conformance_tests!(@section checkpoints, $factory;
@@ -754,6 +757,7 @@ fn snapshot(stream: &StreamId, version: u64, body: &'static [u8]) -> Snapshot {
         schema_version: 1,
         payload: Bytes::from_static(body),
         taken_at: crate::event::now_millis(),
+        recent_commands: Some((1..=version).map(|v| Uuid::from_u128(v.into())).collect()),
     }
 }
 
@@ -779,6 +783,11 @@ pub async fn snapshot_latest_wins<S: SnapshotStore>(store: Arc<S>) {
         .expect("a snapshot");
     assert_eq!((latest.version, &latest.payload[..]), (20, &b"twenty"[..]));
     assert_eq!(latest.schema_version, 1);
+    assert_eq!(
+        latest.recent_commands,
+        snapshot(&stream, 20, b"").recent_commands,
+        "a snapshot keeps its command window"
+    );
 }
 
 /// No snapshot loads as `None`.

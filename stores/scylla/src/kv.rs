@@ -163,6 +163,7 @@ impl SnapshotStore for KeelScylla {
                         snapshot.schema_version as i32,
                         &snapshot.payload[..],
                         CqlTimestamp(snapshot.taken_at),
+                        snapshot.recent_commands.as_deref(),
                     ),
                     (stream, version),
                 ),
@@ -179,17 +180,18 @@ impl SnapshotStore for KeelScylla {
             .select(&self.shared.st.load_snapshot, (stream.as_str(),), op())
             .await?;
         let row = rows
-            .maybe_first_row::<(i64, i32, Bytes, CqlTimestamp)>()
+            .maybe_first_row::<(i64, i32, Bytes, CqlTimestamp, Option<Vec<uuid::Uuid>>)>()
             .map_err(|e| store_err(op(), e))?;
-        Ok(
-            row.map(|(version, schema_version, payload, taken_at)| Snapshot {
+        Ok(row.map(
+            |(version, schema_version, payload, taken_at, recent_commands)| Snapshot {
                 stream: stream.clone(),
                 version: version as u64,
                 schema_version: schema_version as u32,
                 payload,
                 taken_at: taken_at.0,
-            }),
-        )
+                recent_commands,
+            },
+        ))
     }
 }
 

@@ -1128,11 +1128,11 @@ impl Statements {
             prune_progress: prep(format!("DELETE FROM {ks}.feed_progress WHERE stream = ? AND version < ?")).await?,
             read_progress: prep(format!("SELECT version FROM {ks}.feed_progress WHERE stream = ? LIMIT 1")).await?,
             save_snapshot: prep(format!(
-                "INSERT INTO {ks}.snapshots (stream, version, schema_version, payload, taken_at) VALUES (?, ?, ?, ?, ?)"
+                "INSERT INTO {ks}.snapshots (stream, version, schema_version, payload, taken_at, recent_commands) VALUES (?, ?, ?, ?, ?, ?)"
             )).await?,
             prune_snapshots: prep(format!("DELETE FROM {ks}.snapshots WHERE stream = ? AND version < ?")).await?,
             load_snapshot: prep(format!(
-                "SELECT version, schema_version, payload, taken_at FROM {ks}.snapshots WHERE stream = ? LIMIT 1"
+                "SELECT version, schema_version, payload, taken_at, recent_commands FROM {ks}.snapshots WHERE stream = ? LIMIT 1"
             )).await?,
             // Every write to a checkpoint row is conditional on its epoch (the fence).
             save_checkpoint: lwt(prep(format!(

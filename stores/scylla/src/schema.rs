@@ -11,7 +11,8 @@ use crate::error::Error;
 /// - 2: `shredded_keys`, and `sagas_unfinished`, the index of unfinished sagas (filled from
 ///   `sagas` when a version 1 keyspace is migrated).
 /// - 3: `checkpoints.epoch`, the fence of the lease a checkpoint was saved under.
-pub const SCHEMA_VERSION: i32 = 3;
+/// - 4: `snapshots.recent_commands`, the repository's command window at the snapshot.
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// Checks a user-supplied name against the plain CQL identifier rule Keel allows: a lowercase
 /// letter, then lowercase letters, digits or `_`, 48 characters at most. Names are never
@@ -264,6 +265,7 @@ const TABLES: &[(&str, &str)] = &[
         "snapshots",
         "CREATE TABLE IF NOT EXISTS {ks}.snapshots (
             stream text, version bigint, schema_version int, payload blob, taken_at timestamp,
+            recent_commands frozen<list<uuid>>,
             PRIMARY KEY ((stream), version)
         ) WITH CLUSTERING ORDER BY (version DESC)",
     ),
@@ -449,38 +451,23 @@ async fn migrate(session: &Session, keyspace: &str, from: i32) -> Result<(), Err
         }
     }
     if from < 3 {
-        // The checkpoint's fence. `ADD` fails on a column that exists (a migration that ran
-        // half, or a process migrating beside this one): look first, and accept the race.
-        let what = "migrate to v3: add checkpoints.epoch";
-        let columns = session
-            .query_unpaged(
-                "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = 'checkpoints'",
-                (keyspace,),
-            )
+        // The checkpoint's fence.
+        add_column(session, keyspace, "checkpoints", "epoch", "bigint")
             .await
-            .map_err(|e| step(what)(e.to_string()))?
-            .into_rows_result()
-            .map_err(|e| step(what)(e.to_string()))?
-            .rows::<(String,)>()
-            .map_err(|e| step(what)(e.to_string()))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| step(what)(e.to_string()))?;
-        if !columns.iter().any(|(c,)| c == "epoch") {
-            if let Err(e) = session
-                .query_unpaged(
-                    format!("ALTER TABLE {keyspace}.checkpoints ADD epoch bigint"),
-                    (),
-                )
-                .await
-            {
-                let reason = e.to_string();
-                if !reason.contains("conflicts with an existing column")
-                    && !reason.contains("already exists")
-                {
-                    return Err(step(what)(reason));
-                }
-            }
-        }
+            .map_err(step("migrate to v3: add checkpoints.epoch"))?;
+    }
+    if from < 4 {
+        // Snapshots from before it read with no command window: the repository then replays
+        // their stream from the start when it looks for a command id.
+        add_column(
+            session,
+            keyspace,
+            "snapshots",
+            "recent_commands",
+            "frozen<list<uuid>>",
+        )
+        .await
+        .map_err(step("migrate to v4: add snapshots.recent_commands"))?;
     }
     session
         .query_unpaged(
@@ -491,6 +478,47 @@ async fn migrate(session: &Session, keyspace: &str, from: i32) -> Result<(), Err
         .map_err(|e| step("record the migrated schema version")(e.to_string()))?;
     tracing::info!(keyspace, from, to = SCHEMA_VERSION, "schema migrated");
     Ok(())
+}
+
+/// `ALTER TABLE .. ADD`, idempotently: `ADD` fails on a column that exists (a migration that
+/// ran half, or a process migrating beside this one), so look first and accept the race.
+async fn add_column(
+    session: &Session,
+    keyspace: &str,
+    table: &str,
+    column: &str,
+    cql_type: &str,
+) -> Result<(), String> {
+    let columns = session
+        .query_unpaged(
+            "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = ?",
+            (keyspace, table),
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .into_rows_result()
+        .map_err(|e| e.to_string())?
+        .rows::<(String,)>()
+        .map_err(|e| e.to_string())?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    if columns.iter().any(|(c,)| c == column) {
+        return Ok(());
+    }
+    let alter = format!("ALTER TABLE {keyspace}.{table} ADD {column} {cql_type}");
+    match session.query_unpaged(alter, ()).await {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let reason = e.to_string();
+            if reason.contains("conflicts with an existing column")
+                || reason.contains("already exists")
+            {
+                Ok(())
+            } else {
+                Err(reason)
+            }
+        }
+    }
 }
 
 async fn create_all(

@@ -362,6 +362,7 @@ async fn a_new_snapshot_replaces_the_older_ones_of_its_stream() {
         schema_version: 1,
         payload: format!("{{\"at\":{version}}}").into_bytes().into(),
         taken_at: 1_000 + version as i64,
+        recent_commands: Some(vec![uuid::Uuid::from_u128(version.into())]),
     };
     for version in [10, 20, 30] {
         store.save_snapshot(snapshot("a", version)).await.unwrap();
@@ -577,11 +578,16 @@ async fn a_version_1_keyspace_is_migrated_and_its_unfinished_sagas_indexed() {
     finished.revision = 2;
     store.update_saga(&finished, 1).await.unwrap();
     // What a version 1 keyspace looks like: no index entries, no checkpoint epochs (a
-    // checkpoint saved without one), version 1.
+    // checkpoint saved without one), no snapshot windows (a snapshot saved without one),
+    // version 1.
     for cql in [
         format!("TRUNCATE {keyspace}.sagas_unfinished"),
         format!("ALTER TABLE {keyspace}.checkpoints DROP epoch"),
         format!("INSERT INTO {keyspace}.checkpoints (name, position) VALUES ('legacy', 77)"),
+        format!("ALTER TABLE {keyspace}.snapshots DROP recent_commands"),
+        format!(
+            "INSERT INTO {keyspace}.snapshots (stream, version, schema_version, payload, taken_at) VALUES ('legacy', 3, 1, 0x7b7d, 0)"
+        ),
         format!(
             "UPDATE {keyspace}.keel_schema SET version = 1 WHERE id = 0 IF version = {}",
             keel_scylla::SCHEMA_VERSION
@@ -619,4 +625,20 @@ async fn a_version_1_keyspace_is_migrated_and_its_unfinished_sagas_indexed() {
         "{stale:?}"
     );
     assert_eq!(migrated.load_checkpoint("legacy").await.unwrap(), Some(80));
+    // The legacy snapshot reads back without a command window; new ones keep theirs.
+    use keel::SnapshotStore;
+    let legacy = StreamId::new("legacy");
+    let old = migrated.load_snapshot(&legacy).await.unwrap().unwrap();
+    assert_eq!((old.version, old.recent_commands), (3, None));
+    let window = vec![uuid::Uuid::new_v4()];
+    migrated
+        .save_snapshot(keel::Snapshot {
+            version: 4,
+            recent_commands: Some(window.clone()),
+            ..old
+        })
+        .await
+        .unwrap();
+    let new = migrated.load_snapshot(&legacy).await.unwrap().unwrap();
+    assert_eq!((new.version, new.recent_commands), (4, Some(window)));
 }

@@ -16,6 +16,11 @@ use crate::event::{now_millis, AppendResult, ExpectedVersion, Metadata, NewEvent
 use crate::store::{EventStore, Snapshot, SnapshotStore};
 use crate::upcast::Upcasters;
 
+mod window;
+
+pub use crate::config::DEFAULT_COMMAND_WINDOW;
+use window::CommandWindow;
+
 /// When the repository snapshots an aggregate. Off by default.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SnapshotPolicy {
@@ -142,6 +147,7 @@ struct Settings {
     upcasters: Arc<Upcasters>,
     max_retries: u32,
     retry_backoff: Duration,
+    command_window: usize,
     counters: Counters,
     handles: Handles,
 }
@@ -183,6 +189,17 @@ impl<A: Aggregate> RepositoryBuilder<A> {
         self
     }
 
+    /// How many of a stream's last commands are remembered by id (default
+    /// [`DEFAULT_COMMAND_WINDOW`], 128): a command re-sent with the [`command_id`](Metadata::command_id)
+    /// of one of them is not applied again (see [`Repository::execute_with`]). 0 turns the
+    /// check off. Size it to the commands one aggregate may take between a send and its
+    /// latest re-send (a saga's retry after its orchestrator died, say): each remembered id
+    /// costs 16 bytes in every snapshot.
+    pub fn command_window(mut self, commands: usize) -> Self {
+        self.settings.command_window = commands;
+        self
+    }
+
     /// Applies a [`RepositoryConfig`](crate::config::RepositoryConfig): retries, and the
     /// snapshot policy into `snapshots` when it sets `snapshot_every`.
     pub fn config(
@@ -190,10 +207,12 @@ impl<A: Aggregate> RepositoryBuilder<A> {
         config: &crate::config::RepositoryConfig,
         snapshots: Option<Arc<dyn SnapshotStore>>,
     ) -> Self {
-        self = self.retries(
-            config.max_retries,
-            Duration::from_millis(config.retry_backoff_ms),
-        );
+        self = self
+            .retries(
+                config.max_retries,
+                Duration::from_millis(config.retry_backoff_ms),
+            )
+            .command_window(config.command_window);
         if let (Some(every), Some(store)) = (config.snapshot_every, snapshots) {
             self = self.snapshots(store, SnapshotPolicy::Every(every));
         }
@@ -225,6 +244,7 @@ impl<A: Aggregate> Repository<A> {
                 upcasters: Arc::new(Upcasters::new()),
                 max_retries: 3,
                 retry_backoff: Duration::from_millis(1),
+                command_window: DEFAULT_COMMAND_WINDOW,
                 counters: Counters::default(),
                 handles: Handles::register(A::TYPE),
             },
@@ -244,7 +264,7 @@ impl<A: Aggregate> Repository<A> {
         let span = tracing::debug_span!("keel.load", aggregate = A::TYPE, stream = %stream,
             version = tracing::field::Empty);
         let loaded = self
-            .load_stream(&stream, None)
+            .load_stream(&stream, false)
             .instrument(span.clone())
             .await?
             .0;
@@ -252,34 +272,47 @@ impl<A: Aggregate> Repository<A> {
         Ok(loaded)
     }
 
-    /// Loads the stream; with `command_id`, also tells whether an event after the snapshot was
-    /// caused by that command.
+    /// Loads the stream with its command window. `need_window`: the caller will look for a
+    /// command id, so a snapshot that kept no window is passed over.
     async fn load_stream(
         &self,
         stream: &StreamId,
-        command_id: Option<uuid::Uuid>,
-    ) -> Result<(Loaded<A>, bool)> {
+        need_window: bool,
+    ) -> Result<(Loaded<A>, CommandWindow)> {
         let started = Instant::now();
-        let mut loaded = self.load_snapshot(stream).await;
-        if loaded.is_some() {
+        let capacity = self.inner.command_window;
+        let from_snapshot = match self.load_snapshot(stream).await {
+            Some((loaded, Some(ids))) => Some((loaded, CommandWindow::from_ids(&ids, capacity))),
+            Some((loaded, None)) if !need_window || capacity == 0 => {
+                Some((loaded, CommandWindow::new(capacity)))
+            }
+            Some(_) => {
+                tracing::debug!(stream = %stream, "snapshot without command ids; replaying the stream");
+                None
+            }
+            None => None,
+        };
+        if from_snapshot.is_some() {
             self.inner
                 .counters
                 .snapshot_hits
                 .fetch_add(1, Ordering::Relaxed);
         }
-        let mut loaded = loaded.take().unwrap_or_else(|| Loaded {
-            state: A::default(),
-            version: 0,
+        let (mut loaded, mut window) = from_snapshot.unwrap_or_else(|| {
+            let empty = Loaded {
+                state: A::default(),
+                version: 0,
+            };
+            (empty, CommandWindow::new(capacity))
         });
         let mut pages = self
             .inner
             .events
             .read_stream_pages(stream, loaded.version + 1);
         let mut replayed = 0u64;
-        let mut seen = false;
         while let Some(page) = pages.try_next().await? {
             for recorded in page.iter() {
-                seen |= command_id.is_some() && recorded.metadata.command_id == command_id;
+                window.record(recorded.metadata.command_id);
                 let event: A::Event = self.inner.upcasters.decode(recorded)?;
                 loaded.state.apply(&event);
                 loaded.version = recorded.version;
@@ -297,13 +330,16 @@ impl<A: Aggregate> Repository<A> {
             .handles
             .load_seconds
             .record(started.elapsed().as_secs_f64());
-        Ok((loaded, seen))
+        Ok((loaded, window))
     }
 
-    /// The latest snapshot, decoded; `None` when there is none or it is unusable (wrong
-    /// schema version, undecodable, store failure): the caller then replays from the start,
-    /// which is always correct.
-    async fn load_snapshot(&self, stream: &StreamId) -> Option<Loaded<A>> {
+    /// The latest snapshot, decoded, with the command ids it kept; `None` when there is none
+    /// or it is unusable (wrong schema version, undecodable, store failure): the caller then
+    /// replays from the start, which is always correct.
+    async fn load_snapshot(
+        &self,
+        stream: &StreamId,
+    ) -> Option<(Loaded<A>, Option<Vec<uuid::Uuid>>)> {
         let store = self.inner.snapshots.as_ref()?;
         let snapshot = match store.load_snapshot(stream).await {
             Ok(Some(s)) if s.schema_version == A::SNAPSHOT_VERSION => s,
@@ -314,10 +350,13 @@ impl<A: Aggregate> Repository<A> {
             }
         };
         match serde_json::from_slice(&snapshot.payload) {
-            Ok(state) => Some(Loaded {
-                state,
-                version: snapshot.version,
-            }),
+            Ok(state) => Some((
+                Loaded {
+                    state,
+                    version: snapshot.version,
+                },
+                snapshot.recent_commands,
+            )),
             Err(e) => {
                 tracing::warn!(stream = %stream, version = snapshot.version, error = %e,
                     "snapshot does not decode; replaying the stream");
@@ -401,10 +440,17 @@ impl<A: Aggregate> Repository<A> {
     /// [`execute`](Repository::execute) with metadata for the events (correlation and
     /// causation ids, user data).
     ///
-    /// When the metadata carries a [`command_id`](Metadata::command_id) that an event in the
-    /// stream (after its latest snapshot) already carries, the command was applied before and
-    /// is not applied again; the result is then empty. Senders that may repeat a command (a
-    /// saga after a crash) give it the same command id every time.
+    /// When the metadata carries a [`command_id`](Metadata::command_id) that one of the
+    /// stream's last K commands carried (K: [`RepositoryBuilder::command_window`], 128 by
+    /// default), the command was applied before and is not applied again; the result is then
+    /// empty, at the stream's current version. Senders that may repeat a command (a saga after
+    /// a crash) give it the same command id every time.
+    ///
+    /// The window is exact, however the aggregate was loaded (from the start, from a
+    /// snapshot, which keeps the window): the last K commands that appended events. A command
+    /// that appended no events (it was rejected, or had nothing to do) leaves no id, so a
+    /// re-send of it is decided again on the state of that time; a command re-sent after K
+    /// others is applied again.
     pub async fn execute_with(
         &self,
         id: &str,
@@ -437,9 +483,10 @@ impl<A: Aggregate> Repository<A> {
         command: A::Command,
         metadata: &Metadata,
     ) -> Result<Executed<A::Event>> {
-        let (Loaded { mut state, version }, repeated) =
-            self.load_stream(stream, metadata.command_id).await?;
-        if repeated {
+        let (Loaded { mut state, version }, mut window) = self
+            .load_stream(stream, metadata.command_id.is_some())
+            .await?;
+        if metadata.command_id.is_some_and(|id| window.contains(id)) {
             tracing::debug!(stream = %stream, command_id = ?metadata.command_id, "command already applied; skipped");
             return Ok(Executed {
                 events: Vec::new(),
@@ -463,7 +510,8 @@ impl<A: Aggregate> Repository<A> {
             for event in &events {
                 state.apply(event);
             }
-            self.take_snapshot(stream, &state, appended.last_version)
+            window.record(metadata.command_id);
+            self.take_snapshot(stream, &state, &window, appended.last_version)
                 .await;
         }
         Ok(Executed {
@@ -474,7 +522,13 @@ impl<A: Aggregate> Repository<A> {
 
     /// Writes a snapshot; a failure is logged, never returned: the events are committed and a
     /// missing snapshot only costs a longer replay.
-    async fn take_snapshot(&self, stream: &StreamId, state: &A, version: u64) {
+    async fn take_snapshot(
+        &self,
+        stream: &StreamId,
+        state: &A,
+        window: &CommandWindow,
+        version: u64,
+    ) {
         let Some(store) = &self.inner.snapshots else {
             return;
         };
@@ -491,6 +545,7 @@ impl<A: Aggregate> Repository<A> {
             schema_version: A::SNAPSHOT_VERSION,
             payload,
             taken_at: now_millis(),
+            recent_commands: Some(window.to_vec()),
         };
         match store.save_snapshot(snapshot).await {
             Ok(()) => {
