@@ -249,6 +249,18 @@ pub enum Error {
         current: u64,
     },
 
+    /// Another worker holds the lease this operation needs, and did not let go within the
+    /// wait (a projection's rebuild on a manager that is not the projection's lease holder).
+    #[error("`{name}` is held by `{holder}`, not by this worker{detail}")]
+    HeldElsewhere {
+        /// What the lease guards.
+        name: String,
+        /// The holder as last reported (a manager id), or `unknown`.
+        holder: String,
+        /// What was done instead, if anything (the request left for the holder).
+        detail: String,
+    },
+
     /// A store backend failed (connection, server error, schema).
     #[error("{store} store failed during {operation}: {source}")]
     Store {
@@ -299,6 +311,53 @@ impl Error {
     /// Whether this is [`Error::Shredded`]: the event's subject was forgotten.
     pub fn is_shredded(&self) -> bool {
         matches!(self, Error::Shredded { .. })
+    }
+
+    /// The one stored event this error is about (stream, version and, when known, its type):
+    /// a row that is damaged, does not decode, upcast or authenticate. `None` for errors that
+    /// are not about one event (a store that is down, a conflict).
+    pub fn event(&self) -> Option<(&StreamId, u64, Option<&str>)> {
+        match self {
+            Error::Damaged {
+                stream, version, ..
+            } => Some((stream, *version, None)),
+            Error::UnknownEventType {
+                stream,
+                version,
+                event_type,
+            }
+            | Error::Decode {
+                stream,
+                version,
+                event_type,
+                ..
+            }
+            | Error::Upcast {
+                stream,
+                version,
+                event_type,
+                ..
+            }
+            | Error::Shredded {
+                stream,
+                version,
+                event_type,
+                ..
+            }
+            | Error::Tampered {
+                stream,
+                version,
+                event_type,
+                ..
+            }
+            | Error::Corrupt {
+                stream,
+                version,
+                event_type,
+                ..
+            } => Some((stream, *version, Some(event_type))),
+            _ => None,
+        }
     }
 
     /// Whether this is [`Error::Fenced`]: a write under a stale lease epoch was refused.

@@ -105,6 +105,11 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// The feed from `from_position` (inclusive) up to its current head; each event carries its
     /// `position`. A consumer saves `last position + 1` as its checkpoint and resumes there.
+    ///
+    /// An event that cannot be read (a damaged row, a payload that does not open) is an error
+    /// *in its place*, one that names it ([`Error::event`](crate::Error::event)): every event
+    /// before it is yielded first, so the unreadable one is at the consumer's next position,
+    /// and nothing after the error is read. A projection manager gives it to its error policy.
     fn read_all(&self, from_position: u64) -> EventStream<'_>;
 
     /// The stream's current version (`None`: no such stream).

@@ -36,12 +36,14 @@ mod codecs;
 mod commands;
 mod histories;
 mod projections;
+mod read_errors;
 mod sagas;
 
 pub use codecs::*;
 pub use commands::*;
 pub use histories::*;
 pub use projections::*;
+pub use read_errors::*;
 pub use sagas::*;
 
 use crate::doc::{Counter, CounterEvent};
@@ -113,6 +115,8 @@ macro_rules! conformance_tests {
             projection_pause_resume_reset, projection_rebuilds_while_writes_continue,
             projection_has_one_active_instance, projection_takeover_after_holder_dies,
             projection_stale_holder_stops_applying, projection_stale_writes_are_fenced,
+            projection_requests_reach_the_holder, projection_feed_errors_stall_loudly,
+            projection_unreadable_events_follow_the_policy,
             projection_rebuild_on_a_fresh_manager);
     };
     (sagas, $factory:expr) => {

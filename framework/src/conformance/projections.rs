@@ -9,11 +9,11 @@ use futures::TryStreamExt;
 use uuid::Uuid;
 
 use super::{counter_events, fresh_stream, wait_for_feed, FEED_WAIT};
-use crate::error::BoxError;
+use crate::error::{BoxError, Error};
 use crate::event::{ExpectedVersion, RecordedEvent, StreamId};
 use crate::projection::{
-    Control, DeadLetter, ErrorPolicy, FailedEvent, Generations, Projection, ProjectionManager,
-    ProjectionState, ProjectionStatus, ProjectionStore,
+    AppliedRequest, Control, DeadLetter, ErrorPolicy, FailedEvent, Generations, Projection,
+    ProjectionManager, ProjectionState, ProjectionStatus, ProjectionStore, Request,
 };
 use crate::store::{CheckpointStore, EventStore, Fence, LeaseStore};
 
@@ -23,8 +23,8 @@ impl<S: EventStore + CheckpointStore + LeaseStore + ProjectionStore> ProjectionH
 
 /// Records which events of its own streams it saw, per generation; can be told to fail on
 /// events of one stream.
-struct Recorder {
-    name: String,
+pub(super) struct Recorder {
+    pub(super) name: String,
     prefix: String,
     model: Generations<Vec<(String, u64)>>,
     poison: Option<String>,
@@ -32,7 +32,7 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn new(prefix: &str) -> Arc<Self> {
+    pub(super) fn new(prefix: &str) -> Arc<Self> {
         Self::poisoned_on(prefix, None)
     }
 
@@ -46,7 +46,7 @@ impl Recorder {
         })
     }
 
-    fn seen(&self) -> Vec<(String, u64)> {
+    pub(super) fn seen(&self) -> Vec<(String, u64)> {
         self.model.read(|m| m.clone())
     }
 }
@@ -93,7 +93,7 @@ fn manager<S: ProjectionHost>(
 }
 
 /// Appends `per_stream` events to `count` fresh streams under `prefix` and waits for the feed.
-async fn write<S: ProjectionHost>(
+pub(super) async fn write<S: ProjectionHost>(
     store: &Arc<S>,
     prefix: &str,
     count: usize,
@@ -124,7 +124,7 @@ async fn from_scratch<S: ProjectionHost>(store: &Arc<S>, prefix: &str) -> Vec<(S
         .unwrap()
 }
 
-fn prefix() -> String {
+pub(super) fn prefix() -> String {
     format!("p{}", &Uuid::new_v4().simple().to_string()[..10])
 }
 
@@ -152,6 +152,12 @@ pub async fn projection_store_round_trip<S: ProjectionHost>(store: Arc<S>) {
         dead_letters: 1,
         owner: "m1".into(),
         updated_at: 1,
+        last_request: Some(AppliedRequest {
+            id: Uuid::new_v4(),
+            control: Control::ResetTo(3),
+            applied_at: 1,
+            epoch: 7,
+        }),
     };
     store.save_status(&status).await.unwrap();
     assert_eq!(
@@ -165,12 +171,16 @@ pub async fn projection_store_round_trip<S: ProjectionHost>(store: Arc<S>) {
         .iter()
         .any(|s| s == &status));
     assert_eq!(store.take_request(&name).await.unwrap(), None);
-    store.request(&name, Control::Pause).await.unwrap();
-    store.request(&name, Control::ResetTo(5)).await.unwrap();
+    store
+        .request(&name, Request::new(Control::Pause))
+        .await
+        .unwrap();
+    let latest = Request::new(Control::ResetTo(5));
+    store.request(&name, latest).await.unwrap();
     assert_eq!(
         store.take_request(&name).await.unwrap(),
-        Some(Control::ResetTo(5)),
-        "the latest request wins"
+        Some(latest),
+        "the latest request wins, with its id"
     );
     assert_eq!(
         store.take_request(&name).await.unwrap(),
@@ -321,7 +331,10 @@ pub async fn projection_pause_resume_reset<S: ProjectionHost>(store: Arc<S>) {
     let m = manager(&store, recorder.clone());
     m.catch_up(&recorder.name).await.unwrap();
     // An operator's request through the store is picked up by the manager.
-    store.request(&recorder.name, Control::Pause).await.unwrap();
+    store
+        .request(&recorder.name, Request::new(Control::Pause))
+        .await
+        .unwrap();
     write(&store, &p, 1, 3).await;
     let status = m.catch_up(&recorder.name).await.unwrap();
     assert_eq!(status.state, ProjectionState::Paused);
@@ -427,6 +440,99 @@ pub async fn projection_has_one_active_instance<S: ProjectionHost>(store: Arc<S>
         2,
         "the new holder continued from the shared checkpoint"
     );
+}
+
+/// With two managers on one projection (the high-availability set-up), every operator
+/// request reaches the lease holder: each kind ten times, none lost, each named in the
+/// stored status (which only the holder publishes) with the holder's epoch. A `rebuild()`
+/// called on the standby returns, within about a lease TTL, an error naming the holder.
+pub async fn projection_requests_reach_the_holder<S: ProjectionHost>(store: Arc<S>) {
+    let p = prefix();
+    write(&store, &p, 1, 5).await;
+    let name = format!("{p}-proj");
+    let build = |id: &str| {
+        ProjectionManager::builder(store.clone(), store.clone(), store.clone(), store.clone())
+            .projection(Recorder::new(&p))
+            .id(id)
+            .batch_size(64)
+            .lease_ttl(Duration::from_secs(2))
+            .poll_interval(Duration::from_millis(20))
+            .build()
+    };
+    let (a, b) = (build(&format!("{p}-a")), build(&format!("{p}-b")));
+    a.start();
+    b.start();
+    let deadline = std::time::Instant::now() + FEED_WAIT;
+    let holder = loop {
+        if let Some(s) = store.load_status(&name).await.unwrap() {
+            if s.state == ProjectionState::Running {
+                break s.owner;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "nobody took `{name}`");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (held, standby) = if holder.ends_with("-a") {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+
+    // Ask through either manager (and so through the store): alternately the holder and the
+    // standby, which leaves the request for the holder.
+    let mut epoch = None;
+    let kinds = [
+        Control::Pause,
+        Control::Resume,
+        Control::ResetTo(1),
+        Control::Rebuild,
+    ];
+    for round in 0..10 {
+        for control in kinds {
+            let via = if round % 2 == 0 { held } else { standby };
+            let id = via.request(&name, control).await.unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            let status = loop {
+                let status = store.load_status(&name).await.unwrap().unwrap();
+                let applied = status.last_request.filter(|r| r.id == id);
+                let done = match control {
+                    Control::Pause => status.state == ProjectionState::Paused,
+                    Control::Rebuild => status.rebuild.is_none(),
+                    _ => status.state == ProjectionState::Running,
+                };
+                if applied.is_some() && done {
+                    break status;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "round {round}: {control:?} (request {id}) not applied within 5 s: {status:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            let applied = status.last_request.unwrap();
+            assert_eq!(applied.control, control);
+            assert_eq!(status.owner, holder, "only the holder publishes the status");
+            assert!(
+                *epoch.get_or_insert(applied.epoch) == applied.epoch,
+                "the same holder, under one epoch"
+            );
+        }
+    }
+    let generation = store.load_status(&name).await.unwrap().unwrap().generation;
+    assert_eq!(generation, 11, "ten rebuilds, each switched");
+
+    let started = std::time::Instant::now();
+    match standby.rebuild(&name).await {
+        Err(Error::HeldElsewhere { holder: named, .. }) => assert_eq!(named, holder),
+        other => panic!("a rebuild on the standby: {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the standby's rebuild returned after {:?}",
+        started.elapsed()
+    );
+    a.stop().await;
+    b.stop().await;
 }
 
 /// A manager that dies without releasing its lease is replaced once the lease's TTL passes.
@@ -611,6 +717,13 @@ pub async fn projection_stale_writes_are_fenced<S: ProjectionHost>(store: Arc<S>
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let stale_epoch = stale.fence.lock().unwrap().as_ref().unwrap().epoch;
+    // What the stale holder committed before it stalled is its own, rightly: the heir starts
+    // after it.
+    let committed = store
+        .load_checkpoint(&format!("{name}/1"))
+        .await
+        .unwrap()
+        .unwrap_or(1);
     let b = manager(&store, heir.clone());
     let deadline = std::time::Instant::now() + Duration::from_secs(4);
     let heir_epoch = loop {
@@ -640,15 +753,18 @@ pub async fn projection_stale_writes_are_fenced<S: ProjectionHost>(store: Arc<S>
         stale_epoch < heir_epoch,
         "epochs {stale_epoch} then {heir_epoch}"
     );
+    let positions = from_scratch_positions(&store, &p).await;
     let by_stale: Vec<_> = model.read(|m| {
         m.iter()
-            .filter(|(_, e)| **e < heir_epoch)
+            .filter(|((_, version), e)| {
+                **e < heir_epoch && positions[*version as usize - 1] >= committed
+            })
             .map(|(k, e)| (k.clone(), *e))
             .collect()
     });
     assert!(
         by_stale.is_empty(),
-        "events last written by the stale holder after its successor: {by_stale:?}"
+        "events past the stale holder's checkpoint {committed}, last written by it after its successor: {by_stale:?}"
     );
     assert_eq!(model.read(|m| m.len()), 20);
     assert_eq!(

@@ -9,8 +9,8 @@ use tokio::sync::Mutex as AsyncMutex;
 use tracing::Instrument;
 
 use super::{
-    Control, DeadLetter, FailedEvent, Projection, ProjectionState, ProjectionStatus,
-    ProjectionStore, RebuildProgress,
+    AppliedRequest, Control, DeadLetter, FailedEvent, Projection, ProjectionState,
+    ProjectionStatus, ProjectionStore, RebuildProgress, Request,
 };
 use crate::error::{Error, Result};
 use crate::event::{now_millis, RecordedEvent};
@@ -40,6 +40,7 @@ struct Config {
     poll: Duration,
     lease_ttl: Duration,
     policy: ErrorPolicy,
+    stall_after: u32,
 }
 
 /// Configures a [`ProjectionManager`].
@@ -82,6 +83,15 @@ impl ProjectionManagerBuilder {
     /// What to do when a projection fails on an event (default: stop).
     pub fn on_error(mut self, policy: ErrorPolicy) -> Self {
         self.config.policy = policy;
+        self
+    }
+
+    /// After how many failed steps in a row a projection reports [`ProjectionState::Stalled`]
+    /// and turns health red (default 3; at least 1). A failure that names one event (a feed
+    /// row that does not decode) is not retried: it goes to the error policy like a failed
+    /// `apply`.
+    pub fn stall_after(mut self, failures: u32) -> Self {
+        self.config.stall_after = failures.max(1);
         self
     }
 
@@ -168,6 +178,9 @@ struct Runner {
     renewed: Instant,
     rebuild: Option<Rebuild>,
     last_rebuild_events: u64,
+    last_request: Option<AppliedRequest>,
+    /// Failed steps of the background task in a row.
+    failures: u32,
     /// When requests and the feed head were last read.
     last_poll: Instant,
     /// Whether the next step must read them (after an idle step).
@@ -192,6 +205,8 @@ impl Runner {
             renewed: Instant::now(),
             rebuild: None,
             last_rebuild_events: 0,
+            last_request: None,
+            failures: 0,
             last_poll: Instant::now(),
             poll_due: true,
         }
@@ -236,6 +251,7 @@ impl Runner {
             dead_letters: self.dead_letters,
             owner: owner.to_owned(),
             updated_at: now_millis(),
+            last_request: self.last_request,
         }
     }
 }
@@ -274,6 +290,7 @@ impl ProjectionManager {
                 poll: Duration::from_millis(100),
                 lease_ttl: Duration::from_secs(10),
                 policy: ErrorPolicy::Stop,
+                stall_after: 3,
             },
         }
     }
@@ -301,15 +318,14 @@ impl ProjectionManager {
                 loop {
                     let step = {
                         let mut runner = slot.runner.lock().await;
-                        inner.step(&slot, &mut runner).await
+                        let step = inner.step(&slot, &mut runner).await;
+                        inner.count_failures(&mut runner, step.as_ref().err()).await;
+                        step
                     };
                     match step {
                         Ok(Step::Progress(_)) => tokio::task::yield_now().await,
                         Ok(Step::Idle) => tokio::time::sleep(inner.config.poll).await,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "projection step failed; retrying");
-                            tokio::time::sleep(inner.config.poll * 5).await;
-                        }
+                        Err(_) => tokio::time::sleep(inner.config.poll * 5).await,
                     }
                 }
             }));
@@ -357,17 +373,47 @@ impl ProjectionManager {
     /// Rebuilds `name` blue/green and waits until the new generation is active; returns the
     /// number of events the rebuild processed. Queries keep reading the old generation
     /// until the switch.
+    ///
+    /// Only the projection's lease holder rebuilds. When another manager holds the lease and
+    /// keeps it for a lease TTL (it is alive), this returns [`Error::HeldElsewhere`] naming
+    /// it; [`request`](Self::request) asks that manager instead.
     pub async fn rebuild(&self, name: &str) -> Result<u64> {
         let slot = self.slot(name)?;
-        {
+        let held_elsewhere = |holder: Option<ProjectionStatus>, what: &str| Error::HeldElsewhere {
+            name: format!("projection `{name}`"),
+            holder: holder.map_or_else(|| "unknown".to_owned(), |s| s.owner),
+            detail: format!("; {what} (`request(\"{name}\", Control::Rebuild)` asks the holder)"),
+        };
+        let deadline = Instant::now() + self.inner.config.lease_ttl + self.inner.config.poll;
+        loop {
             let mut runner = slot.runner.lock().await;
-            self.inner
-                .control(slot, &mut runner, Control::Rebuild)
-                .await?;
+            if self.inner.hold_lease(&mut runner).await? {
+                let request = Request::new(Control::Rebuild);
+                self.inner.control(slot, &mut runner, request).await?;
+                break;
+            }
+            drop(runner);
+            if Instant::now() >= deadline {
+                let holder = self.inner.store.load_status(name).await?;
+                let waited = self.inner.config.lease_ttl + self.inner.config.poll;
+                return Err(held_elsewhere(
+                    holder,
+                    &format!("it kept the lease for {waited:?}; nothing was rebuilt"),
+                ));
+            }
+            tokio::time::sleep(self.inner.config.poll).await;
         }
         loop {
             let mut runner = slot.runner.lock().await;
             let step = self.inner.step(slot, &mut runner).await?;
+            if runner.lease.is_none() {
+                drop(runner);
+                let holder = self.inner.store.load_status(name).await?;
+                return Err(held_elsewhere(
+                    holder,
+                    "this manager lost the lease during the rebuild, which stopped unfinished",
+                ));
+            }
             if runner.state == ProjectionState::Failed {
                 let reason = runner
                     .last_error
@@ -411,18 +457,25 @@ impl ProjectionManager {
         let mut runner = slot.runner.lock().await;
         if !self.inner.hold_lease(&mut runner).await? {
             drop(runner);
-            return self.request(name, control).await;
+            return self.request(name, control).await.map(drop);
         }
-        self.inner.control(slot, &mut runner, control).await?;
+        self.inner
+            .control(slot, &mut runner, Request::new(control))
+            .await?;
         self.inner.publish(&runner).await
     }
 
-    /// Leaves a request for whichever manager runs `name` (this one or another process's).
-    pub async fn request(&self, name: &str, control: Control) -> Result<()> {
-        self.inner.store.request(name, control).await
+    /// Leaves a request for whichever manager holds `name`'s lease (this one or another
+    /// process's); it applies it within a poll interval or two and names its id in
+    /// [`ProjectionStatus::last_request`]. A request not yet taken is replaced by a newer one.
+    pub async fn request(&self, name: &str, control: Control) -> Result<uuid::Uuid> {
+        let request = Request::new(control);
+        self.inner.store.request(name, request).await?;
+        Ok(request.id)
     }
 
-    /// Healthy unless a projection failed; reports each projection's state, lease and lag.
+    /// Healthy unless a projection failed or stalled; reports each projection's state, lease
+    /// and lag.
     pub async fn health(&self) -> crate::health::Health {
         let mut health = crate::health::Health::new("projection manager");
         for name in self.names() {
@@ -439,7 +492,7 @@ impl ProjectionManager {
                     );
                     health.check(
                         format!("projection {name}"),
-                        s.state != ProjectionState::Failed,
+                        !matches!(s.state, ProjectionState::Failed | ProjectionState::Stalled),
                         detail,
                     );
                 }
@@ -462,6 +515,55 @@ impl ProjectionManager {
 }
 
 impl Inner {
+    /// Keeps count of the background task's failed steps: each is in `last_error` with the
+    /// position it was at, and after `stall_after` in a row the projection reports `stalled`
+    /// (health red). The first step that succeeds again clears both.
+    async fn count_failures(&self, runner: &mut Runner, error: Option<&Error>) {
+        match error {
+            None if runner.failures == 0 => {}
+            None => {
+                tracing::info!(projection = %runner.name, failures = runner.failures, "projection steps succeed again");
+                runner.failures = 0;
+                if runner.state == ProjectionState::Stalled {
+                    runner.state = if runner.rebuild.is_some() {
+                        ProjectionState::Rebuilding
+                    } else {
+                        ProjectionState::Running
+                    };
+                    runner.last_error = None;
+                    let _ = self.publish(runner).await;
+                }
+            }
+            Some(e) => {
+                runner.failures += 1;
+                let at = runner
+                    .rebuild
+                    .as_ref()
+                    .map_or(runner.checkpoint, |r| r.checkpoint);
+                let error = format!(
+                    "`{}`: step failed {} time(s) in a row at position {at}: {e}",
+                    runner.name, runner.failures
+                );
+                tracing::warn!(error = %error, "projection step failed; retrying");
+                runner.last_error = Some(error);
+                if runner.failures >= self.config.stall_after
+                    && !matches!(
+                        runner.state,
+                        ProjectionState::Failed
+                            | ProjectionState::Paused
+                            | ProjectionState::Standby
+                    )
+                {
+                    runner.state = ProjectionState::Stalled;
+                }
+                if runner.lease.is_some() {
+                    // Best effort: the store may be what fails.
+                    let _ = self.publish(runner).await;
+                }
+            }
+        }
+    }
+
     /// Loads the generation and checkpoint the first time a projection is touched.
     async fn load(&self, slot: &Slot, runner: &mut Runner) -> Result<()> {
         if runner.loaded {
@@ -513,7 +615,27 @@ impl Inner {
         self.store.save_status(&status).await
     }
 
-    async fn control(&self, slot: &Slot, runner: &mut Runner, control: Control) -> Result<()> {
+    /// Applies an operator's request, and records it for the status when it took effect
+    /// under the held lease.
+    async fn control(&self, slot: &Slot, runner: &mut Runner, request: Request) -> Result<()> {
+        self.apply_control(slot, runner, request.control).await?;
+        if let Some(lease) = &runner.lease {
+            runner.last_request = Some(AppliedRequest {
+                id: request.id,
+                control: request.control,
+                applied_at: now_millis(),
+                epoch: lease.epoch,
+            });
+        }
+        Ok(())
+    }
+
+    async fn apply_control(
+        &self,
+        slot: &Slot,
+        runner: &mut Runner,
+        control: Control,
+    ) -> Result<()> {
         self.load(slot, runner).await?;
         tracing::info!(projection = %runner.name, ?control, "projection control");
         match control {
@@ -644,15 +766,15 @@ impl Inner {
         // for the manager that runs the projection.
         let poll = runner.poll_due || runner.last_poll.elapsed() >= POLL_EVERY;
         if !self.hold_lease(runner).await? {
+            // A standby publishes nothing: the stored status is the holder's.
             runner.state = ProjectionState::Standby;
-            self.publish(runner).await?;
             runner.poll_due = true;
             return Ok(Step::Idle);
         }
         self.load(slot, runner).await?;
         if poll {
-            if let Some(control) = self.store.take_request(&runner.name).await? {
-                self.control(slot, runner, control).await?;
+            if let Some(request) = self.store.take_request(&runner.name).await? {
+                self.control(slot, runner, request).await?;
                 if runner.lease.is_none() {
                     return Ok(Step::Idle);
                 }
@@ -775,7 +897,31 @@ impl Inner {
         let span = tracing::debug_span!("keel.project", projection = %runner.name, generation, from,
             events = tracing::field::Empty);
         let (mut consumed, mut next) = (0, from);
-        while let Some(chunk) = chunks.try_next().await.map_err(|e| e.1)? {
+        // An event the feed could not read, at `next` (a store yields every event before an
+        // unreadable one, then its error): it goes to the error policy once what came before
+        // it is committed.
+        let mut unreadable = None;
+        let mut last = false;
+        loop {
+            let chunk = match chunks.try_next().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => break,
+                Err(futures::stream::TryChunksError(before, e)) => {
+                    if e.event().is_none() && before.is_empty() && consumed == 0 {
+                        return Err(e); // not about one event: the step fails and is retried
+                    }
+                    if e.event().is_some() {
+                        unreadable = Some(e);
+                    }
+                    // Apply and commit what was read, and read nothing after the error; a
+                    // failure that is not about one event comes back on the next step's read.
+                    last = true;
+                    before
+                }
+            };
+            if chunk.is_empty() {
+                break;
+            }
             // Long batches renew as they go (a third of the TTL after the last renewal).
             if !self.hold_lease(runner).await? {
                 return Ok(0);
@@ -787,7 +933,20 @@ impl Inner {
             consumed += applied;
             next = at;
             if applied < chunk.len() {
-                break; // stopped at a failed event
+                unreadable = None; // stopped at a failed event before the unreadable one
+                break;
+            }
+            if last {
+                break;
+            }
+        }
+        if let Some(e) = unreadable {
+            if !self.lease_current(runner) {
+                return Ok(0);
+            }
+            if self.unreadable(runner, &e, next).await? {
+                consumed += 1; // dead-lettered: the checkpoint moves past it
+                next += 1;
             }
         }
         span.record("events", consumed);
@@ -820,6 +979,60 @@ impl Inner {
                 .increment(consumed as u64);
         }
         Ok(consumed)
+    }
+
+    /// An event at `position` that the feed could not read, under the error policy: `false`
+    /// when the projection stops on it, `true` when it was dead-lettered and is passed.
+    async fn unreadable(&self, runner: &mut Runner, e: &Error, position: u64) -> Result<bool> {
+        let (stream, version, event_type) = e.event().expect("an error about one event");
+        if e.is_shredded() {
+            tracing::debug!(projection = %runner.name, stream = %stream, version, "shredded event skipped");
+            return Ok(true);
+        }
+        let failed = FailedEvent {
+            stream: stream.to_string(),
+            version,
+            event_type: event_type.unwrap_or("unknown").to_owned(),
+            position,
+        };
+        let error = format!(
+            "`{}` cannot read `{}` version {} at position {position}: {e}",
+            runner.name, failed.stream, failed.version
+        );
+        self.poison(runner, failed, error).await
+    }
+
+    /// A failed event under the error policy: `false` when the projection stops on it,
+    /// `true` when it was dead-lettered and processing goes on.
+    async fn poison(
+        &self,
+        runner: &mut Runner,
+        failed: FailedEvent,
+        error: String,
+    ) -> Result<bool> {
+        metrics::counter!("keel_projection_errors_total", "projection" => runner.name.clone())
+            .increment(1);
+        tracing::error!(error = %error, "projection event failed");
+        runner.last_error = Some(error.clone());
+        match self.config.policy {
+            ErrorPolicy::Stop => {
+                runner.failed_event = Some(failed);
+                runner.state = ProjectionState::Failed;
+                Ok(false)
+            }
+            ErrorPolicy::DeadLetter => {
+                self.store
+                    .add_dead_letter(&DeadLetter {
+                        projection: runner.name.clone(),
+                        event: failed,
+                        error,
+                        at: now_millis(),
+                    })
+                    .await?;
+                runner.dead_letters += 1;
+                Ok(true)
+            }
+        }
     }
 
     /// Applies events in order; on a failure, stops (or dead-letters) at that event. Returns
@@ -866,26 +1079,8 @@ impl Inner {
                         "`{}` failed on `{}` version {} ({}) at position {position}: {e}",
                         runner.name, failed.stream, failed.version, failed.event_type
                     );
-                    metrics::counter!("keel_projection_errors_total", "projection" => runner.name.clone()).increment(1);
-                    tracing::error!(error = %error, "projection event failed");
-                    runner.last_error = Some(error.clone());
-                    match self.config.policy {
-                        ErrorPolicy::Stop => {
-                            runner.failed_event = Some(failed);
-                            runner.state = ProjectionState::Failed;
-                            return Ok((i, position));
-                        }
-                        ErrorPolicy::DeadLetter => {
-                            self.store
-                                .add_dead_letter(&DeadLetter {
-                                    projection: runner.name.clone(),
-                                    event: failed,
-                                    error,
-                                    at: now_millis(),
-                                })
-                                .await?;
-                            runner.dead_letters += 1;
-                        }
+                    if !self.poison(runner, failed, error).await? {
+                        return Ok((i, position));
                     }
                 }
             }

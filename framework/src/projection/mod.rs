@@ -107,8 +107,12 @@ pub enum ProjectionState {
     Paused,
     /// Filling a new generation from the start of the feed.
     Rebuilding,
-    /// Stopped on an event it could not apply (see `failed_event` and `last_error`).
+    /// Stopped on an event it could not apply or read (see `failed_event` and `last_error`).
     Failed,
+    /// Its steps keep failing for a reason that is not one event (the feed or a key store
+    /// unreachable, say): `last_error` says why and where; it keeps retrying and runs again
+    /// by itself once a step succeeds.
+    Stalled,
     /// Another manager holds the projection's lease; this one waits to take over.
     Standby,
     /// Not running.
@@ -170,10 +174,47 @@ pub struct ProjectionStatus {
     pub rebuild: Option<RebuildProgress>,
     /// Events sent to dead letters.
     pub dead_letters: u64,
-    /// The manager instance publishing this status.
+    /// The manager instance publishing this status: the lease holder (a standby publishes
+    /// nothing, so the status is always the holder's).
     pub owner: String,
     /// When it was published (ms since the epoch).
     pub updated_at: i64,
+    /// The last operator request this holder applied.
+    #[serde(default)]
+    pub last_request: Option<AppliedRequest>,
+}
+
+/// An operator's request as it is stored for the lease holder to take: what to do, and an id
+/// that the holder's status names once it has applied it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Names this request in [`ProjectionStatus::last_request`].
+    pub id: uuid::Uuid,
+    /// What to do.
+    pub control: Control,
+}
+
+impl Request {
+    /// A request with a fresh id.
+    pub fn new(control: Control) -> Self {
+        Request {
+            id: uuid::Uuid::new_v4(),
+            control,
+        }
+    }
+}
+
+/// A request a lease holder applied, as its status reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedRequest {
+    /// The request's id ([`Request::id`]; a fresh one for a call on the holder itself).
+    pub id: uuid::Uuid,
+    /// What was done.
+    pub control: Control,
+    /// When (ms since the epoch).
+    pub applied_at: i64,
+    /// The epoch of the lease it was applied under.
+    pub epoch: u64,
 }
 
 /// A request to a running projection, from an operator (possibly in another process).
@@ -213,10 +254,11 @@ pub trait ProjectionStore: Send + Sync + 'static {
     async fn load_status(&self, name: &str) -> Result<Option<ProjectionStatus>>;
     /// Every published status.
     async fn list_status(&self) -> Result<Vec<ProjectionStatus>>;
-    /// Leaves a request for the manager running `name` (the latest request wins).
-    async fn request(&self, name: &str, control: Control) -> Result<()>;
-    /// Takes the pending request for `name`, if any.
-    async fn take_request(&self, name: &str) -> Result<Option<Control>>;
+    /// Leaves a request for the manager running `name` (a request not yet taken is replaced:
+    /// the latest wins).
+    async fn request(&self, name: &str, request: Request) -> Result<()>;
+    /// Takes the pending request for `name`, if any: once, however many managers ask.
+    async fn take_request(&self, name: &str) -> Result<Option<Request>>;
     /// Records a dead letter.
     async fn add_dead_letter(&self, letter: &DeadLetter) -> Result<()>;
     /// The dead letters of `name`, oldest first.

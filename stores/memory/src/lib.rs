@@ -34,7 +34,7 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 use futures::stream;
 use keel::codec::{DataKey, KeyStore};
-use keel::projection::{Control, DeadLetter, ProjectionStatus, ProjectionStore};
+use keel::projection::{DeadLetter, ProjectionStatus, ProjectionStore, Request};
 use keel::saga::{SagaRecord, SagaStore};
 use keel::{
     AppendResult, CheckpointStore, Error, EventPage, EventStore, EventStream, ExpectedVersion,
@@ -71,7 +71,7 @@ struct Inner {
     checkpoints: DashMap<String, (u64, u64)>,
     leases: Mutex<std::collections::HashMap<String, HeldLease>>,
     statuses: DashMap<String, ProjectionStatus>,
-    requests: DashMap<String, Control>,
+    requests: DashMap<String, Request>,
     dead_letters: DashMap<String, Vec<DeadLetter>>,
     sagas: DashMap<String, SagaRecord>,
     keys: DashMap<String, DataKey>,
@@ -447,12 +447,12 @@ impl ProjectionStore for MemoryStore {
         Ok(all)
     }
 
-    async fn request(&self, name: &str, control: Control) -> Result<()> {
-        self.inner.requests.insert(name.to_owned(), control);
+    async fn request(&self, name: &str, request: Request) -> Result<()> {
+        self.inner.requests.insert(name.to_owned(), request);
         Ok(())
     }
 
-    async fn take_request(&self, name: &str) -> Result<Option<Control>> {
+    async fn take_request(&self, name: &str) -> Result<Option<Request>> {
         Ok(self.inner.requests.remove(name).map(|(_, c)| c))
     }
 

@@ -1109,8 +1109,13 @@ impl Shared {
         Ok(head.unwrap_or(0).max(0) as u64)
     }
 
-    /// The feed rows at positions `start..end` (one feed bucket), up to the first gap.
-    async fn feed_range(&self, start: i64, end: i64) -> Result<Vec<RecordedEvent>> {
+    /// The feed rows at positions `start..end` (one feed bucket), up to the first gap, and the
+    /// error of the first row that does not decode: the events before it are read.
+    async fn feed_range(
+        &self,
+        start: i64,
+        end: i64,
+    ) -> Result<(Vec<RecordedEvent>, Option<Error>)> {
         let rows = self
             .select(
                 &self.st.read_feed,
@@ -1149,7 +1154,7 @@ impl Shared {
                 break; // allocated but not written yet: the feed ends here for now
             }
             let stream = StreamId::from(stream);
-            page.push(self.decode_row(
+            let decoded = self.decode_row(
                 &stream,
                 Some(position as u64),
                 (
@@ -1161,12 +1166,17 @@ impl Shared {
                     metadata,
                     at,
                 ),
-            )?);
+            );
+            match decoded {
+                Ok(event) => page.push(event),
+                Err(e) => return Ok((page, Some(e))),
+            }
         }
-        Ok(page)
+        Ok((page, None))
     }
 
-    /// The feed from `from`, page by page, up to the first position not written yet.
+    /// The feed from `from`, page by page, up to the first position not written yet, or up
+    /// to a row that does not decode: every event before it, then its error.
     ///
     /// Pages end on multiples of the page size, and a feed bucket's size is a multiple of it,
     /// so no page crosses a bucket and the next page's range is known before this one arrives:
@@ -1184,23 +1194,25 @@ impl Shared {
         });
         let pages = stream::iter(ranges)
             .map(move |(start, end)| async move {
-                let events = self.feed_range(start, end).await?;
-                let complete = events.len() as i64 == end - start;
-                Ok::<_, Error>((events, complete))
+                let (events, unreadable) = self.feed_range(start, end).await?;
+                let complete = unreadable.is_none() && events.len() as i64 == end - start;
+                Ok::<_, Error>((events, unreadable, complete))
             })
             .buffered(2)
             .scan(false, |done, page| {
                 if *done {
                     return futures::future::ready(None);
                 }
-                *done = !matches!(page, Ok((_, true)));
-                futures::future::ready(Some(page.map(|(events, _)| events)))
+                *done = !matches!(page, Ok((_, _, true)));
+                futures::future::ready(Some(page))
             });
-        Box::pin(
-            pages
-                .map_ok(|events| stream::iter(events.into_iter().map(Ok)))
-                .try_flatten(),
-        )
+        Box::pin(pages.flat_map(|page| {
+            let (events, unreadable) = match page {
+                Ok((events, unreadable, _)) => (events, unreadable),
+                Err(e) => (Vec::new(), Some(e)),
+            };
+            stream::iter(events.into_iter().map(Ok).chain(unreadable.map(Err)))
+        }))
     }
 }
 

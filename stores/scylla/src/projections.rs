@@ -2,7 +2,7 @@
 //! read models kept in denormalised tables.
 
 use async_trait::async_trait;
-use keel::projection::{Control, DeadLetter, ProjectionStatus, ProjectionStore};
+use keel::projection::{Control, DeadLetter, ProjectionStatus, ProjectionStore, Request};
 use keel::{Error, Result};
 use scylla::client::session::Session;
 use scylla::statement::batch::{Batch, BatchType};
@@ -73,8 +73,12 @@ impl ProjectionStore for KeelScylla {
         Ok(all)
     }
 
-    async fn request(&self, name: &str, control: Control) -> Result<()> {
+    async fn request(&self, name: &str, request: Request) -> Result<()> {
         // Every write to projection_requests is conditional, so a take never races a request.
+        let Request {
+            id: new_id,
+            control,
+        } = request;
         let blob = encode("projection request", &control)?;
         let op = format!("request {control:?} for `{name}`");
         for _ in 0..10 {
@@ -83,16 +87,13 @@ impl ProjectionStore for KeelScylla {
                 None => {
                     self.shared
                         .session
-                        .execute_unpaged(&self.shared.st.request_new, (name, &blob, Uuid::new_v4()))
+                        .execute_unpaged(&self.shared.st.request_new, (name, &blob, new_id))
                         .await
                 }
                 Some((_, id)) => {
                     self.shared
                         .session
-                        .execute_unpaged(
-                            &self.shared.st.request_replace,
-                            (&blob, Uuid::new_v4(), name, id),
-                        )
+                        .execute_unpaged(&self.shared.st.request_replace, (&blob, new_id, name, id))
                         .await
                 }
             }
@@ -110,7 +111,7 @@ impl ProjectionStore for KeelScylla {
         ))
     }
 
-    async fn take_request(&self, name: &str) -> Result<Option<Control>> {
+    async fn take_request(&self, name: &str) -> Result<Option<Request>> {
         let op = format!("take request for `{name}`");
         let Some((control, id)) = self.current_request(name).await? else {
             return Ok(None);
@@ -125,7 +126,7 @@ impl ProjectionStore for KeelScylla {
             .map_err(|r| store_err(op, std::io::Error::other(r)))?
             .applied;
         // Not applied: a newer request replaced it; the next step takes that one.
-        Ok(taken.then_some(control))
+        Ok(taken.then_some(Request { id, control }))
     }
 
     async fn add_dead_letter(&self, letter: &DeadLetter) -> Result<()> {

@@ -33,7 +33,7 @@ use clap::{Parser, Subcommand};
 use futures::TryStreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use keel::codec::MasterKey;
-use keel::projection::{Control, ProjectionState, ProjectionStatus, ProjectionStore};
+use keel::projection::{Control, ProjectionState, ProjectionStatus, ProjectionStore, Request};
 use keel::saga::{SagaRecord, SagaStore};
 use keel::{EventStore, StreamId};
 use keel_scylla::KeelScylla;
@@ -542,7 +542,7 @@ async fn projections(
             timeout,
         } => {
             let before = status_of(store, &name).await?;
-            store.request(&name, Control::Rebuild).await?;
+            store.request(&name, Request::new(Control::Rebuild)).await?;
             if no_wait {
                 return report(&name, "rebuild requested", json);
             }
@@ -603,10 +603,27 @@ async fn request(
     json: bool,
 ) -> Result<(), Box<dyn std::error::Error>> {
     status_of(store, name).await?; // refuse unknown names
-    store.request(name, control).await?;
+    let request = Request::new(control);
+    store.request(name, request).await?;
+    // The lease holder names the request in its status once it has applied it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let status = status_of(store, name).await?;
+        if let Some(applied) = status.last_request.filter(|a| a.id == request.id) {
+            return report(
+                name,
+                &format!(
+                    "{control:?} applied by manager {} under lease epoch {}",
+                    status.owner, applied.epoch
+                ),
+                json,
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     report(
         name,
-        &format!("{control:?} requested; the manager running it picks it up on its next step"),
+        &format!("{control:?} requested; no manager applied it within 5 s (is one running?): the lease holder takes it on its next step"),
         json,
     )
 }
@@ -658,6 +675,12 @@ fn print_status(s: &ProjectionStatus, json: bool) -> Result<(), Box<dyn std::err
         );
     }
     println!("owner        {}", s.owner);
+    if let Some(r) = &s.last_request {
+        println!(
+            "last request {:?} ({}) applied at {} ms under lease epoch {}",
+            r.control, r.id, r.applied_at, r.epoch
+        );
+    }
     Ok(())
 }
 
@@ -903,7 +926,7 @@ async fn health(store: &KeelScylla, json: bool) -> Result<(), Box<dyn std::error
         );
         projections.check(
             format!("projection {}", s.name),
-            s.state != ProjectionState::Failed,
+            !matches!(s.state, ProjectionState::Failed | ProjectionState::Stalled),
             detail,
         );
     }
