@@ -25,6 +25,10 @@ pub const DEFAULT_MAX_PAYLOAD: usize = 64 << 20;
 /// otherwise: 128.
 pub const DEFAULT_COMMAND_WINDOW: usize = 128;
 
+/// How many aggregates a repository keeps in memory between commands unless configured
+/// otherwise: 10,000.
+pub const DEFAULT_CACHE_ENTRIES: usize = 10_000;
+
 /// How a bus dispatches: which layers it gets, with which settings.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -69,6 +73,10 @@ pub struct RepositoryConfig {
     /// How many of a stream's last commands are remembered by id, so that a re-sent command
     /// is applied once (0: off). Default 128.
     pub command_window: usize,
+    /// How many aggregates are kept in memory between commands (0: no cache). Default 10,000.
+    pub cache_entries: usize,
+    /// How long a cached aggregate is used, in milliseconds (`null`: no limit). Default null.
+    pub cache_max_age_ms: Option<u64>,
 }
 
 impl Default for RepositoryConfig {
@@ -78,6 +86,8 @@ impl Default for RepositoryConfig {
             max_retries: 3,
             retry_backoff_ms: 1,
             command_window: DEFAULT_COMMAND_WINDOW,
+            cache_entries: DEFAULT_CACHE_ENTRIES,
+            cache_max_age_ms: None,
         }
     }
 }
@@ -161,6 +171,12 @@ impl KeelConfig {
     pub fn validate(&self) -> Result<()> {
         self.commands.validate("commands")?;
         self.queries.validate("queries")?;
+        if self.repository.cache_max_age_ms == Some(0) {
+            return Err(refuse(
+                "repository.cache_max_age_ms",
+                "0 would never use a cached aggregate; use cache_entries = 0 to turn the cache off",
+            ));
+        }
         if self.repository.snapshot_every == Some(0) {
             return Err(refuse(
                 "repository.snapshot_every",

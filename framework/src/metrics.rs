@@ -58,6 +58,12 @@ pub const CONFLICTS: &str = "keel_conflicts_total";
 pub const RETRIES: &str = "keel_retries_total";
 /// Snapshots written.
 pub const SNAPSHOTS: &str = "keel_snapshots_total";
+/// Counter: commands decided on a cached aggregate (label `aggregate`).
+pub const CACHE_HITS: &str = "keel_aggregate_cache_hits_total";
+/// Counter: commands that loaded their aggregate with the cache on (label `aggregate`).
+pub const CACHE_MISSES: &str = "keel_aggregate_cache_misses_total";
+/// Counter: conflicts of commands decided on cached state (label `aggregate`).
+pub const CACHE_CONFLICTS: &str = "keel_aggregate_cache_conflicts_total";
 /// Payloads a codec compressed.
 pub const PAYLOADS_COMPRESSED: &str = "keel_payloads_compressed_total";
 /// Payloads a codec encrypted.

@@ -117,6 +117,14 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// The position of the last event published to the feed (0: empty feed).
     async fn feed_head(&self) -> Result<u64>;
+
+    /// A number that changes whenever state built from this store's events may have become
+    /// stale without any append (a [`Codec`](crate::codec::Codec) store counts the subjects
+    /// it shredded). A repository drops the aggregates it cached under another number. The
+    /// default, for stores whose events never change, is always 0.
+    fn cache_epoch(&self) -> u64 {
+        0
+    }
 }
 
 /// An aggregate's encoded state at a version.

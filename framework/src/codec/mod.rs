@@ -422,6 +422,9 @@ pub struct Codec {
     encryption: Option<Encryption>,
     compressed: metrics::Counter,
     encrypted: metrics::Counter,
+    /// Subjects shredded through this codec: state derived from events before a shred may
+    /// hold what was forgotten (see [`EventStore::cache_epoch`](crate::EventStore::cache_epoch)).
+    shreds: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Codec {
@@ -495,6 +498,7 @@ impl CodecBuilder {
             }),
             compressed: metrics::counter!(crate::metrics::PAYLOADS_COMPRESSED),
             encrypted: metrics::counter!(crate::metrics::PAYLOADS_ENCRYPTED),
+            shreds: std::sync::atomic::AtomicU64::new(0),
         })
     }
 }
@@ -559,9 +563,16 @@ impl Codec {
         })?;
         let had = encryption.keys.shred(subject).await?;
         encryption.cache.remove(subject);
+        self.shreds
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         metrics::counter!(crate::metrics::SUBJECTS_SHREDDED).increment(1);
         tracing::info!(subject, had_key = had, "subject shredded");
         Ok(had)
+    }
+
+    /// How many subjects were shredded through this codec (in this process).
+    pub fn shreds(&self) -> u64 {
+        self.shreds.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Encodes one payload.

@@ -97,6 +97,10 @@ impl EventStore for EncodedEvents {
     async fn feed_head(&self) -> Result<u64> {
         self.inner.feed_head().await
     }
+
+    fn cache_epoch(&self) -> u64 {
+        self.inner.cache_epoch() + self.codec.shreds()
+    }
 }
 
 /// A [`SnapshotStore`] whose payloads pass through a [`Codec`] (see [`Codec::snapshots`]).

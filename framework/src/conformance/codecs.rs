@@ -170,6 +170,7 @@ pub async fn codec_round_trips<S: CodecHost>(store: Arc<S>) {
         );
 
         let counters = Repository::<Counter>::builder(encoded.clone())
+            .cache(0, None) // every command loads: the snapshot path is under test
             .snapshots(snapshots.clone(), SnapshotPolicy::Every(2))
             .build();
         let id = uuid::Uuid::new_v4().simple().to_string();

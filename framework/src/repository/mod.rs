@@ -16,7 +16,10 @@ use crate::event::{now_millis, AppendResult, ExpectedVersion, Metadata, NewEvent
 use crate::store::{EventStore, Snapshot, SnapshotStore};
 use crate::upcast::Upcasters;
 
+mod cache;
 mod window;
+
+use cache::{AggregateCache, Entry};
 
 pub use crate::config::DEFAULT_COMMAND_WINDOW;
 use window::CommandWindow;
@@ -77,6 +80,17 @@ pub struct RepositoryMetrics {
     pub conflicts: u64,
     /// Commands retried after a conflict.
     pub retries: u64,
+    /// Commands decided on a cached aggregate, without a load.
+    pub cache_hits: u64,
+    /// Commands that found no (usable) cached aggregate and loaded it.
+    pub cache_misses: u64,
+    /// Cached aggregates pushed out by the cache's bound.
+    pub cache_evictions: u64,
+    /// Conflicts of commands decided on a cached aggregate (another writer had moved the
+    /// stream on; the entry was dropped and the command decided again on a load).
+    pub cache_conflicts: u64,
+    /// Aggregates cached now.
+    pub cached: u64,
 }
 
 /// The facade's metric handles, registered once per repository (with the recorder installed
@@ -90,6 +104,9 @@ struct Handles {
     conflicts: metrics::Counter,
     retries: metrics::Counter,
     snapshots: metrics::Counter,
+    cache_hits: metrics::Counter,
+    cache_misses: metrics::Counter,
+    cache_conflicts: metrics::Counter,
 }
 
 impl Handles {
@@ -104,6 +121,9 @@ impl Handles {
             conflicts: metrics::counter!(m::CONFLICTS, "aggregate" => aggregate),
             retries: metrics::counter!(m::RETRIES, "aggregate" => aggregate),
             snapshots: metrics::counter!(m::SNAPSHOTS, "aggregate" => aggregate),
+            cache_hits: metrics::counter!(m::CACHE_HITS, "aggregate" => aggregate),
+            cache_misses: metrics::counter!(m::CACHE_MISSES, "aggregate" => aggregate),
+            cache_conflicts: metrics::counter!(m::CACHE_CONFLICTS, "aggregate" => aggregate),
         }
     }
 }
@@ -117,6 +137,9 @@ struct Counters {
     appends: AtomicU64,
     conflicts: AtomicU64,
     retries: AtomicU64,
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
+    cache_conflicts: AtomicU64,
 }
 
 /// Loads and saves aggregates of type `A` through an [`EventStore`].
@@ -136,6 +159,7 @@ struct Counters {
 /// ```
 pub struct Repository<A: Aggregate> {
     inner: Arc<Settings>,
+    cache: Option<Arc<AggregateCache<A>>>,
     _aggregate: PhantomData<fn() -> A>,
 }
 
@@ -156,6 +180,7 @@ impl<A: Aggregate> Clone for Repository<A> {
     fn clone(&self) -> Self {
         Repository {
             inner: self.inner.clone(),
+            cache: self.cache.clone(),
             _aggregate: PhantomData,
         }
     }
@@ -164,6 +189,8 @@ impl<A: Aggregate> Clone for Repository<A> {
 /// Configures a [`Repository`].
 pub struct RepositoryBuilder<A: Aggregate> {
     settings: Settings,
+    cache_entries: usize,
+    cache_max_age: Option<Duration>,
     _aggregate: PhantomData<fn() -> A>,
 }
 
@@ -200,6 +227,20 @@ impl<A: Aggregate> RepositoryBuilder<A> {
         self
     }
 
+    /// How many aggregates the repository keeps in memory between commands (default
+    /// [`DEFAULT_CACHE_ENTRIES`](crate::config::DEFAULT_CACHE_ENTRIES), 10,000; 0 turns the
+    /// cache off). A command on a cached aggregate skips the load and appends at the cached
+    /// version; the store's exact version check refuses it if another process moved the
+    /// stream on, and the retry loads it. `max_age` bounds how long an entry is used (none by
+    /// default): with crypto-shredding done in *another* process, set it no longer than the
+    /// codec's key cache TTL, so that no process decides on a forgotten subject's state for
+    /// longer than it could still read its events.
+    pub fn cache(mut self, entries: usize, max_age: Option<Duration>) -> Self {
+        self.cache_entries = entries;
+        self.cache_max_age = max_age;
+        self
+    }
+
     /// Applies a [`RepositoryConfig`](crate::config::RepositoryConfig): retries, and the
     /// snapshot policy into `snapshots` when it sets `snapshot_every`.
     pub fn config(
@@ -212,7 +253,11 @@ impl<A: Aggregate> RepositoryBuilder<A> {
                 config.max_retries,
                 Duration::from_millis(config.retry_backoff_ms),
             )
-            .command_window(config.command_window);
+            .command_window(config.command_window)
+            .cache(
+                config.cache_entries,
+                config.cache_max_age_ms.map(Duration::from_millis),
+            );
         if let (Some(every), Some(store)) = (config.snapshot_every, snapshots) {
             self = self.snapshots(store, SnapshotPolicy::Every(every));
         }
@@ -223,6 +268,7 @@ impl<A: Aggregate> RepositoryBuilder<A> {
     pub fn build(self) -> Repository<A> {
         Repository {
             inner: Arc::new(self.settings),
+            cache: AggregateCache::new(self.cache_entries, self.cache_max_age).map(Arc::new),
             _aggregate: PhantomData,
         }
     }
@@ -248,6 +294,8 @@ impl<A: Aggregate> Repository<A> {
                 counters: Counters::default(),
                 handles: Handles::register(A::TYPE),
             },
+            cache_entries: crate::config::DEFAULT_CACHE_ENTRIES,
+            cache_max_age: None,
             _aggregate: PhantomData,
         }
     }
@@ -477,47 +525,130 @@ impl<A: Aggregate> Repository<A> {
         }
     }
 
+    /// The aggregate from the cache, or loaded; `true` when it came from the cache.
+    async fn take_or_load(
+        &self,
+        stream: &StreamId,
+        metadata: &Metadata,
+    ) -> Result<(Entry<A>, bool)> {
+        let epoch = self.inner.events.cache_epoch();
+        if let Some(cache) = &self.cache {
+            if let Some(entry) = cache.take(stream, epoch) {
+                self.inner
+                    .counters
+                    .cache_hits
+                    .fetch_add(1, Ordering::Relaxed);
+                self.inner.handles.cache_hits.increment(1);
+                return Ok((entry, true));
+            }
+            self.inner
+                .counters
+                .cache_misses
+                .fetch_add(1, Ordering::Relaxed);
+            self.inner.handles.cache_misses.increment(1);
+        }
+        // With a cache, the window is always needed: the entry keeps it for later commands.
+        let need_window = metadata.command_id.is_some() || self.cache.is_some();
+        let (loaded, window) = self.load_stream(stream, need_window).await?;
+        let entry = Entry {
+            loaded,
+            window,
+            epoch,
+            kept_at: Instant::now(),
+        };
+        Ok((entry, false))
+    }
+
+    /// Puts an aggregate whose state is known back in the cache.
+    fn keep(&self, stream: &StreamId, entry: Entry<A>) {
+        if let Some(cache) = &self.cache {
+            cache.keep(stream.clone(), entry);
+        }
+    }
+
     async fn execute_once(
         &self,
         stream: &StreamId,
         command: A::Command,
         metadata: &Metadata,
     ) -> Result<Executed<A::Event>> {
-        let (Loaded { mut state, version }, mut window) = self
-            .load_stream(stream, metadata.command_id.is_some())
-            .await?;
-        if metadata.command_id.is_some_and(|id| window.contains(id)) {
+        let (mut entry, cached) = self.take_or_load(stream, metadata).await?;
+        let version = entry.loaded.version;
+        if metadata
+            .command_id
+            .is_some_and(|id| entry.window.contains(id))
+        {
             tracing::debug!(stream = %stream, command_id = ?metadata.command_id, "command already applied; skipped");
+            self.keep(stream, entry);
             return Ok(Executed {
                 events: Vec::new(),
                 version,
             });
         }
-        let events = state.handle(command).map_err(|e| Error::Rejected {
-            aggregate: A::TYPE,
-            source: Box::new(e),
-        })?;
+        let events = match entry.loaded.state.handle(command) {
+            Ok(events) => events,
+            Err(e) => {
+                // Refused: the state did not change.
+                self.keep(stream, entry);
+                return Err(Error::Rejected {
+                    aggregate: A::TYPE,
+                    source: Box::new(e),
+                });
+            }
+        };
         if events.is_empty() {
+            self.keep(stream, entry);
             return Ok(Executed { events, version });
         }
         let expected = ExpectedVersion::from_version(version);
-        let appended = self.append(stream, expected, &events, metadata).await?;
-        if self
+        // On any error the entry is dropped: a conflict means another writer moved the stream
+        // on, and any other failure may leave the outcome unknown.
+        let appended = match self.append(stream, expected, &events, metadata).await {
+            Ok(appended) => appended,
+            Err(e) => {
+                if cached && e.is_conflict() {
+                    self.inner
+                        .counters
+                        .cache_conflicts
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.inner.handles.cache_conflicts.increment(1);
+                }
+                return Err(e);
+            }
+        };
+        let snapshot_due = self
             .inner
             .policy
-            .due(appended.first_version, appended.last_version)
-        {
+            .due(appended.first_version, appended.last_version);
+        if snapshot_due || self.cache.is_some() {
             for event in &events {
-                state.apply(event);
+                entry.loaded.state.apply(event);
             }
-            window.record(metadata.command_id);
-            self.take_snapshot(stream, &state, &window, appended.last_version)
+            entry.loaded.version = appended.last_version;
+            entry.window.record(metadata.command_id);
+            if snapshot_due {
+                self.take_snapshot(
+                    stream,
+                    &entry.loaded.state,
+                    &entry.window,
+                    appended.last_version,
+                )
                 .await;
+            }
+            entry.kept_at = Instant::now();
+            self.keep(stream, entry);
         }
         Ok(Executed {
             events,
             version: appended.last_version,
         })
+    }
+
+    /// Drops every cached aggregate: the next command on each loads it from the store.
+    pub fn clear_cache(&self) {
+        if let Some(cache) = &self.cache {
+            cache.clear();
+        }
     }
 
     /// Writes a snapshot; a failure is logged, never returned: the events are committed and a
@@ -570,6 +701,11 @@ impl<A: Aggregate> Repository<A> {
             appends: c.appends.load(Ordering::Relaxed),
             conflicts: c.conflicts.load(Ordering::Relaxed),
             retries: c.retries.load(Ordering::Relaxed),
+            cache_hits: c.cache_hits.load(Ordering::Relaxed),
+            cache_misses: c.cache_misses.load(Ordering::Relaxed),
+            cache_conflicts: c.cache_conflicts.load(Ordering::Relaxed),
+            cache_evictions: self.cache.as_ref().map_or(0, |c| c.evictions()),
+            cached: self.cache.as_ref().map_or(0, |c| c.len() as u64),
         }
     }
 }

@@ -11,8 +11,6 @@ use std::collections::VecDeque;
 
 use uuid::Uuid;
 
-use crate::config::DEFAULT_COMMAND_WINDOW;
-
 /// The ids of the last `capacity` commands of one stream, oldest first.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct CommandWindow {
@@ -24,7 +22,7 @@ impl CommandWindow {
     /// An empty window (a stream with no commands yet).
     pub(crate) fn new(capacity: usize) -> Self {
         CommandWindow {
-            ids: VecDeque::with_capacity(capacity.min(DEFAULT_COMMAND_WINDOW)),
+            ids: VecDeque::new(),
             capacity,
         }
     }

@@ -1,0 +1,102 @@
+//! The aggregate cache: a command on an aggregate this repository decided on before skips the
+//! load (snapshot read and replay) and decides on the state it kept.
+//!
+//! Keeping state is safe because the append is exact: a command decided on a cached version
+//! that another process has moved past gets [`Error::Conflict`](crate::Error::Conflict), the
+//! entry is dropped, and the retry loads the stream. An entry is *taken* out of the cache for
+//! the length of a command and put back only when its outcome is known (appended, or nothing
+//! changed), so an unknown outcome, a failed append or a panic leaves no entry behind.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quick_cache::sync::Cache;
+use quick_cache::{DefaultHashBuilder, Lifecycle, UnitWeighter};
+
+use super::window::CommandWindow;
+use super::Loaded;
+use crate::event::StreamId;
+
+/// An aggregate's state as the last command left it.
+pub(crate) struct Entry<A> {
+    pub(crate) loaded: Loaded<A>,
+    pub(crate) window: CommandWindow,
+    /// The store's [`cache_epoch`](crate::EventStore::cache_epoch) when it was kept.
+    pub(crate) epoch: u64,
+    pub(crate) kept_at: Instant,
+}
+
+/// Counts evictions (entries pushed out by the bound), not removals.
+#[derive(Clone, Default)]
+struct CountEvictions(Arc<AtomicU64>);
+
+impl<K, V> Lifecycle<K, V> for CountEvictions {
+    type RequestState = ();
+
+    fn begin_request(&self) {}
+
+    fn on_evict(&self, _: &mut (), _: K, _: V) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+type Inner<A> = Cache<StreamId, Arc<Entry<A>>, UnitWeighter, DefaultHashBuilder, CountEvictions>;
+
+/// At most `capacity` aggregates, least recently used (with scan resistance) evicted first.
+pub(crate) struct AggregateCache<A> {
+    entries: Inner<A>,
+    evictions: CountEvictions,
+    max_age: Option<Duration>,
+}
+
+impl<A> AggregateCache<A> {
+    /// `None` when `capacity` is 0 (the cache is off).
+    pub(crate) fn new(capacity: usize, max_age: Option<Duration>) -> Option<Self> {
+        if capacity == 0 {
+            return None;
+        }
+        let evictions = CountEvictions::default();
+        let entries = Cache::with(
+            capacity,
+            capacity as u64,
+            UnitWeighter,
+            DefaultHashBuilder::default(),
+            evictions.clone(),
+        );
+        Some(AggregateCache {
+            entries,
+            evictions,
+            max_age,
+        })
+    }
+
+    /// Takes the entry of `stream` out, if one is kept and still good for `epoch`.
+    pub(crate) fn take(&self, stream: &StreamId, epoch: u64) -> Option<Entry<A>> {
+        let (_, entry) = self.entries.remove(stream)?;
+        let entry = Arc::into_inner(entry)?;
+        let fresh =
+            entry.epoch == epoch && self.max_age.is_none_or(|age| entry.kept_at.elapsed() < age);
+        fresh.then_some(entry)
+    }
+
+    /// Keeps `entry` for `stream`.
+    pub(crate) fn keep(&self, stream: StreamId, entry: Entry<A>) {
+        self.entries.insert(stream, Arc::new(entry));
+    }
+
+    /// Drops every entry.
+    pub(crate) fn clear(&self) {
+        self.entries.clear();
+    }
+
+    /// Entries kept now.
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Entries pushed out by the bound so far.
+    pub(crate) fn evictions(&self) -> u64 {
+        self.evictions.0.load(Ordering::Relaxed)
+    }
+}
