@@ -907,10 +907,11 @@ impl Inner {
                 Ok(Some(chunk)) => chunk,
                 Ok(None) => break,
                 Err(futures::stream::TryChunksError(before, e)) => {
-                    if e.event().is_none() && before.is_empty() && consumed == 0 {
+                    let about_one_event = e.event().is_some();
+                    if !about_one_event && before.is_empty() && consumed == 0 {
                         return Err(e); // not about one event: the step fails and is retried
                     }
-                    if e.event().is_some() {
+                    if about_one_event {
                         unreadable = Some(e);
                     }
                     // Apply and commit what was read, and read nothing after the error; a

@@ -22,9 +22,11 @@ use crate::event::StreamId;
 pub(crate) struct Entry<A> {
     pub(crate) loaded: Loaded<A>,
     pub(crate) window: CommandWindow,
-    /// The store's [`cache_epoch`](crate::EventStore::cache_epoch) when it was kept.
+    /// The store's [`cache_epoch`](crate::EventStore::cache_epoch) when it was loaded.
     pub(crate) epoch: u64,
-    pub(crate) kept_at: Instant,
+    /// When its state was last read from the store: `max_age` counts from here, so a busy
+    /// entry is not kept alive forever by its own commands.
+    pub(crate) loaded_at: Instant,
 }
 
 /// Counts evictions (entries pushed out by the bound), not removals.
@@ -75,14 +77,21 @@ impl<A> AggregateCache<A> {
     pub(crate) fn take(&self, stream: &StreamId, epoch: u64) -> Option<Entry<A>> {
         let (_, entry) = self.entries.remove(stream)?;
         let entry = Arc::into_inner(entry)?;
-        let fresh =
-            entry.epoch == epoch && self.max_age.is_none_or(|age| entry.kept_at.elapsed() < age);
+        let fresh = entry.epoch == epoch
+            && self
+                .max_age
+                .is_none_or(|age| entry.loaded_at.elapsed() < age);
         fresh.then_some(entry)
     }
 
     /// Keeps `entry` for `stream`.
     pub(crate) fn keep(&self, stream: StreamId, entry: Entry<A>) {
         self.entries.insert(stream, Arc::new(entry));
+    }
+
+    /// Drops the entry of `stream`, if any.
+    pub(crate) fn forget(&self, stream: &StreamId) {
+        self.entries.remove(stream);
     }
 
     /// Drops every entry.

@@ -422,6 +422,10 @@ impl<A: Aggregate> Repository<A> {
         metadata: &Metadata,
     ) -> Result<AppendResult> {
         let stream = A::stream_id(id);
+        // Written around the cache: its entry for the stream would only cost a conflict.
+        if let Some(cache) = &self.cache {
+            cache.forget(&stream);
+        }
         self.append(&stream, expected, events, metadata).await
     }
 
@@ -554,7 +558,7 @@ impl<A: Aggregate> Repository<A> {
             loaded,
             window,
             epoch,
-            kept_at: Instant::now(),
+            loaded_at: Instant::now(),
         };
         Ok((entry, false))
     }
@@ -635,7 +639,6 @@ impl<A: Aggregate> Repository<A> {
                 )
                 .await;
             }
-            entry.kept_at = Instant::now();
             self.keep(stream, entry);
         }
         Ok(Executed {
