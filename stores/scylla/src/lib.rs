@@ -522,6 +522,15 @@ impl KeelScyllaBuilder {
         self
     }
 
+    /// A readable name for this process's feeder (its host or service name, say): the lease
+    /// holder it records, shown by `feed_status` and `keel feed status`, becomes
+    /// `NAME-<uuid>`. The random suffix stays, so two processes given one name still hold
+    /// the lease as two holders.
+    pub fn feeder_name(mut self, name: impl Into<String>) -> Self {
+        self.feeder_id = format!("{}-{}", name.into(), uuid::Uuid::new_v4());
+        self
+    }
+
     /// The feeder lease's time to live (default 10 s): how long a dead feeder blocks the feed.
     pub fn feeder_lease_ttl(mut self, ttl: Duration) -> Self {
         self.feeder_lease_ttl = ttl;

@@ -187,6 +187,7 @@ async fn main() -> Result<(), BoxError> {
             .append_timeout(Duration::from_secs(2))
             .request_timeout(Duration::from_secs(3))
             .feeder(role == "feeder")
+            .feeder_name(format!("worker-{id}"))
             .feeder_lease_ttl(LEASE_TTL)
             .feeder_interval(Duration::from_millis(20))
             .build()
