@@ -51,7 +51,7 @@ impl Command for Withdraw {
 }
 
 /// How much is in an account?
-#[derive(Clone, Debug, Hash)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct Balance {
     id: String,
 }

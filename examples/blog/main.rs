@@ -24,7 +24,7 @@ impl Command for WritePost {
 }
 
 /// Titles of the posts with a tag.
-#[derive(Clone, Debug, Hash)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct PostsWithTag(String);
 
 impl Query for PostsWithTag {
@@ -32,7 +32,7 @@ impl Query for PostsWithTag {
 }
 
 /// Titles of an author's posts.
-#[derive(Clone, Debug, Hash)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct PostsBy(String);
 
 impl Query for PostsBy {

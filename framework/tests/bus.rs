@@ -40,7 +40,7 @@ impl Command for Slow {
     type Output = ();
 }
 
-#[derive(Clone, Debug, Hash)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct Square(u64);
 impl Query for Square {
     type Output = u64;
@@ -220,6 +220,57 @@ async fn metrics_count_dispatches_and_failures_per_type() {
         (snapshot["Explode"].count, snapshot["Explode"].failures),
         (1, 1)
     );
+}
+
+/// A query whose `Hash` sends every value to one bucket: the worst case of a collision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Account(String);
+impl std::hash::Hash for Account {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        0u8.hash(state);
+    }
+}
+impl Query for Account {
+    type Output = String;
+}
+
+#[tokio::test]
+async fn colliding_queries_get_their_own_answers() {
+    let cache = CacheLayer::new(Duration::from_secs(60));
+    let bus = QueryBus::builder()
+        .layer(cache.clone())
+        .query(|Account(owner), _| async move { Ok(format!("balance of {owner}")) })
+        .unwrap()
+        .build();
+    assert_eq!(
+        bus.ask(Account("alice".into())).await.unwrap(),
+        "balance of alice"
+    );
+    assert_eq!(
+        bus.ask(Account("bob".into())).await.unwrap(),
+        "balance of bob",
+        "bob's query hashes like alice's and must still get his own answer"
+    );
+    assert_eq!(
+        bus.ask(Account("alice".into())).await.unwrap(),
+        "balance of alice"
+    );
+    assert_eq!(cache.len(), 2, "one entry per distinct query");
+}
+
+#[tokio::test]
+async fn the_query_cache_keeps_at_most_its_capacity() {
+    let cache = CacheLayer::new(Duration::from_secs(60)).capacity(50);
+    let bus = QueryBus::builder()
+        .layer(cache.clone())
+        .query(|Square(n), _| async move { Ok(n * n) })
+        .unwrap()
+        .build();
+    for n in 0..500 {
+        assert_eq!(bus.ask(Square(n)).await.unwrap(), n * n);
+        assert!(cache.len() <= 50, "{} results kept", cache.len());
+    }
+    assert!(!cache.is_empty());
 }
 
 #[tokio::test(start_paused = true)]

@@ -98,7 +98,7 @@ impl Command for Slow {
     type Output = ();
 }
 
-#[derive(Clone, Debug, Hash)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct Count;
 impl Query for Count {
     type Output = u32;

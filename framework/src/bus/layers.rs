@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::time::Instant as CacheInstant;
@@ -11,7 +11,7 @@ use dashmap::DashMap;
 use futures::future::BoxFuture;
 use tracing::Instrument;
 
-use super::{Kind, Layer, Reply, Request, Service};
+use super::{Kind, Layer, Message, Reply, Request, Service};
 use crate::error::{Error, Result};
 
 /// What a layer does around the service it wraps. Every shipped layer implements this and
@@ -284,16 +284,50 @@ impl Around for ValidateLayer {
     }
 }
 
-type CacheKey = (std::any::TypeId, u64);
+/// A cached query, keyed by its value: equal hashes are not enough to share an answer.
+#[derive(Clone)]
+struct CacheKey {
+    hash: u64,
+    query: Arc<dyn Message>,
+}
 
-/// Caches successful query results for a time to live, keyed by the query's type and value.
-/// Commands pass through untouched. At most `capacity` entries are kept; expired entries are
-/// dropped when the cache is full.
-#[derive(Clone, Debug)]
+impl std::hash::Hash for CacheKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+impl PartialEq for CacheKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.query.same_query(&*other.query)
+    }
+}
+
+impl Eq for CacheKey {}
+
+type Entries = quick_cache::sync::Cache<CacheKey, (CacheInstant, Reply)>;
+
+/// Caches successful query results for a time to live, keyed by the query's value (its type,
+/// and equality: queries whose hashes collide still get their own answers). Commands pass
+/// through untouched.
+///
+/// At most `capacity` results are kept (10,000 by default), the least recently used pushed
+/// out first; an expired result is dropped when next asked for. The cache is sharded, so
+/// concurrent lookups do not wait on one lock.
+#[derive(Clone)]
 pub struct CacheLayer {
     ttl: Duration,
-    capacity: usize,
-    entries: Arc<Mutex<HashMap<CacheKey, (CacheInstant, Reply)>>>,
+    entries: Arc<Entries>,
+}
+
+impl std::fmt::Debug for CacheLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheLayer")
+            .field("ttl", &self.ttl)
+            .field("capacity", &self.entries.capacity())
+            .field("cached", &self.entries.len())
+            .finish()
+    }
 }
 
 impl CacheLayer {
@@ -301,25 +335,33 @@ impl CacheLayer {
     pub fn new(ttl: Duration) -> Self {
         CacheLayer {
             ttl,
-            capacity: 10_000,
-            entries: Arc::default(),
+            entries: Arc::new(Entries::new(10_000)),
         }
     }
 
-    /// Sets how many results are kept at most.
+    /// Sets how many results are kept at most (0 keeps none). Call it before the layer is
+    /// cloned into a bus: it starts an empty cache.
     pub fn capacity(mut self, capacity: usize) -> Self {
-        self.capacity = capacity;
+        self.entries = Arc::new(Entries::new(capacity.max(1)));
+        if capacity == 0 {
+            self.ttl = Duration::ZERO;
+        }
         self
     }
 
     /// Forgets every cached result (after a write that makes them stale, say).
     pub fn clear(&self) {
-        self.lock().clear();
+        self.entries.clear();
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, (CacheInstant, Reply)>> {
-        // A panic while holding this lock cannot leave the map inconsistent: use it anyway.
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    /// Results kept now.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no result is kept now.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 }
 
@@ -329,26 +371,23 @@ impl Around for CacheLayer {
         inner: Arc<dyn Service>,
         request: Request,
     ) -> BoxFuture<'static, Result<Reply>> {
-        let key = match (request.kind, request.message.cache_key()) {
-            (Kind::Query, Some(hash)) => (request.message.as_any().type_id(), hash),
+        let key = match (request.kind, request.message.query_hash()) {
+            (Kind::Query, Some(hash)) if !self.ttl.is_zero() => CacheKey {
+                hash,
+                query: request.message.clone(),
+            },
             _ => return inner.call(request),
         };
-        if let Some((at, reply)) = self.lock().get(&key) {
+        if let Some((at, reply)) = self.entries.get(&key) {
             if at.elapsed() < self.ttl {
-                let reply = reply.clone();
                 return Box::pin(async move { Ok(reply) });
             }
+            self.entries.remove(&key);
         }
-        let this = self.clone();
+        let entries = self.entries.clone();
         Box::pin(async move {
             let reply = inner.call(request).await?;
-            let mut entries = this.lock();
-            if entries.len() >= this.capacity {
-                entries.retain(|_, (at, _)| at.elapsed() < this.ttl);
-            }
-            if entries.len() < this.capacity {
-                entries.insert(key, (CacheInstant::now(), reply.clone()));
-            }
+            entries.insert(key, (CacheInstant::now(), reply.clone()));
             Ok(reply)
         })
     }

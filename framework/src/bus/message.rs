@@ -20,9 +20,10 @@ pub trait Command: Clone + Send + Sync + 'static {
     }
 }
 
-/// A request to read state, handled by exactly one handler. Queries are `Hash` so
-/// [`CacheLayer`](super::CacheLayer) can key results by them.
-pub trait Query: Clone + Hash + Send + Sync + 'static {
+/// A request to read state, handled by exactly one handler. Queries are `Hash` and `Eq` so
+/// that [`CacheLayer`](super::CacheLayer) can key results by the query itself: two queries
+/// share a cached answer only when they are equal, never because their hashes collide.
+pub trait Query: Clone + Hash + Eq + Send + Sync + 'static {
     /// What the handler returns.
     type Output: Clone + Send + Sync + 'static;
 
@@ -57,8 +58,12 @@ pub trait Message: Send + Sync + 'static {
     fn type_name(&self) -> &'static str;
     /// The message's own validation.
     fn validate(&self) -> Result<(), String>;
-    /// A key identifying equal queries (`None` for commands: never cached).
-    fn cache_key(&self) -> Option<u64>;
+    /// A hash of the query's type and value (`None` for commands: never cached). Equal
+    /// queries hash alike; unequal ones may too, so a cache also compares with
+    /// [`same_query`](Message::same_query).
+    fn query_hash(&self) -> Option<u64>;
+    /// Whether `other` is a query of the same type, equal to this one.
+    fn same_query(&self, other: &dyn Message) -> bool;
     /// The typed message, for downcasting.
     fn as_any(&self) -> &dyn Any;
     /// The shared message as `Any`, so the handler can take it without a copy when no layer
@@ -77,8 +82,11 @@ impl<C: Command> Message for CommandMessage<C> {
     fn validate(&self) -> Result<(), String> {
         self.0.validate()
     }
-    fn cache_key(&self) -> Option<u64> {
+    fn query_hash(&self) -> Option<u64> {
         None
+    }
+    fn same_query(&self, _: &dyn Message) -> bool {
+        false
     }
     fn as_any(&self) -> &dyn Any {
         &self.0
@@ -95,10 +103,14 @@ impl<Q: Query> Message for QueryMessage<Q> {
     fn validate(&self) -> Result<(), String> {
         self.0.validate()
     }
-    fn cache_key(&self) -> Option<u64> {
+    fn query_hash(&self) -> Option<u64> {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        std::any::TypeId::of::<Q>().hash(&mut hasher);
         self.0.hash(&mut hasher);
         Some(hasher.finish())
+    }
+    fn same_query(&self, other: &dyn Message) -> bool {
+        other.as_any().downcast_ref::<Q>() == Some(&self.0)
     }
     fn as_any(&self) -> &dyn Any {
         &self.0

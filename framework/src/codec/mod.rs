@@ -53,7 +53,6 @@ use std::time::{Duration, Instant};
 use aes_gcm::aead::{Aead, OsRng, Payload};
 use aes_gcm::{AeadCore, Aes256Gcm, Nonce};
 use bytes::Bytes;
-use dashmap::DashMap;
 use uuid::Uuid;
 
 pub use keys::{DataKey, KeyStore, MasterKey};
@@ -336,9 +335,12 @@ type SubjectFn = dyn Fn(&StreamId) -> Option<String> + Send + Sync;
 struct Encryption {
     keys: Arc<dyn KeyStore>,
     subject: Arc<SubjectFn>,
-    cache: DashMap<String, (DataKey, Instant)>,
+    /// At most [`KEY_CACHE_CAPACITY`] subjects' keys, least recently used evicted first (a key
+    /// per stream over millions of streams must not keep millions of ciphers alive, nor
+    /// forget every key at once when full).
+    cache: quick_cache::sync::Cache<String, (DataKey, Instant)>,
     /// Ids of keys known to be shredded: shredding is for good, so these never go stale.
-    shredded: DashMap<Uuid, ()>,
+    shredded: quick_cache::sync::Cache<Uuid, ()>,
     ttl: Duration,
 }
 
@@ -352,19 +354,11 @@ enum Missing {
 
 impl Encryption {
     fn cached(&self, subject: &str) -> Option<DataKey> {
-        let entry = self.cache.get(subject)?;
-        (entry.1.elapsed() < self.ttl).then(|| entry.0.clone())
+        let (key, at) = self.cache.get(subject)?;
+        (at.elapsed() < self.ttl).then_some(key)
     }
 
     fn remember(&self, subject: &str, key: &DataKey) {
-        if self.cache.len() >= KEY_CACHE_CAPACITY {
-            // Bounded: drop what has expired, and everything if that is not enough (a key per
-            // stream over millions of streams must not keep millions of ciphers alive).
-            self.cache.retain(|_, (_, at)| at.elapsed() < self.ttl);
-            if self.cache.len() >= KEY_CACHE_CAPACITY {
-                self.cache.clear();
-            }
-        }
         self.cache
             .insert(subject.to_owned(), (key.clone(), Instant::now()));
     }
@@ -388,7 +382,7 @@ impl Encryption {
         if let Some(key) = self.cached(subject).filter(|k| k.id() == id) {
             return Ok(Ok(key));
         }
-        if self.shredded.contains_key(&id) {
+        if self.shredded.get(&id).is_some() {
             return Ok(Err(Missing::Shredded));
         }
         match self.keys.find_key(subject).await? {
@@ -403,9 +397,6 @@ impl Encryption {
         }
         if !self.keys.was_shredded(id).await? {
             return Ok(Err(Missing::Unknown));
-        }
-        if self.shredded.len() >= KEY_CACHE_CAPACITY {
-            self.shredded.clear();
         }
         self.shredded.insert(id, ());
         Ok(Err(Missing::Shredded))
@@ -492,8 +483,8 @@ impl CodecBuilder {
             encryption: self.keys.map(|(keys, subject)| Encryption {
                 keys,
                 subject,
-                cache: DashMap::new(),
-                shredded: DashMap::new(),
+                cache: quick_cache::sync::Cache::new(KEY_CACHE_CAPACITY),
+                shredded: quick_cache::sync::Cache::new(KEY_CACHE_CAPACITY),
                 ttl: self.ttl,
             }),
             compressed: metrics::counter!(crate::metrics::PAYLOADS_COMPRESSED),
