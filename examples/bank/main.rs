@@ -63,6 +63,8 @@ impl Query for Balance {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let stores = keel_examples::store::from_args().await?;
+    // The repository keeps the aggregates it decided on (10,000 by default): the next command
+    // on the same account decides on the kept state instead of reading the stream again.
     let accounts = Repository::<Account>::new(stores.events());
 
     // One handler per command type: each turns the command into the aggregate's own command
@@ -100,9 +102,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build();
 
     // The query side reads the aggregate's state; a real app would read a projection.
+    let reads = accounts.clone();
     let queries = QueryBus::builder()
         .query(move |q: Balance, _meta| {
-            let repo = accounts.clone();
+            let repo = reads.clone();
             async move { Ok(repo.load(&q.id).await?.state.balance) }
         })?
         .build();
@@ -152,6 +155,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let balance = queries.ask(Balance { id }).await?;
     println!("balance: {balance}");
+    let metrics = accounts.metrics();
+    println!(
+        "aggregate cache: {} hit(s), {} miss(es); {} load(s) from the store",
+        metrics.cache_hits, metrics.cache_misses, metrics.loads
+    );
     stores.finish().await.map_err(|e| e.to_string())?;
     Ok(())
 }

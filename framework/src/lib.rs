@@ -76,6 +76,7 @@ pub mod health;
 pub mod metrics;
 pub mod projection;
 pub mod repository;
+pub mod retry;
 pub mod saga;
 pub mod store;
 pub mod upcast;

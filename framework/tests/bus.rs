@@ -149,12 +149,12 @@ async fn timeout_fails_a_slow_handler_with_the_limit() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn retry_resends_on_conflict_only_and_gives_up_after_the_limit() {
+async fn retry_told_to_resends_on_conflict_and_gives_up_after_the_limit() {
     let attempts = Arc::new(AtomicU32::new(0));
     let seen = attempts.clone();
     // Conflicts twice, then succeeds.
     let bus = CommandBus::builder()
-        .layer(RetryLayer::new(3, Duration::from_millis(1)))
+        .layer(RetryLayer::new(3, Duration::from_millis(1)).conflicts())
         .command(move |Add(a, b), _| {
             let n = seen.fetch_add(1, Ordering::SeqCst);
             async move {
@@ -173,7 +173,7 @@ async fn retry_resends_on_conflict_only_and_gives_up_after_the_limit() {
     let always = Arc::new(AtomicU32::new(0));
     let seen = always.clone();
     let bus = CommandBus::builder()
-        .layer(RetryLayer::new(2, Duration::from_millis(1)))
+        .layer(RetryLayer::new(2, Duration::from_millis(1)).conflicts())
         .command(move |_: Add, _| {
             seen.fetch_add(1, Ordering::SeqCst);
             async move { Err::<u32, _>(conflict()) }
@@ -192,6 +192,67 @@ async fn retry_resends_on_conflict_only_and_gives_up_after_the_limit() {
     assert!(
         matches!(bus.send(Explode).await, Err(Error::Invalid { .. })),
         "other errors are not retried"
+    );
+}
+
+fn unavailable() -> Error {
+    Error::Unavailable {
+        store: "test",
+        operation: "append".into(),
+        consistency: "QUORUM".into(),
+        required: 2,
+        alive: 1,
+        reason: "two nodes down".into(),
+    }
+}
+
+fn unknown() -> Error {
+    Error::UnknownOutcome {
+        stream: StreamId::new("s-1"),
+        reason: "the coordinator went away".into(),
+    }
+}
+
+/// Runs `error` through a default `RetryLayer` with 3 retries: how many times the handler
+/// ran.
+async fn attempts_after(error: fn() -> Error, metadata: Metadata) -> u32 {
+    let attempts = Arc::new(AtomicU32::new(0));
+    let seen = attempts.clone();
+    let bus = CommandBus::builder()
+        .layer(RetryLayer::new(3, Duration::from_millis(1)))
+        .command(move |_: Add, _| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            async move { Err::<u32, _>(error()) }
+        })
+        .unwrap()
+        .build();
+    assert!(bus.send_with(Add(1, 1), metadata).await.is_err());
+    attempts.load(Ordering::SeqCst)
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_resends_only_what_is_safe_to_send_again() {
+    let plain = Metadata::default;
+    let with_id = || Metadata::default().with_command_id(uuid::Uuid::new_v4());
+    assert_eq!(
+        attempts_after(conflict, plain()).await,
+        1,
+        "a conflict was retried by the repository already"
+    );
+    assert_eq!(
+        attempts_after(unavailable, plain()).await,
+        4,
+        "nothing was written"
+    );
+    assert_eq!(
+        attempts_after(unknown, plain()).await,
+        1,
+        "may have landed, and nothing would recognise a re-send"
+    );
+    assert_eq!(
+        attempts_after(unknown, with_id()).await,
+        4,
+        "the command id makes a re-send a no-op"
     );
 }
 

@@ -275,3 +275,76 @@ async fn a_failing_upcaster_names_the_event_and_its_version() {
         ),
     }
 }
+
+/// A store on which every append conflicts, counting the attempts.
+struct AlwaysConflicts {
+    inner: MemoryStore,
+    appends: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl EventStore for AlwaysConflicts {
+    async fn append(
+        &self,
+        stream: &keel::StreamId,
+        expected: ExpectedVersion,
+        _: Vec<NewEvent>,
+    ) -> keel::Result<keel::AppendResult> {
+        self.appends
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Err(Error::Conflict {
+            stream: stream.clone(),
+            expected,
+            actual: Some(99),
+        })
+    }
+    fn read_stream<'a>(
+        &'a self,
+        stream: &'a keel::StreamId,
+        from_version: u64,
+    ) -> keel::store::EventStream<'a> {
+        self.inner.read_stream(stream, from_version)
+    }
+    fn read_all(&self, from_position: u64) -> keel::store::EventStream<'_> {
+        self.inner.read_all(from_position)
+    }
+    async fn stream_version(&self, stream: &keel::StreamId) -> keel::Result<Option<u64>> {
+        self.inner.stream_version(stream).await
+    }
+    async fn feed_head(&self) -> keel::Result<u64> {
+        self.inner.feed_head().await
+    }
+}
+
+/// The README's stack, a `RetryLayer` over a handler that runs a repository, tries a hot
+/// command as often as the repository alone says (1 + 3), not (1 + 3) x (1 + 3) times.
+#[tokio::test]
+async fn retries_do_not_multiply_across_the_bus_and_the_repository() {
+    #[derive(Clone, Debug)]
+    struct Add(u64);
+    impl keel::bus::Command for Add {
+        type Output = u64;
+    }
+    let store = Arc::new(AlwaysConflicts {
+        inner: MemoryStore::new(),
+        appends: Default::default(),
+    });
+    let counters = Repository::<Counter>::builder(store.clone())
+        .retries(3, Duration::ZERO)
+        .build();
+    let bus = keel::CommandBus::builder()
+        .layer(keel::bus::RetryLayer::new(3, Duration::ZERO))
+        .command(move |Add(by), _| {
+            let counters = counters.clone();
+            async move { Ok(counters.execute("hot", by).await?.version) }
+        })
+        .unwrap()
+        .build();
+    let err = bus.send(Add(1)).await.unwrap_err();
+    assert!(err.is_conflict(), "{err}");
+    assert_eq!(
+        store.appends.load(std::sync::atomic::Ordering::SeqCst),
+        4,
+        "one try and the repository's three retries"
+    );
+}

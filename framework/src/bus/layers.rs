@@ -13,6 +13,7 @@ use tracing::Instrument;
 
 use super::{Kind, Layer, Message, Reply, Request, Service};
 use crate::error::{Error, Result};
+use crate::retry::Backoff;
 
 /// What a layer does around the service it wraps. Every shipped layer implements this and
 /// gets [`Layer`] for free.
@@ -218,20 +219,50 @@ impl Around for TimeoutLayer {
     }
 }
 
-/// Sends a command again when it fails with a version conflict, with exponential backoff.
-/// Only [`Error::Conflict`] is retried: a rejection or a timeout is final.
+/// Sends a command again when retrying it is safe and may help, with the shared
+/// [`Backoff`] (exponential, capped, jittered). See [the retry rule](crate::retry):
+///
+/// - [`Error::Unavailable`]: the store refused before writing anything. Always retried.
+/// - [`Error::UnknownOutcome`]: retried only when the command carries a
+///   [`command_id`](crate::Metadata::command_id), which makes the re-send a no-op if the first
+///   attempt landed.
+/// - [`Error::Conflict`]: not retried unless [`conflicts`](RetryLayer::conflicts) is set. The
+///   [`Repository`](crate::Repository) already retried it (reloading and deciding again), so
+///   a retry here would only multiply its attempts.
+///
+/// Anything else (a rejection, a validation error, a timeout of this bus) is final.
 #[derive(Clone, Copy, Debug)]
 pub struct RetryLayer {
     max_retries: u32,
-    backoff: Duration,
+    backoff: Backoff,
+    conflicts: bool,
 }
 
 impl RetryLayer {
-    /// Up to `max_retries` more attempts, sleeping `backoff`, then twice that, and so on.
-    pub fn new(max_retries: u32, backoff: Duration) -> Self {
+    /// Up to `max_retries` more attempts, waiting as `backoff` says (a bare [`Duration`] is
+    /// the first delay, doubled each time up to 1 s, with jitter).
+    pub fn new(max_retries: u32, backoff: impl Into<Backoff>) -> Self {
         RetryLayer {
             max_retries,
-            backoff,
+            backoff: backoff.into(),
+            conflicts: false,
+        }
+    }
+
+    /// Also retries [`Error::Conflict`]: for handlers that append through an
+    /// [`EventStore`](crate::EventStore) directly, whose conflict nothing below retried.
+    /// Handlers that go through a [`Repository`](crate::Repository) should not need it.
+    pub fn conflicts(mut self) -> Self {
+        self.conflicts = true;
+        self
+    }
+
+    fn retries(&self, error: &Error, request: &Request) -> bool {
+        match error {
+            Error::Unavailable { .. } => true,
+            Error::UnknownOutcome { .. } => request.metadata.command_id.is_some(),
+            Error::Conflict { .. } => self.conflicts,
+            _ => false,
         }
     }
 }
@@ -245,16 +276,18 @@ impl Around for RetryLayer {
         let this = *self;
         Box::pin(async move {
             let mut attempt = 0;
+            let mut delays = this.backoff.delays();
             loop {
                 match inner.call(request.clone()).await {
-                    Err(e) if e.is_conflict() && attempt < this.max_retries => {
+                    Err(e) if attempt < this.max_retries && this.retries(&e, &request) => {
                         attempt += 1;
                         tracing::debug!(
                             r#type = request.type_name(),
                             attempt,
-                            "retrying after conflict"
+                            error = %e,
+                            "retrying"
                         );
-                        tokio::time::sleep(this.backoff * 2u32.saturating_pow(attempt - 1)).await;
+                        tokio::time::sleep(delays.next().unwrap_or_default()).await;
                     }
                     other => return other,
                 }

@@ -13,6 +13,7 @@ use tracing::Instrument;
 use crate::aggregate::Aggregate;
 use crate::error::{Error, Result};
 use crate::event::{now_millis, AppendResult, ExpectedVersion, Metadata, NewEvent, StreamId};
+use crate::retry::Backoff;
 use crate::store::{EventStore, Snapshot, SnapshotStore};
 use crate::upcast::Upcasters;
 
@@ -170,7 +171,7 @@ struct Settings {
     policy: SnapshotPolicy,
     upcasters: Arc<Upcasters>,
     max_retries: u32,
-    retry_backoff: Duration,
+    backoff: Backoff,
     command_window: usize,
     counters: Counters,
     handles: Handles,
@@ -209,10 +210,12 @@ impl<A: Aggregate> RepositoryBuilder<A> {
     }
 
     /// How many times [`Repository::execute`] retries a command after a version conflict
-    /// (default 3), and the first backoff, doubled on each retry (default 1 ms).
-    pub fn retries(mut self, max_retries: u32, backoff: Duration) -> Self {
+    /// (default 3), and how long it waits before each (default: 1 ms, doubled each time up to
+    /// 1 s, with jitter; a bare [`Duration`] is the first delay). The repository is the one
+    /// place that retries conflicts (see [the retry rule](crate::retry)).
+    pub fn retries(mut self, max_retries: u32, backoff: impl Into<Backoff>) -> Self {
         self.settings.max_retries = max_retries;
-        self.settings.retry_backoff = backoff;
+        self.settings.backoff = backoff.into();
         self
     }
 
@@ -289,7 +292,7 @@ impl<A: Aggregate> Repository<A> {
                 policy: SnapshotPolicy::Never,
                 upcasters: Arc::new(Upcasters::new()),
                 max_retries: 3,
-                retry_backoff: Duration::from_millis(1),
+                backoff: Backoff::new(Duration::from_millis(1)),
                 command_window: DEFAULT_COMMAND_WINDOW,
                 counters: Counters::default(),
                 handles: Handles::register(A::TYPE),
@@ -514,6 +517,7 @@ impl<A: Aggregate> Repository<A> {
     {
         let stream = A::stream_id(id);
         let mut attempt = 0;
+        let mut delays = self.inner.backoff.delays();
         loop {
             match self.execute_once(&stream, command.clone(), metadata).await {
                 Err(e) if e.is_conflict() && attempt < self.inner.max_retries => {
@@ -521,8 +525,7 @@ impl<A: Aggregate> Repository<A> {
                     self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
                     self.inner.handles.retries.increment(1);
                     tracing::debug!(stream = %stream, attempt, "conflict; reloading and retrying");
-                    tokio::time::sleep(self.inner.retry_backoff * 2u32.saturating_pow(attempt - 1))
-                        .await;
+                    tokio::time::sleep(delays.next().unwrap_or_default()).await;
                 }
                 other => return other,
             }

@@ -12,13 +12,14 @@ use super::{Saga, SagaRecord, SagaState, SagaStatus, SagaStep, SagaStore, StepOu
 use crate::bus::CommandBus;
 use crate::error::{Error, Result};
 use crate::event::{now_millis, Metadata};
+use crate::retry::Backoff;
 use crate::store::LeaseStore;
 
 #[derive(Clone)]
 struct Config {
     id: String,
     max_attempts: u32,
-    backoff: Duration,
+    backoff: Backoff,
     lease_ttl: Duration,
     tick: Duration,
 }
@@ -66,9 +67,10 @@ impl SagaOrchestratorBuilder {
         self
     }
 
-    /// The first wait between compensation attempts, doubled each time (default 100 ms).
-    pub fn retry_backoff(mut self, backoff: Duration) -> Self {
-        self.config.backoff = backoff;
+    /// How long to wait between compensation attempts (default: 100 ms, doubled each time up
+    /// to 1 s, with jitter; a bare [`Duration`] is the first delay).
+    pub fn retry_backoff(mut self, backoff: impl Into<Backoff>) -> Self {
+        self.config.backoff = backoff.into();
         self
     }
 
@@ -244,7 +246,7 @@ impl SagaOrchestrator {
             config: Config {
                 id: Uuid::new_v4().to_string(),
                 max_attempts: 3,
-                backoff: Duration::from_millis(100),
+                backoff: Backoff::new(Duration::from_millis(100)),
                 lease_ttl: Duration::from_secs(30),
                 tick: Duration::from_secs(1),
             },
@@ -719,10 +721,7 @@ impl SagaOrchestrator {
                     return Ok(Next::Again);
                 }
                 if self.save(saga, revision).await? {
-                    tokio::time::sleep(
-                        self.inner.config.backoff * 2u32.saturating_pow(attempts - 1),
-                    )
-                    .await;
+                    tokio::time::sleep(self.inner.config.backoff.delay(attempts)).await;
                 }
                 Ok(Next::Again)
             }
