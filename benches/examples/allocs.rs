@@ -66,13 +66,25 @@ const AGGREGATES: u64 = 1_000;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> keel::Result<()> {
-    let repo = Repository::<Counter>::new(Arc::new(MemoryStore::new()));
+    let store = || Arc::new(MemoryStore::new());
+    let repo = Repository::<Counter>::new(store());
     let meta = Metadata::default();
     println!(
         "future sizes (bytes): Repository::execute_with {}, Repository::load {}",
         std::mem::size_of_val(&repo.execute_with("x", 1, &meta)),
         std::mem::size_of_val(&repo.load("x")),
     );
+    measure("aggregate cache on (the default)", repo).await?;
+    let uncached = Repository::<Counter>::builder(store())
+        .cache(0, None)
+        .build();
+    measure("aggregate cache off", uncached).await
+}
+
+/// Counts one command per aggregate over `AGGREGATES` aggregates, twice: the first creates
+/// each stream, the second meets a history of one event.
+async fn measure(label: &str, repo: Repository<Counter>) -> keel::Result<()> {
+    println!("{label}:");
     let bus = counter_bus(repo);
     let send = |i: u64| {
         bus.send(Increment {
@@ -80,7 +92,6 @@ async fn main() -> keel::Result<()> {
             by: 1,
         })
     };
-    // The first command of each aggregate creates its stream; counted apart from the second.
     let first = std::env::var_os("KEEL_ALLOC_TRACE_FIRST").is_some();
     let before = ALLOCATIONS.load(Ordering::Relaxed);
     for i in 0..AGGREGATES {
@@ -89,7 +100,7 @@ async fn main() -> keel::Result<()> {
         TRACING.with(|t| t.set(false));
     }
     let per_first = (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / AGGREGATES as f64;
-    println!("allocations per first command of an aggregate: {per_first:.1}");
+    println!("  allocations per first command of an aggregate: {per_first:.1}");
     let trace = std::env::var_os("KEEL_ALLOC_TRACE").is_some();
     let before = ALLOCATIONS.load(Ordering::Relaxed);
     for i in 0..AGGREGATES {
@@ -99,6 +110,6 @@ async fn main() -> keel::Result<()> {
         TRACING.with(|t| t.set(false));
     }
     let per_command = (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / AGGREGATES as f64;
-    println!("allocations per command (the id's format! included): {per_command:.1}");
+    println!("  allocations per command (the id's format! included): {per_command:.1}");
     Ok(())
 }

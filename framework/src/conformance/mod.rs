@@ -32,6 +32,7 @@ use bytes::Bytes;
 use futures::TryStreamExt;
 use uuid::Uuid;
 
+mod cache;
 mod codecs;
 mod commands;
 mod histories;
@@ -39,6 +40,7 @@ mod projections;
 mod read_errors;
 mod sagas;
 
+pub use cache::*;
 pub use codecs::*;
 pub use commands::*;
 pub use histories::*;
@@ -96,7 +98,8 @@ macro_rules! conformance_tests {
             long_stream_reads_in_order, metadata_round_trips, feed_orders_and_resumes,
             feed_positions_are_dense_and_unique, bad_payloads_are_typed_errors,
             invalid_stream_ids_are_refused, oversize_events_are_refused,
-            random_histories_match_a_model);
+            random_histories_match_a_model, warm_caches_never_decide_on_stale_state,
+            the_cache_holds_at_most_its_bound);
     };
     (snapshots, $factory:expr) => {
         $crate::conformance_tests!(@section snapshots, $factory;
@@ -131,7 +134,8 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@section codecs, $factory;
             keys_are_stable_per_subject, shredding_deletes_the_key, codec_round_trips,
             shredded_events_read_as_shredded, projections_skip_shredded_events,
-            tampered_payloads_are_detected);
+            tampered_payloads_are_detected,
+            shredded_subjects_are_not_decided_on_from_the_cache);
     };
     (leases, $factory:expr) => {
         $crate::conformance_tests!(@section leases, $factory;
