@@ -69,7 +69,26 @@ fn command(c: &mut Criterion) {
     );
     group.bench_function("keel: bus -> repository -> memory", |b| {
         b.to_async(&rt).iter_custom(|iters| async move {
-            let bus = counter_bus(Repository::<Counter>::new(Arc::new(MemoryStore::new())));
+            // The default cache (10,000 entries) misses on a round-robin over 100,000: the
+            // cache is sized to the working set here, and turned off in the next line.
+            let repo = Repository::<Counter>::builder(Arc::new(MemoryStore::new()))
+                .cache(AGGREGATES as usize, None)
+                .build();
+            let bus = counter_bus(repo);
+            let started = std::time::Instant::now();
+            for n in 1..=iters {
+                let id = format!("c-{}", n % AGGREGATES);
+                bus.send(Increment { id, by: 1 }).await.unwrap();
+            }
+            started.elapsed()
+        })
+    });
+    group.bench_function("keel: bus -> repository -> memory, cache off", |b| {
+        b.to_async(&rt).iter_custom(|iters| async move {
+            let repo = Repository::<Counter>::builder(Arc::new(MemoryStore::new()))
+                .cache(0, None)
+                .build();
+            let bus = counter_bus(repo);
             let started = std::time::Instant::now();
             for n in 1..=iters {
                 let id = format!("c-{}", n % AGGREGATES);
@@ -124,6 +143,41 @@ fn command(c: &mut Criterion) {
                 .unwrap()
         })
     });
+    group.finish();
+}
+
+/// Commands per aggregate in the `hot_aggregate` group: one aggregate at a time takes this
+/// many commands in a row, as a new user's first benchmark would do.
+const HOT_LENGTHS: [u64; 3] = [20, 200, 1_000];
+
+/// One aggregate at a time, `length` commands in a row, through the repository on a fresh
+/// memory store (no snapshots, no bus): with the aggregate cache (the default) and without
+/// (every command loads and replays its stream). Reported per command.
+fn hot_aggregate(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("hot_aggregate");
+    group.throughput(Throughput::Elements(1));
+    for length in HOT_LENGTHS {
+        for (label, entries) in [("cache on", 10_000), ("cache off", 0)] {
+            group.bench_function(format!("{label}, {length} commands per aggregate"), |b| {
+                b.to_async(&rt).iter_custom(|iters| async move {
+                    let repo = Repository::<Counter>::builder(Arc::new(MemoryStore::new()))
+                        .cache(entries, None)
+                        .build();
+                    let meta = Metadata::default();
+                    let mut id = String::new();
+                    let started = std::time::Instant::now();
+                    for n in 0..iters {
+                        if n % length == 0 {
+                            id = format!("hot-{}", n / length);
+                        }
+                        repo.execute_with(&id, 1, &meta).await.unwrap();
+                    }
+                    started.elapsed()
+                })
+            });
+        }
+    }
     group.finish();
 }
 
@@ -523,6 +577,6 @@ fn codecs(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
-    targets = command, bus, replay, snapshot, rebuild, codecs, concurrent
+    targets = command, hot_aggregate, bus, replay, snapshot, rebuild, codecs, concurrent
 }
 criterion_main!(benches);

@@ -193,6 +193,45 @@ fn appends(c: &mut Criterion, b: &Bench) {
     group.finish();
 }
 
+/// One command through the repository on the node, with the aggregate cache (a hit is one LWT
+/// round and no read) and without (a read of the stream's events first), against the raw
+/// driver's LWT insert. Each aggregate takes 10 commands, then the next one begins, so the
+/// uncached path replays at most 9 events and the cached one misses once in 10.
+fn commands(c: &mut Criterion, b: &Bench) {
+    const PER_AGGREGATE: u64 = 10;
+    let mut group = c.benchmark_group("scylla_command");
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(8));
+    group.throughput(Throughput::Elements(1));
+    let raw = raw_insert(b);
+    let body = payload();
+    let version = AtomicI64::new(0);
+    group.bench_function("baseline: raw driver LWT insert, 1 event", |bench| {
+        bench.to_async(&b.rt).iter(|| async {
+            let v = version.fetch_add(1, Ordering::Relaxed) + 1;
+            let values = raw_row("raw-command", v, "Incremented", body.clone());
+            b.session.execute_unpaged(&raw, values).await.unwrap();
+        })
+    });
+    for (label, entries) in [("cache on", 10_000), ("cache off", 0)] {
+        let repo = Repository::<Counter>::builder(Arc::new(b.store.clone()))
+            .cache(entries, None)
+            .build();
+        let run = Uuid::new_v4().simple().to_string();
+        let n = AtomicI64::new(0);
+        let meta = Metadata::default();
+        group.bench_function(format!("keel: Repository::execute, {label}"), |bench| {
+            bench.to_async(&b.rt).iter(|| async {
+                let n = n.fetch_add(1, Ordering::Relaxed) as u64;
+                let id = format!("{run}-{}", n / PER_AGGREGATE);
+                repo.execute_with(&id, 1, &meta).await.unwrap();
+            })
+        });
+    }
+    group.finish();
+}
+
 /// Writers appending at once, each to a stream of its own, one event per append, against the
 /// raw driver's LWT inserts issued at the same concurrency.
 fn concurrent_appends(c: &mut Criterion, b: &Bench) {
@@ -567,6 +606,7 @@ async fn drop_keyspace(store: &KeelScylla, keyspace: &str) {
 fn all(c: &mut Criterion) {
     let b = setup();
     appends(c, &b);
+    commands(c, &b);
     concurrent_appends(c, &b);
     loads(c, &b);
     feed(c, &b);
