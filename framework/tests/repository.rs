@@ -6,8 +6,7 @@ use std::time::Duration;
 use futures::TryStreamExt;
 use keel::doc::{Counter, CounterEvent, ZeroIncrement};
 use keel::{
-    Aggregate, DomainEvent, Error, EventStore, ExpectedVersion, Metadata, NewEvent, Repository,
-    SnapshotPolicy, Upcasters,
+    Aggregate, Error, EventStore, ExpectedVersion, Metadata, NewEvent, Repository, SnapshotPolicy,
 };
 use keel_memory::MemoryStore;
 use serde::{Deserialize, Serialize};
@@ -164,116 +163,6 @@ async fn a_snapshot_of_another_schema_version_is_ignored() {
         "the v1 snapshot was not used"
     );
     assert_eq!(v2.metrics().events_replayed, 4);
-}
-
-/// v2 of an event: `amount` was called `amt` in v1, and v1 had no currency.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-enum WalletEvent {
-    Paid { amount: u64, currency: String },
-}
-
-impl DomainEvent for WalletEvent {
-    fn event_type(&self) -> &'static str {
-        "Paid"
-    }
-    fn schema_version(&self) -> u32 {
-        3
-    }
-}
-
-#[derive(Default, Serialize, Deserialize)]
-struct Wallet {
-    paid: Vec<(u64, String)>,
-}
-
-impl Aggregate for Wallet {
-    const TYPE: &'static str = "wallet";
-    type Command = ();
-    type Event = WalletEvent;
-    type Error = std::convert::Infallible;
-    fn handle(&self, _: ()) -> Result<Vec<WalletEvent>, Self::Error> {
-        Ok(vec![])
-    }
-    fn apply(&mut self, WalletEvent::Paid { amount, currency }: &WalletEvent) {
-        self.paid.push((*amount, currency.clone()));
-    }
-}
-
-fn upcasters() -> Upcasters {
-    Upcasters::new()
-        .register("Paid", 1, |mut body| {
-            let amt = body.get("amt").cloned().ok_or("v1 `Paid` without `amt`")?;
-            body["amount"] = amt;
-            Ok::<_, &str>(body)
-        })
-        .register("Paid", 2, |mut body| {
-            body["currency"] = "EUR".into();
-            Ok::<_, &str>(body)
-        })
-}
-
-#[tokio::test]
-async fn old_events_are_upcast_through_the_chain_before_decoding() {
-    let store = Arc::new(MemoryStore::new());
-    let stream = Wallet::stream_id("w");
-    let v1 = NewEvent::new("Paid", 1, &br#"{"Paid":{"amt":5}}"#[..]);
-    let v2 = NewEvent::new("Paid", 2, &br#"{"Paid":{"amount":7}}"#[..]);
-    let v3 = NewEvent::encode(
-        &WalletEvent::Paid {
-            amount: 9,
-            currency: "USD".into(),
-        },
-        Metadata::default(),
-    )
-    .unwrap();
-    store
-        .append(&stream, ExpectedVersion::NoStream, vec![v1, v2, v3])
-        .await
-        .unwrap();
-    let repo = Repository::<Wallet>::builder(store.clone())
-        .upcasters(upcasters())
-        .build();
-    let wallet = repo.load("w").await.unwrap().state;
-    assert_eq!(
-        wallet.paid,
-        vec![(5, "EUR".into()), (7, "EUR".into()), (9, "USD".into())]
-    );
-}
-
-#[tokio::test]
-async fn a_failing_upcaster_names_the_event_and_its_version() {
-    let store = Arc::new(MemoryStore::new());
-    let stream = Wallet::stream_id("bad");
-    store
-        .append(
-            &stream,
-            ExpectedVersion::NoStream,
-            vec![NewEvent::new("Paid", 1, &br#"{"Paid":{"oops":1}}"#[..])],
-        )
-        .await
-        .unwrap();
-    let repo = Repository::<Wallet>::builder(store.clone())
-        .upcasters(upcasters())
-        .build();
-    match repo.load("bad").await {
-        Err(Error::Upcast {
-            stream: s,
-            version,
-            event_type,
-            from_version,
-            reason,
-        }) => {
-            assert_eq!(
-                (s, version, event_type.as_str(), from_version),
-                (stream, 1, "Paid", 1)
-            );
-            assert!(reason.contains("without `amt`"), "{reason}");
-        }
-        other => panic!(
-            "expected an upcast error, got {:?}",
-            other.map(|l| l.version)
-        ),
-    }
 }
 
 /// A store on which every append conflicts, counting the attempts.

@@ -39,6 +39,7 @@ mod histories;
 mod projections;
 mod read_errors;
 mod sagas;
+mod upcasting;
 
 pub use cache::*;
 pub use codecs::*;
@@ -47,6 +48,7 @@ pub use histories::*;
 pub use projections::*;
 pub use read_errors::*;
 pub use sagas::*;
+pub use upcasting::*;
 
 use crate::doc::{Counter, CounterEvent};
 use crate::error::Error;
@@ -99,7 +101,8 @@ macro_rules! conformance_tests {
             feed_positions_are_dense_and_unique, bad_payloads_are_typed_errors,
             invalid_stream_ids_are_refused, oversize_events_are_refused,
             random_histories_match_a_model, warm_caches_never_decide_on_stale_state,
-            the_cache_holds_at_most_its_bound);
+            the_cache_holds_at_most_its_bound, old_schema_versions_are_upcast_on_read,
+            a_failing_upcaster_names_the_event);
     };
     (snapshots, $factory:expr) => {
         $crate::conformance_tests!(@section snapshots, $factory;
