@@ -245,9 +245,15 @@ pub struct Metadata {
     /// The conversation this event belongs to (a request, a saga), shared by everything it caused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<Uuid>,
-    /// The message (command or event) that directly caused this event.
+    /// The message (command or event) that directly caused this one: one hop back along the
+    /// chain from a request through commands, events and saga steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub causation_id: Option<Uuid>,
+    /// This message's own id, while it is a command being dispatched (the bus sets it): what
+    /// the command causes (its events, the commands its handler sends) names it as their
+    /// causation id. Stored events carry `None` here; their own id is the event id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<Uuid>,
     /// The id of the command that produced this event, when its sender gave one because it may
     /// send the command again (a saga does): a repository applies a command id once per stream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -270,6 +276,19 @@ impl Metadata {
     pub fn caused_by(mut self, causation_id: Uuid) -> Self {
         self.causation_id = Some(causation_id);
         self
+    }
+
+    /// The metadata for what this message causes: the same conversation and user data, the
+    /// causation id one hop on (this message's id when it has one), and no message id of its
+    /// own (an event's id is its event id).
+    pub fn for_effects(&self) -> Metadata {
+        Metadata {
+            correlation_id: self.correlation_id,
+            causation_id: self.message_id.or(self.causation_id),
+            command_id: self.command_id,
+            message_id: None,
+            user: self.user.clone(),
+        }
     }
 
     /// Sets the command id (see [`Metadata::command_id`]).

@@ -399,16 +399,20 @@ async fn correlation_and_causation_flow_from_commands_into_events() {
     let store = Arc::new(keel_memory::MemoryStore::new());
     let repo = Repository::<keel::doc::Counter>::new(store.clone());
     let bus: Arc<std::sync::OnceLock<Bus>> = Arc::default();
-    let (inner, r) = (bus.clone(), repo.clone());
+    // What each handler received, to follow the chain back from the stored events.
+    let seen: Arc<std::sync::Mutex<Vec<Metadata>>> = Arc::default();
+    let (inner, r, seen_bump, seen_twice) = (bus.clone(), repo.clone(), seen.clone(), seen.clone());
     let built = Bus::builder()
         // The handler does not pass any metadata on: the repository picks it up.
-        .command(move |Bump(id), _| {
+        .command(move |Bump(id), meta: Metadata| {
+            seen_bump.lock().unwrap().push(meta);
             let repo = r.clone();
             async move { repo.execute(&id, 1).await.map(|_| ()) }
         })
         .unwrap()
         // A handler that sends two more commands: same conversation, each its own id.
-        .command(move |BumpTwice(id), _| {
+        .command(move |BumpTwice(id), meta: Metadata| {
+            seen_twice.lock().unwrap().push(meta);
             let bus = inner.clone();
             async move {
                 let bus = bus.get().expect("bus built");
@@ -465,6 +469,23 @@ async fn correlation_and_causation_flow_from_commands_into_events() {
         b[0].metadata.causation_id, b[1].metadata.causation_id,
         "two commands"
     );
+    // One hop back at a time: event -> the nested command -> the command whose handler sent it.
+    let seen = seen.lock().unwrap();
+    let by_id = |id: Option<uuid::Uuid>| {
+        seen.iter()
+            .find(|m| id.is_some() && m.message_id == id)
+            .cloned()
+            .expect("a dispatched command with that id")
+    };
+    for event in &b {
+        let nested = by_id(event.metadata.causation_id);
+        let parent = by_id(nested.causation_id);
+        assert_eq!(
+            parent.correlation_id, b[0].metadata.correlation_id,
+            "the nested command names the command whose handler sent it"
+        );
+        assert_eq!(parent.causation_id, None, "sent from outside any handler");
+    }
 }
 
 /// Counts its clones, to see whether the bus copies messages.

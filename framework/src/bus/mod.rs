@@ -231,19 +231,21 @@ async fn dispatch<M: 'static, O>(
 where
     O: Clone + Send + Sync + 'static,
 {
-    // Every dispatch has an id (the causation id of what it causes) and belongs to a
-    // conversation (the correlation id): the sender's, or a new one starting here. Inside
-    // another dispatch the conversation carries on.
+    // Every dispatch has an id (its message id: the causation id of what it causes), names
+    // what caused it (the enclosing dispatch, when sent from inside a handler) and belongs to
+    // a conversation (the correlation id): the sender's, the enclosing one's, or a new one.
     let mut metadata = metadata;
+    let parent = DISPATCH.try_with(|m| (m.correlation_id, m.message_id)).ok();
     if metadata.correlation_id.is_none() {
-        metadata.correlation_id = DISPATCH
-            .try_with(|m| m.correlation_id)
-            .ok()
-            .flatten()
+        metadata.correlation_id = parent
+            .and_then(|(correlation, _)| correlation)
             .or_else(|| Some(uuid::Uuid::new_v4()));
     }
     if metadata.causation_id.is_none() {
-        metadata.causation_id = Some(uuid::Uuid::new_v4());
+        metadata.causation_id = parent.and_then(|(_, id)| id);
+    }
+    if metadata.message_id.is_none() {
+        metadata.message_id = Some(metadata.command_id.unwrap_or_else(uuid::Uuid::new_v4));
     }
     let reply = pipeline
         .call(Request {

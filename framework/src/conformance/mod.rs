@@ -131,7 +131,8 @@ macro_rules! conformance_tests {
             saga_failure_compensates_completed_steps_in_reverse, saga_timeout_triggers_compensation,
             saga_deadline_fires_after_restart, saga_steps_complete_by_reply,
             saga_recovery_applies_a_step_once, saga_compensation_failure_then_retry,
-            saga_has_one_active_orchestrator, saga_commands_carry_correlation);
+            saga_has_one_active_orchestrator, saga_commands_carry_correlation,
+            causation_is_a_chain);
     };
     (codecs, $factory:expr) => {
         $crate::conformance_tests!(@section codecs, $factory;

@@ -116,6 +116,13 @@ fn failures() -> &'static Mutex<HashMap<String, u32>> {
     FAILURES.get_or_init(Mutex::default)
 }
 
+/// The metadata each `Take` handler received, by its message id: what a causation chain
+/// test reads back for the commands, whose metadata is not stored.
+fn dispatched() -> &'static Mutex<HashMap<Uuid, Metadata>> {
+    static SEEN: OnceLock<Mutex<HashMap<Uuid, Metadata>>> = OnceLock::new();
+    SEEN.get_or_init(Mutex::default)
+}
+
 fn bus<S: SagaHost>(store: &Arc<S>) -> CommandBus {
     let (take, put) = (
         Repository::<Bin>::new(store.clone()),
@@ -125,6 +132,9 @@ fn bus<S: SagaHost>(store: &Arc<S>) -> CommandBus {
         .command(move |c: Take, meta: Metadata| {
             let repo = take.clone();
             async move {
+                if let Some(id) = meta.message_id {
+                    dispatched().lock().unwrap().insert(id, meta.clone());
+                }
                 repo.execute_with(&c.bin, BinEvent::Taken { units: c.units }, &meta)
                     .await
                     .map(|_| ())
@@ -608,4 +618,94 @@ pub async fn saga_commands_carry_correlation<S: SagaHost>(store: Arc<S>) {
     }
     assert_eq!(correlations.len(), 1, "one conversation");
     assert_eq!(causations.len(), 3, "one command id per step");
+}
+
+/// Causation is a chain from a request to the last event a saga's step produced: one
+/// correlation id throughout, and each message names the one before it. Request → command
+/// (sent on the bus) → event → saga (started with the event's metadata) → step command →
+/// event.
+pub async fn causation_is_a_chain<S: SagaHost>(store: Arc<S>) {
+    let (requested, bins) = (bins(&store).await.remove(0), bins(&store).await);
+    let (conversation, request) = (Uuid::new_v4(), Uuid::new_v4());
+    let sent = Metadata::correlated(conversation).caused_by(request);
+    bus(&store)
+        .send_with(
+            Take {
+                bin: requested.clone(),
+                units: 1,
+            },
+            sent,
+        )
+        .await
+        .unwrap();
+    let first = store
+        .read_stream(&Bin::stream_id(&requested), 2)
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap()
+        .remove(0);
+    let command_id = first
+        .metadata
+        .causation_id
+        .expect("the event names its command");
+    let command = dispatched()
+        .lock()
+        .unwrap()
+        .get(&command_id)
+        .cloned()
+        .expect("the event's causation id is the id of the command that the bus dispatched");
+    assert_eq!(
+        command.causation_id,
+        Some(request),
+        "the command names the request"
+    );
+    assert_eq!(command.correlation_id, Some(conversation));
+    assert_eq!(first.metadata.correlation_id, Some(conversation));
+
+    let id = saga_id();
+    let starter = Metadata::correlated(conversation).caused_by(first.event_id);
+    let state = orchestrator(&store)
+        .start_saga_with(&id, steps(&bins, [1, 1, 1]), &starter)
+        .await
+        .unwrap();
+    assert_eq!(state.status, SagaStatus::Completed);
+    assert_eq!(
+        state.correlation_id, conversation,
+        "the saga joins the conversation"
+    );
+    assert_eq!(
+        state.caused_by,
+        Some(first.event_id),
+        "the saga names the event"
+    );
+    for bin in &bins {
+        let event = store
+            .read_stream(&Bin::stream_id(bin), 2)
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap()
+            .remove(0);
+        let step = event
+            .metadata
+            .causation_id
+            .expect("a step event names its command");
+        assert_eq!(
+            event.metadata.command_id,
+            Some(step),
+            "caused by the step command"
+        );
+        assert_eq!(event.metadata.correlation_id, Some(conversation));
+        let step_command = dispatched()
+            .lock()
+            .unwrap()
+            .get(&step)
+            .cloned()
+            .expect("the step command went through the bus");
+        assert_eq!(
+            step_command.causation_id,
+            Some(state.message_id),
+            "it names the saga"
+        );
+        assert_eq!(step_command.correlation_id, Some(conversation));
+    }
 }

@@ -439,6 +439,7 @@ impl<A: Aggregate> Repository<A> {
         events: &[A::Event],
         metadata: &Metadata,
     ) -> Result<AppendResult> {
+        let metadata = metadata.for_effects();
         let mut encoded = Vec::with_capacity(events.len());
         for event in events {
             encoded.push(NewEvent::encode(event, metadata.clone())?);

@@ -33,6 +33,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 use crate::bus::CommandBus;
 use crate::error::Result;
@@ -208,6 +209,13 @@ pub struct Saga {
     pub history: Vec<StepOutcome>,
     /// When it started (ms since the epoch).
     pub started_at: i64,
+    /// The conversation it belongs to: its starter's correlation id (`None` for sagas stored
+    /// before Keel kept it: they use one derived from the saga's id).
+    #[serde(default)]
+    pub correlation_id: Option<Uuid>,
+    /// What started it (the command or event its starter named), one hop back from the saga.
+    #[serde(default)]
+    pub caused_by: Option<Uuid>,
 }
 
 /// What [`SagaOrchestrator::get_saga_state`] reports.
@@ -229,6 +237,12 @@ pub struct SagaState {
     pub history: Vec<StepOutcome>,
     /// The stored revision (grows with every recorded transition).
     pub revision: u64,
+    /// The conversation the saga and its step commands belong to.
+    pub correlation_id: Uuid,
+    /// The saga's own id in causation chains: its step commands name it as their cause.
+    pub message_id: Uuid,
+    /// What started the saga, when its starter said.
+    pub caused_by: Option<Uuid>,
 }
 
 /// A saga as a [`SagaStore`] holds it: the encoded [`Saga`] plus what the store needs to

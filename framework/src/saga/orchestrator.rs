@@ -135,8 +135,9 @@ impl Drop for Inner {
     }
 }
 
-/// The correlation id of everything a saga causes.
-fn correlation_of(saga: &str) -> Uuid {
+/// A saga's own id in causation chains (and the correlation id of a saga stored without
+/// one): the same for every orchestrator.
+pub(crate) fn saga_uuid(saga: &str) -> Uuid {
     Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("keel/saga/{saga}").as_bytes())
 }
 
@@ -191,6 +192,9 @@ fn state_of(saga: &Saga, revision: u64) -> SagaState {
             .collect(),
         history: saga.history.clone(),
         revision,
+        correlation_id: saga.correlation_id.unwrap_or_else(|| saga_uuid(&saga.id)),
+        message_id: saga_uuid(&saga.id),
+        caused_by: saga.caused_by,
     }
 }
 
@@ -255,7 +259,34 @@ impl SagaOrchestrator {
 
     /// Persists a new saga, then runs it as far as it goes now (to its end, or to a step that
     /// awaits a reply). An id already used is refused.
+    ///
+    /// Inside a bus handler the saga joins the dispatch's conversation and names the command
+    /// as its cause; elsewhere it starts a conversation of its own. To name the event or
+    /// request that started it, use [`start_saga_with`](SagaOrchestrator::start_saga_with).
     pub async fn start_saga(&self, id: &str, steps: Vec<SagaStep>) -> Result<SagaState> {
+        let metadata = crate::bus::current_metadata().unwrap_or_default();
+        self.start_saga_with(id, steps, &metadata).await
+    }
+
+    /// [`start_saga`](SagaOrchestrator::start_saga) with the starter's metadata: the saga and
+    /// every step command carry its correlation id, and the saga names the starter as its
+    /// cause (its `message_id` when it is a dispatched command, else its `causation_id`:
+    /// the id of the event that started the saga, say). Each step command then names the
+    /// saga ([`SagaState::message_id`]) as its cause, and its events name the step command.
+    ///
+    /// ```
+    /// # use keel::Metadata;
+    /// // Started by an event: the conversation carries on, the event is the cause.
+    /// # let (correlation, event_id) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    /// let starter = Metadata::correlated(correlation).caused_by(event_id);
+    /// # let _ = starter;
+    /// ```
+    pub async fn start_saga_with(
+        &self,
+        id: &str,
+        steps: Vec<SagaStep>,
+        metadata: &Metadata,
+    ) -> Result<SagaState> {
         if steps.is_empty() {
             return Err(Error::Config {
                 field: "steps".into(),
@@ -281,6 +312,8 @@ impl SagaOrchestrator {
             compensation_attempts: 0,
             history: Vec::new(),
             started_at: now_millis(),
+            correlation_id: Some(metadata.correlation_id.unwrap_or_else(|| saga_uuid(id))),
+            caused_by: metadata.message_id.or(metadata.causation_id),
         };
         if !self.inner.store.create_saga(&encode(&saga, 1)?).await? {
             return Err(Error::Config {
@@ -531,8 +564,7 @@ impl SagaOrchestrator {
             tracing::debug!(saga = id, "another orchestrator drives this saga");
             return self.get_saga_state(id).await;
         };
-        let span =
-            tracing::info_span!("keel.saga", saga = id, correlation_id = %correlation_of(id));
+        let span = tracing::info_span!("keel.saga", saga = id, correlation_id = %saga_uuid(id));
         let result = self.drive_held(id).instrument(span).await;
         if let Err(e) = self.inner.leases.release(&lease).await {
             tracing::warn!(saga = id, error = %e, "saga lease release failed; it expires by itself");
@@ -567,10 +599,12 @@ impl SagaOrchestrator {
             (true, None) => return Ok(()),
         };
         let id = command_id(&saga.id, &step.id, undo);
-        let correlation_id = correlation_of(&saga.id);
-        let metadata = Metadata::correlated(correlation_id)
-            .caused_by(id)
-            .with_command_id(id)
+        let correlation_id = saga.correlation_id.unwrap_or_else(|| saga_uuid(&saga.id));
+        let mut metadata = Metadata::correlated(correlation_id)
+            .caused_by(saga_uuid(&saga.id))
+            .with_command_id(id);
+        metadata.message_id = Some(id);
+        let metadata = metadata
             .with("saga", saga.id.clone())
             .with("saga_step", step.id.clone());
         let span = tracing::info_span!("keel.saga_step", saga = %saga.id, step = %step.id, undo,
