@@ -238,7 +238,8 @@ pub struct Lease {
 #[async_trait]
 pub trait LeaseStore: Send + Sync + 'static {
     /// Takes the lease if it is free or expired (or already held by `holder`, which renews it).
-    /// `None`: somebody else holds it.
+    /// `None`: somebody else holds it. A lease lasts at least `ttl` after it is taken or
+    /// renewed; a store may keep it up to a second longer (CQL TTLs count whole seconds).
     async fn acquire(&self, name: &str, holder: &str, ttl: Duration) -> Result<Option<Lease>>;
 
     /// Extends a held lease by its ttl. `false`: it was lost (expired and taken, or released).

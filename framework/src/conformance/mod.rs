@@ -132,7 +132,9 @@ macro_rules! conformance_tests {
             saga_deadline_fires_after_restart, saga_steps_complete_by_reply,
             saga_recovery_applies_a_step_once, saga_compensation_failure_then_retry,
             saga_has_one_active_orchestrator, saga_commands_carry_correlation,
-            causation_is_a_chain);
+            causation_is_a_chain, saga_step_committed_before_its_timeout_completes_once,
+            saga_step_of_unknown_outcome_is_compensated, saga_stale_orchestrator_is_fenced,
+            saga_lease_is_renewed_while_a_step_runs);
     };
     (codecs, $factory:expr) => {
         $crate::conformance_tests!(@section codecs, $factory;

@@ -549,7 +549,8 @@ pub async fn projection_takeover_after_holder_dies<S: ProjectionHost>(store: Arc
         heir.catch_up(&b.name).await.unwrap().state,
         ProjectionState::Standby
     );
-    tokio::time::sleep(Duration::from_millis(2_500)).await; // the 2 s lease expires
+    // The 2 s lease expires (and the second a store may add to it).
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
     let status = heir.catch_up(&b.name).await.unwrap();
     assert_eq!(
         status.state,

@@ -95,9 +95,6 @@ struct Stall;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Ask;
 
-impl Command for Take {
-    type Output = ();
-}
 impl Command for PutBack {
     type Output = ();
 }
@@ -108,7 +105,43 @@ impl Command for Ask {
     type Output = ();
 }
 
-crate::saga_command!(Take, PutBack, Stall, Ask);
+/// Takes units, then stalls past any step timeout while its `stalls` key has stalls left:
+/// a step whose command commits and whose reply is lost.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct TakeThenStall {
+    bin: String,
+    units: i64,
+    stalls: String,
+}
+
+/// Takes units, but first waits at its gate (when one is set for its key): a step during
+/// which its orchestrator stalls.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct GatedTake {
+    bin: String,
+    units: i64,
+    gate: String,
+}
+
+impl Command for Take {
+    type Output = ();
+}
+impl Command for TakeThenStall {
+    type Output = ();
+}
+impl Command for GatedTake {
+    type Output = ();
+}
+
+crate::saga_command!(Take, TakeThenStall, GatedTake, PutBack, Stall, Ask);
+
+/// Gates by key: (entered, release). The first command at a gate takes it out of the map,
+/// says it entered and waits for the release; later ones pass.
+type Gates = HashMap<String, (Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>)>;
+fn gates() -> &'static Mutex<Gates> {
+    static GATES: OnceLock<Mutex<Gates>> = OnceLock::new();
+    GATES.get_or_init(Mutex::default)
+}
 
 /// Remaining failures per flaky key.
 fn failures() -> &'static Mutex<HashMap<String, u32>> {
@@ -156,6 +189,43 @@ fn bus<S: SagaHost>(store: &Arc<S>) -> CommandBus {
                         }
                     }
                     repo.execute_with(&c.bin, BinEvent::Put { units: c.units }, &meta)
+                        .await
+                        .map(|_| ())
+                }
+            })
+        })
+        .and_then(|b| {
+            let repo = Repository::<Bin>::new(store.clone());
+            b.command(move |c: TakeThenStall, meta: Metadata| {
+                let repo = repo.clone();
+                async move {
+                    repo.execute_with(&c.bin, BinEvent::Taken { units: c.units }, &meta)
+                        .await?;
+                    let stall = {
+                        let mut f = failures().lock().unwrap();
+                        f.get_mut(&c.stalls)
+                            .filter(|n| **n > 0)
+                            .map(|left| *left -= 1)
+                            .is_some()
+                    };
+                    if stall {
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                    }
+                    Ok(())
+                }
+            })
+        })
+        .and_then(|b| {
+            let repo = Repository::<Bin>::new(store.clone());
+            b.command(move |c: GatedTake, meta: Metadata| {
+                let repo = repo.clone();
+                async move {
+                    let gate = gates().lock().unwrap().remove(&c.gate);
+                    if let Some((entered, release)) = gate {
+                        entered.notify_one();
+                        release.notified().await;
+                    }
+                    repo.execute_with(&c.bin, BinEvent::Taken { units: c.units }, &meta)
                         .await
                         .map(|_| ())
                 }
@@ -707,5 +777,216 @@ pub async fn causation_is_a_chain<S: SagaHost>(store: Arc<S>) {
             "it names the saga"
         );
         assert_eq!(step_command.correlation_id, Some(conversation));
+    }
+}
+
+/// Three steps on the bins, the middle one `middle` with `timeout` (compensated by putting
+/// its unit back).
+fn around(
+    bins: &[String],
+    middle: impl crate::saga::SagaCommand + 'static,
+    timeout: Duration,
+) -> Vec<SagaStep> {
+    let mut plan = steps(bins, [1, 1, 1]);
+    plan[1] = SagaStep::new("middle", middle)
+        .compensate_with(PutBack {
+            bin: bins[1].clone(),
+            units: 1,
+            flaky: None,
+        })
+        .timeout(timeout);
+    plan
+}
+
+/// A step that commits and then times out is sent again with the same command id: the
+/// repository recognises it, the re-send answers, and the saga completes with the step
+/// applied once.
+pub async fn saga_step_committed_before_its_timeout_completes_once<S: SagaHost>(store: Arc<S>) {
+    let bins = bins(&store).await;
+    let stalls = format!("stall-{}", Uuid::new_v4().simple());
+    failures().lock().unwrap().insert(stalls.clone(), 1);
+    let middle = TakeThenStall {
+        bin: bins[1].clone(),
+        units: 1,
+        stalls,
+    };
+    let state = orchestrator(&store)
+        .start_saga(
+            &saga_id(),
+            around(&bins, middle, Duration::from_millis(200)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(state.status, SagaStatus::Completed, "{:?}", state.history);
+    assert!(outcomes(&state).contains(&("middle".into(), "timed_out".into())));
+    for bin in &bins {
+        assert_eq!(units(&store, bin).await, 9, "each step applied once");
+    }
+}
+
+/// A step whose every re-send times out after committing is never guessed to have failed:
+/// it counts as possibly applied and is compensated with the steps before it, so the saga
+/// ends compensated with nothing left applied.
+pub async fn saga_step_of_unknown_outcome_is_compensated<S: SagaHost>(store: Arc<S>) {
+    let bins = bins(&store).await;
+    let stalls = format!("stall-{}", Uuid::new_v4().simple());
+    failures().lock().unwrap().insert(stalls.clone(), u32::MAX);
+    let middle = TakeThenStall {
+        bin: bins[1].clone(),
+        units: 1,
+        stalls,
+    };
+    let state = orchestrator(&store)
+        .start_saga(
+            &saga_id(),
+            around(&bins, middle, Duration::from_millis(200)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(state.status, SagaStatus::Compensated, "{:?}", state.history);
+    assert_eq!(state.failed_step.as_deref(), Some("middle"));
+    let middle_state = state.steps.iter().find(|(s, _)| s == "middle").unwrap().1;
+    assert_eq!(
+        middle_state,
+        StepState::Compensated,
+        "the possibly applied step is undone"
+    );
+    assert!(outcomes(&state).contains(&("middle".into(), "possibly_applied".into())));
+    for bin in &bins {
+        assert_eq!(units(&store, bin).await, 10, "nothing left applied");
+    }
+}
+
+/// Leases whose renewals wait while `paused` is true: an orchestrator process stopped (say by
+/// SIGSTOP) with its lease running out.
+struct Stalling<S> {
+    inner: Arc<S>,
+    paused: tokio::sync::watch::Receiver<bool>,
+}
+
+#[async_trait]
+impl<S: SagaHost> LeaseStore for Stalling<S> {
+    async fn acquire(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Option<crate::store::Lease>> {
+        self.inner.acquire(name, holder, ttl).await
+    }
+    async fn renew(&self, lease: &crate::store::Lease) -> Result<bool> {
+        let mut paused = self.paused.clone();
+        let _ = paused.wait_for(|p| !*p).await;
+        self.inner.renew(lease).await
+    }
+    async fn release(&self, lease: &crate::store::Lease) -> Result<bool> {
+        self.inner.release(lease).await
+    }
+}
+
+/// Two orchestrators on one store; the first stalls in a step past its lease's time to live,
+/// the second takes the saga over and finishes it. When the first wakes up, its saves are
+/// refused and it stops: no step is applied twice and the saga's record is the second's.
+pub async fn saga_stale_orchestrator_is_fenced<S: SagaHost>(store: Arc<S>) {
+    let bins = bins(&store).await;
+    let (id, gate) = (saga_id(), format!("gate-{}", Uuid::new_v4().simple()));
+    let (entered, release) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    gates()
+        .lock()
+        .unwrap()
+        .insert(gate.clone(), (entered.clone(), release.clone()));
+    let (pause, paused) = tokio::sync::watch::channel(true);
+    let ttl = Duration::from_secs(1);
+    let leases = Arc::new(Stalling {
+        inner: store.clone(),
+        paused,
+    });
+    let stalled = SagaOrchestrator::builder(store.clone(), leases, bus(&store))
+        .lease_ttl(ttl)
+        .retry_backoff(Duration::from_millis(5))
+        .build();
+    let middle = GatedTake {
+        bin: bins[1].clone(),
+        units: 1,
+        gate,
+    };
+    let plan = around(&bins, middle, Duration::from_secs(30));
+    let first = {
+        let (stalled, id) = (stalled.clone(), id.clone());
+        tokio::spawn(async move { stalled.start_saga(&id, plan).await })
+    };
+    entered.notified().await;
+    // Past the ttl, and past the second a store may add to it.
+    tokio::time::sleep(ttl * 2 + Duration::from_millis(500)).await;
+
+    let other = orchestrator(&store);
+    let done = other.drive(&id).await.unwrap();
+    assert_eq!(done.status, SagaStatus::Completed, "{:?}", done.history);
+
+    // It wakes up in its step, renewals still stalled: its next save is what stops it.
+    release.notify_one();
+    let stale = first.await.unwrap();
+    assert!(
+        matches!(&stale, Err(Error::Fenced { .. })),
+        "the stalled orchestrator's save is refused and it stops: {stale:?}"
+    );
+    drop(pause);
+    assert_eq!(stalled.metrics().fenced, 1);
+    let after = other.get_saga_state(&id).await.unwrap();
+    assert_eq!(
+        after.revision, done.revision,
+        "the stalled orchestrator saved nothing"
+    );
+    assert_eq!(after.status, SagaStatus::Completed);
+    for bin in &bins {
+        assert_eq!(units(&store, bin).await, 9, "each step applied once");
+    }
+}
+
+/// The lease is renewed while a saga runs: a step that takes longer than the lease's time to
+/// live does not let a second orchestrator in.
+pub async fn saga_lease_is_renewed_while_a_step_runs<S: SagaHost>(store: Arc<S>) {
+    let bins = bins(&store).await;
+    let (id, gate) = (saga_id(), format!("gate-{}", Uuid::new_v4().simple()));
+    let (entered, release) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    gates()
+        .lock()
+        .unwrap()
+        .insert(gate.clone(), (entered.clone(), release.clone()));
+    let ttl = Duration::from_secs(1);
+    let driver = SagaOrchestrator::builder(store.clone(), store.clone(), bus(&store))
+        .lease_ttl(ttl)
+        .build();
+    let middle = GatedTake {
+        bin: bins[1].clone(),
+        units: 1,
+        gate,
+    };
+    let plan = around(&bins, middle, Duration::from_secs(30));
+    let running = {
+        let (driver, id) = (driver.clone(), id.clone());
+        tokio::spawn(async move { driver.start_saga(&id, plan).await })
+    };
+    entered.notified().await;
+    tokio::time::sleep(ttl * 3).await;
+    let other = orchestrator(&store);
+    let seen = other.drive(&id).await.unwrap();
+    assert_eq!(
+        (seen.status, seen.current_step.as_deref()),
+        (SagaStatus::Running, Some("middle")),
+        "the lease is still held: the other orchestrator leaves the saga alone"
+    );
+    release.notify_one();
+    let done = running.await.unwrap().unwrap();
+    assert_eq!(done.status, SagaStatus::Completed);
+    assert_eq!(driver.metrics().fenced, 0);
+    for bin in &bins {
+        assert_eq!(units(&store, bin).await, 9, "each step applied once");
     }
 }

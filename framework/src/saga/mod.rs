@@ -176,7 +176,8 @@ pub enum StepState {
 pub struct StepOutcome {
     /// The step.
     pub step: String,
-    /// `dispatched`, `completed`, `failed`, `timed_out`, `compensated`, `compensation_failed`, `retried`.
+    /// `dispatched`, `completed`, `failed`, `timed_out`, `outcome_unknown`, `possibly_applied`,
+    /// `compensated`, `compensation_failed`, `retried`, `late_completion`.
     pub outcome: String,
     /// Details (an error message).
     pub detail: Option<String>,
@@ -216,6 +217,11 @@ pub struct Saga {
     /// What started it (the command or event its starter named), one hop back from the saga.
     #[serde(default)]
     pub caused_by: Option<Uuid>,
+    /// The lease epoch of the orchestrator that drives it: recorded before that orchestrator
+    /// sends a command, so that a save by one holding an older epoch (it stalled past the
+    /// lease's time to live and another took over) is refused.
+    #[serde(default)]
+    pub driver_epoch: Option<u64>,
 }
 
 /// What [`SagaOrchestrator::get_saga_state`] reports.

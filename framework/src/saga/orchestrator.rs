@@ -19,6 +19,7 @@ use crate::store::LeaseStore;
 struct Config {
     id: String,
     max_attempts: u32,
+    resends: u32,
     backoff: Backoff,
     lease_ttl: Duration,
     tick: Duration,
@@ -39,6 +40,9 @@ pub struct SagaMetrics {
     pub steps: u64,
     /// Their total latency.
     pub step_latency: Duration,
+    /// Times it stopped driving a saga because another orchestrator had taken it over (it
+    /// stalled past the lease's time to live): its saves were refused or its lease lost.
+    pub fenced: u64,
 }
 
 #[derive(Default)]
@@ -49,6 +53,7 @@ struct Counters {
     compensation_failed: AtomicU64,
     steps: AtomicU64,
     step_micros: AtomicU64,
+    fenced: AtomicU64,
 }
 
 /// Configures a [`SagaOrchestrator`].
@@ -67,6 +72,15 @@ impl SagaOrchestratorBuilder {
         self
     }
 
+    /// How many times a synchronous step whose outcome is unknown (it timed out, or its
+    /// command ended in [`Error::UnknownOutcome`]) is sent again, with the same command id,
+    /// to learn whether it was applied (default 2). When every re-send is unknown too, the
+    /// step counts as possibly applied: it is compensated with the steps before it.
+    pub fn unknown_outcome_resends(mut self, resends: u32) -> Self {
+        self.config.resends = resends;
+        self
+    }
+
     /// How long to wait between compensation attempts (default: 100 ms, doubled each time up
     /// to 1 s, with jitter; a bare [`Duration`] is the first delay).
     pub fn retry_backoff(mut self, backoff: impl Into<Backoff>) -> Self {
@@ -74,7 +88,9 @@ impl SagaOrchestratorBuilder {
         self
     }
 
-    /// The per-saga lease's time to live (default 30 s).
+    /// The per-saga lease's time to live (default 30 s). The orchestrator renews it every
+    /// third of it while it drives the saga, and stops driving if a renewal fails for a whole
+    /// time to live (another orchestrator may have taken the saga over).
     pub fn lease_ttl(mut self, ttl: Duration) -> Self {
         self.config.lease_ttl = ttl;
         self
@@ -218,6 +234,21 @@ impl Saga {
         self.note(&step, outcome, Some(reason));
     }
 
+    /// The step's outcome stayed unknown after every re-send: it may have been applied, so it
+    /// counts as completed for compensation (its compensation has its own command id and is
+    /// applied at most once), and the saga compensates.
+    fn possibly_applied(&mut self, index: usize, reason: String) {
+        let step = self.steps[index].id.clone();
+        self.states[index] = StepState::Completed;
+        self.failed_step = Some(step.clone());
+        self.error = Some(format!(
+            "step `{step}`: outcome unknown after every re-send ({reason}); compensated as possibly applied"
+        ));
+        self.status = SagaStatus::Compensating;
+        self.deadline = None;
+        self.note(&step, "possibly_applied", Some(reason));
+    }
+
     fn complete_step(&mut self, index: usize) {
         let step = self.steps[index].id.clone();
         self.states[index] = StepState::Completed;
@@ -225,6 +256,11 @@ impl Saga {
         self.deadline = None;
         self.note(&step, "completed", None);
     }
+}
+
+/// Whether an error leaves a command's outcome unknown: it may have been applied.
+fn is_unknown(e: &Error) -> bool {
+    matches!(e, Error::Timeout { .. } | Error::UnknownOutcome { .. })
 }
 
 /// What one pass of the drive loop decided.
@@ -250,6 +286,7 @@ impl SagaOrchestrator {
             config: Config {
                 id: Uuid::new_v4().to_string(),
                 max_attempts: 3,
+                resends: 2,
                 backoff: Backoff::new(Duration::from_millis(100)),
                 lease_ttl: Duration::from_secs(30),
                 tick: Duration::from_secs(1),
@@ -314,6 +351,7 @@ impl SagaOrchestrator {
             started_at: now_millis(),
             correlation_id: Some(metadata.correlation_id.unwrap_or_else(|| saga_uuid(id))),
             caused_by: metadata.message_id.or(metadata.causation_id),
+            driver_epoch: None,
         };
         if !self.inner.store.create_saga(&encode(&saga, 1)?).await? {
             return Err(Error::Config {
@@ -505,6 +543,7 @@ impl SagaOrchestrator {
             compensation_failed: c.compensation_failed.load(Ordering::Relaxed),
             steps: c.steps.load(Ordering::Relaxed),
             step_latency: Duration::from_micros(c.step_micros.load(Ordering::Relaxed)),
+            fenced: c.fenced.load(Ordering::Relaxed),
         }
     }
 
@@ -549,6 +588,11 @@ impl SagaOrchestrator {
 
     /// Runs the saga under its lease as far as it goes now. When another orchestrator holds the
     /// lease, returns the stored state and leaves the saga to it.
+    ///
+    /// The lease is renewed while the saga runs. An orchestrator that loses it (it stalled
+    /// past the lease's time to live and another took the saga over) stops with
+    /// [`Error::Fenced`] or [`Error::HeldElsewhere`]: the other's first write recorded its
+    /// newer epoch, so the stalled one's saves are refused from then on.
     pub async fn drive(&self, id: &str) -> Result<SagaState> {
         let lease_name = format!("saga/{id}");
         let Some(lease) = self
@@ -564,31 +608,94 @@ impl SagaOrchestrator {
             tracing::debug!(saga = id, "another orchestrator drives this saga");
             return self.get_saga_state(id).await;
         };
-        let span = tracing::info_span!("keel.saga", saga = id, correlation_id = %saga_uuid(id));
-        let result = self.drive_held(id).instrument(span).await;
+        let span = tracing::info_span!("keel.saga", saga = id, epoch = lease.epoch);
+        let result = tokio::select! {
+            result = self.drive_held(id, lease.epoch).instrument(span) => result,
+            lost = self.keep(&lease) => Err(lost),
+        };
+        if let Err(e) = &result {
+            if e.is_fenced() || matches!(e, Error::HeldElsewhere { .. }) {
+                self.inner.counters.fenced.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(saga = id, error = %e, "saga taken over by another orchestrator; stopped driving it");
+                return result; // the lease is another's now: nothing to release
+            }
+        }
         if let Err(e) = self.inner.leases.release(&lease).await {
             tracing::warn!(saga = id, error = %e, "saga lease release failed; it expires by itself");
         }
         result
     }
 
-    async fn drive_held(&self, id: &str) -> Result<SagaState> {
+    /// Renews `lease` every third of its time to live; returns (the error to stop with) when
+    /// it is lost, or when renewals have failed for a whole time to live.
+    async fn keep(&self, lease: &crate::store::Lease) -> Error {
+        let every = lease.ttl / 3;
+        let mut renewed = Instant::now();
+        loop {
+            tokio::time::sleep(every).await;
+            match self.inner.leases.renew(lease).await {
+                Ok(true) => renewed = Instant::now(),
+                Ok(false) => break,
+                Err(e) if renewed.elapsed() < lease.ttl => {
+                    tracing::warn!(lease = %lease.name, error = %e, "saga lease renewal failed; trying again");
+                }
+                Err(_) => break,
+            }
+        }
+        Error::HeldElsewhere {
+            name: lease.name.clone(),
+            holder: "unknown".into(),
+            detail: format!(
+                "; the lease (epoch {}) was lost while this orchestrator drove the saga, so it stopped",
+                lease.epoch
+            ),
+        }
+    }
+
+    async fn drive_held(&self, id: &str, epoch: u64) -> Result<SagaState> {
         loop {
             let (mut saga, revision) = self.load(id).await?;
+            let stored = saga.driver_epoch;
+            if let Some(current) = stored.filter(|&e| e > epoch) {
+                return Err(Error::Fenced {
+                    name: format!("saga/{id}"),
+                    epoch,
+                    current,
+                });
+            }
+            // Every save from here carries this epoch; `claimed` says whether the stored saga
+            // has it already (a command may leave only once it does).
+            saga.driver_epoch = Some(epoch);
+            let claimed = stored == Some(epoch);
             let next = match saga.status {
                 SagaStatus::Completed
                 | SagaStatus::Compensated
                 | SagaStatus::CompensationFailed => {
                     return Ok(state_of(&saga, revision));
                 }
-                SagaStatus::Running => self.run_step(&mut saga, revision).await?,
-                SagaStatus::Compensating => self.compensate_step(&mut saga, revision).await?,
+                SagaStatus::Running => self.run_step(&mut saga, revision, claimed).await?,
+                SagaStatus::Compensating => {
+                    self.compensate_step(&mut saga, revision, claimed).await?
+                }
             };
             if let Next::Stop = next {
                 let (saga, revision) = self.load(id).await?;
                 return Ok(state_of(&saga, revision));
             }
         }
+    }
+
+    /// Records this orchestrator's lease epoch in the saga before a command leaves, unless
+    /// the stored saga has it. `false`: the revision moved (look again).
+    async fn claim(&self, saga: &Saga, revision: &mut u64, claimed: bool) -> Result<bool> {
+        if claimed {
+            return Ok(true);
+        }
+        if self.save(saga, *revision).await? {
+            *revision += 1;
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     async fn dispatch(&self, saga: &Saga, index: usize, undo: bool) -> Result<()> {
@@ -657,7 +764,7 @@ impl SagaOrchestrator {
         Ok(Next::Again)
     }
 
-    async fn run_step(&self, saga: &mut Saga, revision: u64) -> Result<Next> {
+    async fn run_step(&self, saga: &mut Saga, revision: u64, claimed: bool) -> Result<Next> {
         let index = saga.current;
         if index >= saga.steps.len() {
             return self.finish(saga, revision, SagaStatus::Completed).await;
@@ -689,7 +796,13 @@ impl SagaOrchestrator {
                 }
                 return Ok(Next::Stop); // waiting for the reply
             }
-            StepState::Dispatched => {} // sent before a crash, outcome not recorded: send again
+            StepState::Dispatched => {
+                // Sent before a crash (or by an orchestrator that lost the saga), outcome not
+                // recorded: send again, with the same command id.
+                if !self.claim(saga, &mut revision, claimed).await? {
+                    return Ok(Next::Again);
+                }
+            }
             StepState::Completed | StepState::Failed | StepState::Compensated => {
                 // Inconsistent position (cannot happen through this code): move on safely.
                 saga.current = index + 1;
@@ -706,16 +819,46 @@ impl SagaOrchestrator {
             }
             return Ok(Next::Stop);
         }
-        match outcome {
+        match self.resolve(saga, index, outcome).await {
             Ok(()) => saga.complete_step(index),
-            Err(e @ Error::Timeout { .. }) => saga.fail_step(index, "timed_out", e.to_string()),
+            Err(e) if is_unknown(&e) => saga.possibly_applied(index, e.to_string()),
             Err(e) => saga.fail_step(index, "failed", e.to_string()),
         }
         self.save(saga, revision).await?;
         Ok(Next::Again)
     }
 
-    async fn compensate_step(&self, saga: &mut Saga, revision: u64) -> Result<Next> {
+    /// A synchronous step's outcome, resolved: while it is unknown (a timeout, an unknown
+    /// outcome), the step is sent again with the same command id, up to the configured
+    /// number of times; the receiver applies a command id once, so a step that was applied
+    /// answers as done.
+    async fn resolve(&self, saga: &mut Saga, index: usize, first: Result<()>) -> Result<()> {
+        let mut outcome = first;
+        for resend in 1..=self.inner.config.resends {
+            let Err(e) = &outcome else { break };
+            if !is_unknown(e) {
+                break;
+            }
+            let what = if matches!(e, Error::Timeout { .. }) {
+                "timed_out"
+            } else {
+                "outcome_unknown"
+            };
+            let step = saga.steps[index].id.clone();
+            saga.note(
+                &step,
+                what,
+                Some(format!(
+                    "{e}; sending it again with the same command id ({resend})"
+                )),
+            );
+            tokio::time::sleep(self.inner.config.backoff.delay(resend)).await;
+            outcome = self.dispatch(saga, index, false).await;
+        }
+        outcome
+    }
+
+    async fn compensate_step(&self, saga: &mut Saga, revision: u64, claimed: bool) -> Result<Next> {
         let Some(index) = (0..saga.steps.len())
             .rev()
             .find(|&i| saga.states[i] == StepState::Completed)
@@ -723,6 +866,10 @@ impl SagaOrchestrator {
             return self.finish(saga, revision, SagaStatus::Compensated).await;
         };
         let step_id = saga.steps[index].id.clone();
+        let mut revision = revision;
+        if !self.claim(saga, &mut revision, claimed).await? {
+            return Ok(Next::Again);
+        }
         match self.dispatch(saga, index, true).await {
             Ok(()) => {
                 saga.states[index] = StepState::Compensated;

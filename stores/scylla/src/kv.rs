@@ -16,9 +16,12 @@ fn lwt_err(op: &str, reason: String) -> keel::Error {
     store_err(op.to_owned(), std::io::Error::other(reason))
 }
 
-/// A lease TTL in whole seconds (CQL TTLs are seconds), rounded up, at least 1.
+/// A lease TTL in whole seconds (CQL TTLs are seconds): rounded up, plus one. The server
+/// counts a cell's expiry from the current whole second, so a TTL of `n` lasts between
+/// `n - 1` and `n` seconds; one more keeps a lease at least `ttl` (and at most a second
+/// longer), so that a holder renewing every third of its ttl never loses it between renewals.
 fn ttl_secs(ttl: Duration) -> i32 {
-    ttl.as_secs_f64().ceil().clamp(1.0, i32::MAX as f64) as i32
+    (ttl.as_secs_f64().ceil() + 1.0).clamp(2.0, i32::MAX as f64) as i32
 }
 
 impl Shared {
