@@ -88,8 +88,23 @@ where
 
 /// Generates one `#[test]` per conformance case of a section, in a module named after it.
 ///
-/// `conformance_tests!(section, factory)`: `section` is `events`, `snapshots`, `checkpoints`
-/// or `leases`; `factory` is an expression of type `Fn() -> impl Future<Output = Arc<S>>`.
+/// `conformance_tests!(section, factory)`: `section` is one of the seven below; `factory` is
+/// an expression of type `Fn() -> impl Future<Output = Arc<S>>`. A store that implements
+/// every trait runs all seven:
+///
+/// - `events`: appends, version rules, conflicts, the feed, bad payloads and stream ids,
+///   random histories against a model, the aggregate cache, upcasting;
+/// - `snapshots`: snapshots, and a command id applied once under snapshots (the window);
+/// - `checkpoints`: checkpoints, and fencing of a stale epoch's save;
+/// - `leases`: exclusivity, release by the holder only, expiry;
+/// - `projections`: catch-up, resume, lag, poison and dead letters, pause/resume/reset,
+///   blue/green rebuilds (the live generation served meanwhile, progress reported), one
+///   active manager, takeover, fencing of a stalled holder, requests reaching the holder,
+///   feed errors that stall loudly;
+/// - `sagas`: revisions, completion, compensation, timeouts and unknown outcomes, deadlines
+///   across restarts, replies, recovery applying a step once, one active orchestrator, lease
+///   renewal, a stale orchestrator fenced, the background task, the causation chain;
+/// - `codecs`: payload keys, encryption round trips, crypto-shredding, tamper detection.
 #[macro_export]
 macro_rules! conformance_tests {
     (events, $factory:expr) => {
@@ -123,7 +138,8 @@ macro_rules! conformance_tests {
             projection_stale_holder_stops_applying, projection_stale_writes_are_fenced,
             projection_requests_reach_the_holder, projection_feed_errors_stall_loudly,
             projection_unreadable_events_follow_the_policy,
-            projection_rebuild_on_a_fresh_manager);
+            projection_rebuild_on_a_fresh_manager,
+            projection_live_generation_serves_during_rebuild);
     };
     (sagas, $factory:expr) => {
         $crate::conformance_tests!(@section sagas, $factory;
@@ -134,7 +150,8 @@ macro_rules! conformance_tests {
             saga_has_one_active_orchestrator, saga_commands_carry_correlation,
             causation_is_a_chain, saga_step_committed_before_its_timeout_completes_once,
             saga_step_of_unknown_outcome_is_compensated, saga_stale_orchestrator_is_fenced,
-            saga_lease_is_renewed_while_a_step_runs);
+            saga_lease_is_renewed_while_a_step_runs,
+            saga_background_task_recovers_and_fires_deadlines);
     };
     (codecs, $factory:expr) => {
         $crate::conformance_tests!(@section codecs, $factory;

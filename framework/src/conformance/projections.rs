@@ -29,6 +29,10 @@ pub(super) struct Recorder {
     model: Generations<Vec<(String, u64)>>,
     poison: Option<String>,
     poisoned: AtomicBool,
+    /// Applying to generations from the first number on takes the second's time per event.
+    slow: Option<(u64, Duration)>,
+    /// The last event applied (of any stream): when it was recorded and when applied (ms).
+    last: std::sync::Mutex<Option<(i64, i64)>>,
 }
 
 impl Recorder {
@@ -43,7 +47,17 @@ impl Recorder {
             model: Generations::default(),
             poison,
             poisoned: AtomicBool::new(true),
+            slow: None,
+            last: std::sync::Mutex::new(None),
         })
+    }
+
+    /// A recorder that takes `delay` per event of its own from `generation` on: a rebuild
+    /// long enough to watch.
+    fn slow_from(prefix: &str, generation: u64, delay: Duration) -> Arc<Self> {
+        let mut recorder = Self::poisoned_on(prefix, None);
+        Arc::get_mut(&mut recorder).expect("not shared yet").slow = Some((generation, delay));
+        recorder
     }
 
     pub(super) fn seen(&self) -> Vec<(String, u64)> {
@@ -57,6 +71,7 @@ impl Projection for Recorder {
         &self.name
     }
     async fn apply(&self, generation: u64, event: &RecordedEvent) -> Result<(), BoxError> {
+        *self.last.lock().unwrap() = Some((event.recorded_at, crate::event::now_millis()));
         if !event.stream.as_str().starts_with(&self.prefix) {
             return Ok(());
         }
@@ -64,6 +79,9 @@ impl Projection for Recorder {
             && self.poison.as_deref() == Some(event.stream.as_str())
         {
             return Err("this event cannot be projected".into());
+        }
+        if let Some((_, delay)) = self.slow.filter(|(from, _)| generation >= *from) {
+            tokio::time::sleep(delay).await;
         }
         self.model.update(generation, |m| {
             m.push((event.stream.to_string(), event.version))
@@ -234,13 +252,15 @@ pub async fn projection_resumes_from_checkpoint<S: ProjectionHost>(store: Arc<S>
     assert_eq!(seen.len(), 12);
 }
 
-/// Lag is the number of feed events after the checkpoint, and 0 once caught up.
+/// Lag is the number of feed events after the checkpoint, and 0 once caught up; its time is
+/// how long the last applied event waited between its append and its application.
 pub async fn projection_reports_lag<S: ProjectionHost>(store: Arc<S>) {
     let p = prefix();
     let recorder = Recorder::new(&p);
     let m = manager(&store, recorder.clone());
     m.catch_up(&recorder.name).await.unwrap();
     write(&store, &p, 1, 7).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let status = m.status(&recorder.name).await.unwrap();
     assert!(
         status.lag_events >= 7,
@@ -250,7 +270,18 @@ pub async fn projection_reports_lag<S: ProjectionHost>(store: Arc<S>) {
     assert_eq!(status.lag_events, status.head + 1 - status.checkpoint);
     let status = m.catch_up(&recorder.name).await.unwrap();
     assert_eq!(status.lag_events, 0);
-    assert!(status.lag_ms >= 0);
+    // The last event applied (ours, 300 ms old, unless another test's came after it on a
+    // shared store) waited from its recording to at least its application, and at most until
+    // now.
+    let now = crate::event::now_millis();
+    let (recorded, applied) = recorder.last.lock().unwrap().expect("events were applied");
+    assert!(
+        status.lag_ms >= applied - recorded && status.lag_ms <= now - recorded,
+        "lag {} ms: the last event was recorded at {recorded}, applied at {applied}, now {now}",
+        status.lag_ms
+    );
+    let ours = recorder.seen().last().cloned().expect("ours were applied");
+    assert_eq!(ours.1, 7);
 }
 
 /// A failing event stops the projection with the event named; resume retries it.
@@ -368,7 +399,9 @@ async fn from_scratch_positions<S: ProjectionHost>(store: &Arc<S>, prefix: &str)
 }
 
 /// A rebuild fills a new generation while writes continue, queries see the old one until the
-/// switch, and the result equals a model built from scratch.
+/// switch (which keeps getting new events: see
+/// `projection_live_generation_serves_during_rebuild`), and the result equals a model built
+/// from scratch.
 pub async fn projection_rebuilds_while_writes_continue<S: ProjectionHost>(store: Arc<S>) {
     let p = prefix();
     write(&store, &p, 3, 10).await;
@@ -415,6 +448,85 @@ pub async fn projection_rebuilds_while_writes_continue<S: ProjectionHost>(store:
         (status.generation, status.state),
         (2, ProjectionState::Running)
     );
+}
+
+/// While a rebuild fills generation 2, generation 1 (the one queries read) keeps getting new
+/// events, and the rebuild's progress (done, total, rate, time left) is published as it goes.
+pub async fn projection_live_generation_serves_during_rebuild<S: ProjectionHost>(store: Arc<S>) {
+    let p = prefix();
+    write(&store, &p, 4, 10).await;
+    let recorder = Recorder::slow_from(&p, 2, Duration::from_millis(40));
+    // Small batches: a rebuild batch is 16 of them, so the 40 events take several batches.
+    let m = ProjectionManager::builder(store.clone(), store.clone(), store.clone(), store.clone())
+        .projection(recorder.clone())
+        .batch_size(1)
+        .lease_ttl(Duration::from_secs(2))
+        .poll_interval(Duration::from_millis(20))
+        .build();
+    m.catch_up(&recorder.name).await.unwrap();
+    let history = recorder.seen().len();
+    assert_eq!(history, 40);
+    let rebuild = {
+        let (m, name) = (m.clone(), recorder.name.clone());
+        tokio::spawn(async move { m.rebuild(&name).await })
+    };
+    let deadline = std::time::Instant::now() + FEED_WAIT;
+    let progress = loop {
+        let status = m.status(&recorder.name).await.unwrap();
+        if let Some(progress) = status.rebuild.clone().filter(|r| r.done > 0) {
+            assert_eq!(status.state, ProjectionState::Rebuilding);
+            break progress;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no rebuild progress: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(progress.generation, 2);
+    assert!(
+        progress.total >= 40,
+        "the history is the total: {progress:?}"
+    );
+    assert!(progress.done <= progress.total, "{progress:?}");
+    assert!(
+        progress.rate > 0.0 && progress.rate.is_finite(),
+        "{progress:?}"
+    );
+    let expected_eta = (progress.total - progress.done) as f64 / progress.rate;
+    assert!(
+        (progress.eta_secs - expected_eta).abs() < 1e-6 && progress.eta_secs > 0.0,
+        "time left is what remains at the rate so far: {progress:?}"
+    );
+
+    // A new event during the rebuild reaches the live generation before the swap.
+    let late = fresh_stream(&p);
+    store
+        .append(&late, ExpectedVersion::NoStream, counter_events(&[1]))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + FEED_WAIT;
+    loop {
+        let (seen, active) = (recorder.seen(), recorder.model.active());
+        assert_eq!(
+            active, 1,
+            "the rebuild finished before the live generation saw the new event"
+        );
+        if seen.contains(&(late.to_string(), 1)) {
+            assert_eq!(seen.len(), history + 1);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "generation 1 got no new event"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let rebuilt = rebuild.await.unwrap().unwrap();
+    assert!(rebuilt >= 40, "{rebuilt}");
+    assert_eq!(recorder.model.active(), 2);
+    m.catch_up(&recorder.name).await.unwrap();
+    assert_eq!(recorder.seen(), from_scratch(&store, &p).await);
 }
 
 /// Of two managers only the lease holder applies events; the other takes over when it stops.

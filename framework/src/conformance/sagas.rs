@@ -990,3 +990,65 @@ pub async fn saga_lease_is_renewed_while_a_step_runs<S: SagaHost>(store: Arc<S>)
         assert_eq!(units(&store, bin).await, 9, "each step applied once");
     }
 }
+
+/// `start()`'s background task does what `recover()` does, every tick, without being called:
+/// it fires an awaited step's deadline and resumes a saga left unstarted when its lease was
+/// held elsewhere.
+pub async fn saga_background_task_recovers_and_fires_deadlines<S: SagaHost>(store: Arc<S>) {
+    let (waiting_bins, parked_bins) = (bins(&store).await, bins(&store).await);
+    let (waiting, parked) = (saga_id(), saga_id());
+    let mut plan = steps(&waiting_bins, [1, 1, 1]);
+    plan.insert(
+        1,
+        SagaStep::new("approval", Ask)
+            .awaiting_reply()
+            .timeout(Duration::from_millis(300)),
+    );
+    let first = orchestrator(&store);
+    first.start_saga(&waiting, plan).await.unwrap();
+    let busy = store
+        .acquire(
+            &format!("saga/{parked}"),
+            "another-process",
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let state = first
+        .start_saga(&parked, steps(&parked_bins, [1, 1, 1]))
+        .await
+        .unwrap();
+    assert!(state.steps.iter().all(|(_, s)| *s == StepState::Pending));
+    drop((first, busy)); // the lease is left to expire, as a crashed holder's would
+
+    let background = SagaOrchestrator::builder(store.clone(), store.clone(), bus(&store))
+        .tick(Duration::from_millis(50))
+        .build();
+    background.start();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (a, b) = (
+            background.get_saga_state(&waiting).await.unwrap(),
+            background.get_saga_state(&parked).await.unwrap(),
+        );
+        if a.status.is_finished() && b.status.is_finished() {
+            assert_eq!(a.status, SagaStatus::Compensated, "{:?}", a.history);
+            assert!(outcomes(&a).contains(&("approval".into(), "timed_out".into())));
+            assert_eq!(b.status, SagaStatus::Completed, "{:?}", b.history);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the background task did not finish them: {:?} / {:?}",
+            a.status,
+            b.status
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(units(&store, &waiting_bins[0]).await, 10, "compensated");
+    for bin in &parked_bins {
+        assert_eq!(units(&store, bin).await, 9, "each step applied once");
+    }
+    assert!(background.metrics().completed >= 1);
+}

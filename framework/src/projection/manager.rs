@@ -814,10 +814,20 @@ impl Inner {
                     .batch(slot, runner, generation, from, self.config.batch_size * 16)
                     .await?;
                 // `runner.lease` is gone when the batch stopped for a lost lease.
-                if n == 0 && runner.lease.is_some() && runner.state != ProjectionState::Failed {
+                let going = runner.lease.is_some() && runner.state != ProjectionState::Failed;
+                if n == 0 && going {
                     self.swap(slot, runner).await?;
                 }
-                Step::Progress(n.max(1))
+                // The generation that queries read keeps getting new events until the swap:
+                // one live batch after each rebuild batch.
+                let live = if n > 0 && going {
+                    let (live, from) = (runner.generation, runner.checkpoint);
+                    self.batch(slot, runner, live, from, self.config.batch_size)
+                        .await?
+                } else {
+                    0
+                };
+                Step::Progress((n + live).max(1))
             }
             None => {
                 let n = self
