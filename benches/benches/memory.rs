@@ -30,6 +30,9 @@ fn runtime() -> tokio::runtime::Runtime {
 /// Aggregates the command benchmarks spread their commands over.
 const AGGREGATES: u64 = 100_000;
 
+/// Events each aggregate has before the `command_warm` group's timed commands.
+const WARM_EVENTS: u64 = 2;
+
 /// One command through the bus and the repository to a memory append, against hand-written
 /// loops doing the same work by hand: load the aggregate's events from a map, decode them,
 /// apply, decide, encode the new event and push it.
@@ -97,6 +100,56 @@ fn command(c: &mut Criterion) {
             started.elapsed()
         })
     });
+    group.finish();
+
+    // The same command on aggregates that already exist: each sample first gives every one of
+    // the 100,000 aggregates two events (untimed), then times commands round-robin over them,
+    // so every command meets a short history (two to a few events) and, with the cache on, a
+    // cached aggregate. The group above mostly creates aggregates (a sample runs fewer
+    // commands than there are aggregates), which no cache can help with.
+    let mut group = c.benchmark_group("command_warm");
+    group.bench_function("reference: hand-written loop, short histories", |b| {
+        b.iter_custom(|iters| {
+            let mut log = Log::default();
+            for n in 1..=WARM_EVENTS * AGGREGATES {
+                log.command(n);
+            }
+            let started = std::time::Instant::now();
+            for n in 1..=iters {
+                log.command(n);
+            }
+            started.elapsed()
+        })
+    });
+    for (label, capacity) in [
+        (
+            "keel: bus -> repository -> memory, short histories, cache on",
+            AGGREGATES as usize,
+        ),
+        (
+            "keel: bus -> repository -> memory, short histories, cache off",
+            0,
+        ),
+    ] {
+        group.bench_function(label, |b| {
+            b.to_async(&rt).iter_custom(|iters| async move {
+                let repo = Repository::<Counter>::builder(Arc::new(MemoryStore::new()))
+                    .cache(capacity, None)
+                    .build();
+                let bus = counter_bus(repo);
+                for n in 1..=WARM_EVENTS * AGGREGATES {
+                    let id = format!("c-{}", n % AGGREGATES);
+                    bus.send(Increment { id, by: 1 }).await.unwrap();
+                }
+                let started = std::time::Instant::now();
+                for n in 1..=iters {
+                    let id = format!("c-{}", n % AGGREGATES);
+                    bus.send(Increment { id, by: 1 }).await.unwrap();
+                }
+                started.elapsed()
+            })
+        });
+    }
     group.finish();
 
     // Where the time goes, each from empty maps per sample like the command itself.
