@@ -33,7 +33,6 @@ mod feed;
 mod keys;
 mod kv;
 mod projections;
-mod reconcile;
 mod retry;
 mod sagas;
 mod schema;
@@ -49,10 +48,10 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::{Consistency, SerialConsistency};
 
 pub use error::Error;
+pub use feed::Reconciled;
 pub use feed::{FeedStatus, FEED_DEAD_LETTERS};
 pub use keys::Rewrapped;
 pub use projections::ViewBatch;
-pub use reconcile::Reconciled;
 pub use schema::{validate_identifier, Replication, SCHEMA_VERSION};
 
 /// Versions per event partition unless configured otherwise.

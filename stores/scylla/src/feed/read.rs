@@ -1,0 +1,131 @@
+//! Reading the feed: its head and its rows from a position, page by page.
+
+use bytes::Bytes;
+use futures::{stream, StreamExt};
+use keel::{Error, EventStream, RecordedEvent, Result, StreamId};
+use scylla::value::CqlTimestamp;
+
+use crate::error::store_err;
+use crate::events::PAGE;
+use crate::Shared;
+
+impl Shared {
+    /// The head of the feed: the last allocated position (a plain read: an estimate for lag
+    /// and progress, never used to allocate).
+    pub(crate) async fn feed_head(&self) -> Result<u64> {
+        let rows = self
+            .select(&self.st.meta_head, (), "read feed head")
+            .await?;
+        let head = rows
+            .maybe_first_row::<(Option<i64>,)>()
+            .map_err(|e| store_err("read feed head", e))?
+            .and_then(|(h,)| h);
+        Ok(head.unwrap_or(0).max(0) as u64)
+    }
+
+    /// The feed rows at positions `start..end` (one feed bucket), up to the first gap, and the
+    /// error of the first row that does not decode: the events before it are read.
+    pub(super) async fn feed_range(
+        &self,
+        start: i64,
+        end: i64,
+    ) -> Result<(Vec<RecordedEvent>, Option<Error>)> {
+        let rows = self
+            .select(
+                &self.st.read_feed,
+                (self.feed_bucket(start), start, end),
+                "read feed",
+            )
+            .await?;
+        let mut page = Vec::new();
+        type FeedRow = (
+            i64,
+            String,
+            i64,
+            Option<uuid::Uuid>,
+            Option<String>,
+            Option<i32>,
+            Option<Bytes>,
+            Option<Vec<u8>>,
+            Option<CqlTimestamp>,
+        );
+        let typed = rows
+            .rows::<FeedRow>()
+            .map_err(|e| store_err("read feed", e))?;
+        for (expected, row) in (start..).zip(typed) {
+            let (
+                position,
+                stream,
+                version,
+                event_id,
+                event_type,
+                schema_version,
+                payload,
+                metadata,
+                at,
+            ) = row.map_err(|e| store_err("read feed", e))?;
+            if position != expected {
+                break; // allocated but not written yet: the feed ends here for now
+            }
+            let stream = StreamId::from(stream);
+            let decoded = self.decode_row(
+                &stream,
+                Some(position as u64),
+                (
+                    version,
+                    event_id,
+                    event_type,
+                    schema_version,
+                    payload,
+                    metadata,
+                    at,
+                ),
+            );
+            match decoded {
+                Ok(event) => page.push(event),
+                Err(e) => return Ok((page, Some(e))),
+            }
+        }
+        Ok((page, None))
+    }
+
+    /// The feed from `from`, page by page, up to the first position not written yet, or up
+    /// to a row that does not decode: every event before it, then its error.
+    ///
+    /// Pages end on multiples of the page size, and a feed bucket's size is a multiple of it,
+    /// so no page crosses a bucket and the next page's range is known before this one arrives:
+    /// it is fetched while this one is consumed.
+    pub(crate) fn feed_from(&self, from: u64) -> EventStream<'_> {
+        let page = PAGE as i64;
+        let first = from.max(1) as i64;
+        let ranges = (0..).map(move |k: i64| {
+            let start = if k == 0 {
+                first
+            } else {
+                (first / page + k) * page
+            };
+            (start, (first / page + k + 1) * page)
+        });
+        let pages = stream::iter(ranges)
+            .map(move |(start, end)| async move {
+                let (events, unreadable) = self.feed_range(start, end).await?;
+                let complete = unreadable.is_none() && events.len() as i64 == end - start;
+                Ok::<_, Error>((events, unreadable, complete))
+            })
+            .buffered(2)
+            .scan(false, |done, page| {
+                if *done {
+                    return futures::future::ready(None);
+                }
+                *done = !matches!(page, Ok((_, _, true)));
+                futures::future::ready(Some(page))
+            });
+        Box::pin(pages.flat_map(|page| {
+            let (events, unreadable) = match page {
+                Ok((events, unreadable, _)) => (events, unreadable),
+                Err(e) => (Vec::new(), Some(e)),
+            };
+            stream::iter(events.into_iter().map(Ok).chain(unreadable.map(Err)))
+        }))
+    }
+}
