@@ -1,0 +1,131 @@
+//! `keel feed`: the feed's status, reconciliation, and skipping a damaged row.
+
+use clap::Subcommand;
+use keel::StreamId;
+use keel_scylla::KeelScylla;
+
+#[derive(Subcommand)]
+pub(crate) enum FeedAction {
+    /// The feed's head, the feeder holding the lease, when a feeder was last alive, and
+    /// whether a round was left unfinished.
+    Status,
+    /// Compare every stream's head with the feed and mark the streams that are behind, so the
+    /// running feeder publishes their missing events. Needed after writers ran for over an
+    /// hour with no feeder anywhere (their markers expired). Reads every stream's head.
+    Reconcile,
+    /// Let the feed go past a version it cannot carry (a damaged row `feed status` lists
+    /// as stuck): the feed will never hold that event. Repair the row instead where you can.
+    /// Needs `--yes`.
+    Skip {
+        /// The stream held back.
+        stream: String,
+        /// The version to leave out of the feed.
+        version: u64,
+        /// Confirms that the event is to be left out of the feed for good.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+async fn feed_status(store: &KeelScylla, json: bool) -> Result<(), Box<dyn std::error::Error>> {
+    let status = store.feed_status().await?;
+    let alive = status.last_alive.map(|d| d.as_secs());
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "head": status.head,
+                "feeder": status.feeder,
+                "epoch": status.epoch,
+                "last_alive_seconds_ago": alive,
+                "unfinished_plan": status.unfinished_plan,
+                "stuck": status.stuck.iter().map(|l| serde_json::json!({
+                    "stream": l.event.stream,
+                    "version": l.event.version,
+                    "reason": l.error,
+                })).collect::<Vec<_>>(),
+            })
+        );
+        return Ok(());
+    }
+    println!("feed head:  {}", status.head);
+    match &status.feeder {
+        Some(id) => println!("feeder:     `{id}` (lease epoch {})", status.epoch),
+        None => println!("feeder:     none holds the lease: the feed does not advance"),
+    }
+    match alive {
+        Some(s) => println!("last alive: {s} s ago"),
+        None => println!("last alive: not in the last 55 minutes"),
+    }
+    if status.unfinished_plan > 0 {
+        println!(
+            "unfinished: a round for {} stream(s); the next feeder finishes it first",
+            status.unfinished_plan
+        );
+    }
+    for letter in &status.stuck {
+        println!(
+            "stuck:      `{}` version {}: {} (other streams go on; repair the row, or `keel feed skip`)",
+            letter.event.stream, letter.event.version, letter.error
+        );
+    }
+    Ok(())
+}
+
+async fn reconcile(store: &KeelScylla, json: bool) -> Result<(), Box<dyn std::error::Error>> {
+    let found = store.reconcile_feed().await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "partitions": found.partitions,
+                "lagging": found.lagging,
+                "unfed_events": found.unfed_events,
+            })
+        );
+    } else if found.lagging.is_empty() {
+        println!(
+            "looked at {} event partition(s): the feed has every committed event",
+            found.partitions
+        );
+    } else {
+        println!(
+            "looked at {} event partition(s): {} stream(s) had {} event(s) missing from the feed",
+            found.partitions,
+            found.lagging.len(),
+            found.unfed_events
+        );
+        for stream in &found.lagging {
+            println!("  {stream}");
+        }
+        println!("marked for the feeder: the process holding the feeder lease publishes them");
+    }
+    Ok(())
+}
+
+/// Runs one `keel feed` action.
+pub(crate) async fn feed(
+    store: &KeelScylla,
+    action: FeedAction,
+    json: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    match action {
+        FeedAction::Status => feed_status(store, json).await,
+        FeedAction::Reconcile => reconcile(store, json).await,
+        FeedAction::Skip {
+            stream,
+            version,
+            yes,
+        } => {
+            if !yes {
+                return Err(format!(
+                    "skipping leaves `{stream}` version {version} out of the feed for good: add --yes"
+                )
+                .into());
+            }
+            store.skip_in_feed(&StreamId::new(&stream), version).await?;
+            println!("the feed goes on past `{stream}` version {version}");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! `keel projections`: status, requests to the managers, dead letters.
+
+use std::time::{Duration, Instant};
+
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+use keel::projection::{Control, ProjectionState, ProjectionStatus, ProjectionStore, Request};
+use keel_scylla::KeelScylla;
+
+#[derive(Subcommand)]
+pub(crate) enum ProjectionAction {
+    /// Every projection's status.
+    List,
+    /// One projection's status.
+    Status { name: String },
+    /// Rebuild from the full history (blue/green) and wait until the new generation is active.
+    Rebuild {
+        name: String,
+        /// Only leave the request; do not wait.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
+    /// Stop applying events until resumed.
+    Pause { name: String },
+    /// Continue (after a failure: retry the failed event).
+    Resume { name: String },
+    /// Move the checkpoint to a feed position.
+    Reset { name: String, position: u64 },
+    /// Events skipped under the dead-letter policy.
+    DeadLetters { name: String },
+}
+
+pub(crate) async fn status_of(
+    store: &KeelScylla,
+    name: &str,
+) -> Result<ProjectionStatus, Box<dyn std::error::Error>> {
+    store.load_status(name).await?.ok_or_else(|| {
+        format!("no projection `{name}` has published a status in this keyspace").into()
+    })
+}
+
+pub(crate) async fn projections(
+    store: &KeelScylla,
+    action: ProjectionAction,
+    json: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    match action {
+        ProjectionAction::List => {
+            let all = store.list_status().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else if all.is_empty() {
+                println!("no projections have published a status");
+            } else {
+                println!(
+                    "{:<24} {:<11} {:>4} {:>10} {:>8} {:>10}  LAST ERROR",
+                    "NAME", "STATE", "GEN", "CHECKPOINT", "LAG", "PROCESSED"
+                );
+                for s in all {
+                    println!(
+                        "{:<24} {:<11} {:>4} {:>10} {:>8} {:>10}  {}",
+                        s.name,
+                        state_name(s.state),
+                        s.generation,
+                        s.checkpoint,
+                        s.lag_events,
+                        s.processed,
+                        s.last_error.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+        }
+        ProjectionAction::Status { name } => print_status(&status_of(store, &name).await?, json)?,
+        ProjectionAction::Pause { name } => request(store, &name, Control::Pause, json).await?,
+        ProjectionAction::Resume { name } => request(store, &name, Control::Resume, json).await?,
+        ProjectionAction::Reset { name, position } => {
+            request(store, &name, Control::ResetTo(position), json).await?
+        }
+        ProjectionAction::DeadLetters { name } => {
+            let letters = store.dead_letters(&name).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&letters)?);
+            } else {
+                for l in &letters {
+                    println!(
+                        "{} v{} {} at position {}: {}",
+                        l.event.stream,
+                        l.event.version,
+                        l.event.event_type,
+                        l.event.position,
+                        l.error
+                    );
+                }
+                println!("{} dead letter(s)", letters.len());
+            }
+        }
+        ProjectionAction::Rebuild {
+            name,
+            no_wait,
+            timeout,
+        } => {
+            let before = status_of(store, &name).await?;
+            store.request(&name, Request::new(Control::Rebuild)).await?;
+            if no_wait {
+                return report(&name, "rebuild requested", json);
+            }
+            let bar = if json {
+                ProgressBar::hidden()
+            } else {
+                ProgressBar::new(before.head.max(1))
+            };
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{msg} [{bar:40}] {pos}/{len} events, {per_sec}, eta {eta}",
+                )?
+                .progress_chars("=> "),
+            );
+            bar.set_message(format!("rebuilding {name}"));
+            let deadline = Instant::now() + Duration::from_secs(timeout);
+            loop {
+                let now = status_of(store, &name).await?;
+                if let Some(r) = &now.rebuild {
+                    bar.set_length(r.total.max(r.done));
+                    bar.set_position(r.done);
+                }
+                if now.generation > before.generation && now.rebuild.is_none() {
+                    bar.finish_and_clear();
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&now)?);
+                    } else {
+                        println!(
+                            "rebuilt {name}: generation {} active, checkpoint {}",
+                            now.generation, now.checkpoint
+                        );
+                    }
+                    return Ok(());
+                }
+                if now.state == ProjectionState::Failed {
+                    bar.abandon();
+                    return Err(format!(
+                        "rebuild of {name} failed: {}",
+                        now.last_error.unwrap_or_default()
+                    )
+                    .into());
+                }
+                if Instant::now() > deadline {
+                    bar.abandon();
+                    return Err(format!("rebuild of {name} not finished after {timeout} s (is a manager running it?)").into());
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn request(
+    store: &KeelScylla,
+    name: &str,
+    control: Control,
+    json: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    status_of(store, name).await?; // refuse unknown names
+    let request = Request::new(control);
+    store.request(name, request).await?;
+    // The lease holder names the request in its status once it has applied it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let status = status_of(store, name).await?;
+        if let Some(applied) = status.last_request.filter(|a| a.id == request.id) {
+            return report(
+                name,
+                &format!(
+                    "{control:?} applied by manager {} under lease epoch {}",
+                    status.owner, applied.epoch
+                ),
+                json,
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    report(
+        name,
+        &format!("{control:?} requested; no manager applied it within 5 s (is one running?): the lease holder takes it on its next step"),
+        json,
+    )
+}
+
+pub(crate) fn report(
+    name: &str,
+    message: &str,
+    json: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "projection": name, "result": message })
+        );
+    } else {
+        println!("{name}: {message}");
+    }
+    Ok(())
+}
+
+pub(crate) fn state_name(state: ProjectionState) -> String {
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+pub(crate) fn print_status(
+    s: &ProjectionStatus,
+    json: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(s)?);
+        return Ok(());
+    }
+    println!("projection   {}", s.name);
+    println!("state        {}", state_name(s.state));
+    println!("generation   {}", s.generation);
+    println!("checkpoint   {} (feed head {})", s.checkpoint, s.head);
+    println!("lag          {} events, {} ms", s.lag_events, s.lag_ms);
+    println!("processed    {}", s.processed);
+    println!("dead letters {}", s.dead_letters);
+    if let Some(e) = &s.failed_event {
+        println!(
+            "failed on    {} version {} ({}) at position {}",
+            e.stream, e.version, e.event_type, e.position
+        );
+    }
+    if let Some(e) = &s.last_error {
+        println!("last error   {e}");
+    }
+    if let Some(r) = &s.rebuild {
+        println!(
+            "rebuilding   generation {}: {}/{} events, {:.0}/s, eta {:.0} s",
+            r.generation, r.done, r.total, r.rate, r.eta_secs
+        );
+    }
+    println!("owner        {}", s.owner);
+    if let Some(r) = &s.last_request {
+        println!(
+            "last request {:?} ({}) applied at {} ms under lease epoch {}",
+            r.control, r.id, r.applied_at, r.epoch
+        );
+    }
+    Ok(())
+}
