@@ -143,6 +143,20 @@ fn gates() -> &'static Mutex<Gates> {
     GATES.get_or_init(Mutex::default)
 }
 
+/// A new closed gate: its key, and the (entered, release) pair of its first command.
+fn closed_gate() -> (String, Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>) {
+    let key = format!("gate-{}", Uuid::new_v4().simple());
+    let (entered, release) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    gates()
+        .lock()
+        .unwrap()
+        .insert(key.clone(), (entered.clone(), release.clone()));
+    (key, entered, release)
+}
+
 /// Remaining failures per flaky key.
 fn failures() -> &'static Mutex<HashMap<String, u32>> {
     static FAILURES: OnceLock<Mutex<HashMap<String, u32>>> = OnceLock::new();
@@ -798,25 +812,32 @@ fn around(
     plan
 }
 
+/// Runs a saga whose middle step takes a unit from `bins[1]` and then stalls past its 200 ms
+/// timeout on its first `stalls` attempts.
+async fn run_stalling<S: SagaHost>(
+    store: &Arc<S>,
+    bins: &[String],
+    stalls: u32,
+) -> crate::saga::SagaState {
+    let key = format!("stall-{}", Uuid::new_v4().simple());
+    failures().lock().unwrap().insert(key.clone(), stalls);
+    let middle = TakeThenStall {
+        bin: bins[1].clone(),
+        units: 1,
+        stalls: key,
+    };
+    orchestrator(store)
+        .start_saga(&saga_id(), around(bins, middle, Duration::from_millis(200)))
+        .await
+        .unwrap()
+}
+
 /// A step that commits and then times out is sent again with the same command id: the
 /// repository recognises it, the re-send answers, and the saga completes with the step
 /// applied once.
 pub async fn saga_step_committed_before_its_timeout_completes_once<S: SagaHost>(store: Arc<S>) {
     let bins = bins(&store).await;
-    let stalls = format!("stall-{}", Uuid::new_v4().simple());
-    failures().lock().unwrap().insert(stalls.clone(), 1);
-    let middle = TakeThenStall {
-        bin: bins[1].clone(),
-        units: 1,
-        stalls,
-    };
-    let state = orchestrator(&store)
-        .start_saga(
-            &saga_id(),
-            around(&bins, middle, Duration::from_millis(200)),
-        )
-        .await
-        .unwrap();
+    let state = run_stalling(&store, &bins, 1).await;
     assert_eq!(state.status, SagaStatus::Completed, "{:?}", state.history);
     assert!(outcomes(&state).contains(&("middle".into(), "timed_out".into())));
     for bin in &bins {
@@ -829,20 +850,7 @@ pub async fn saga_step_committed_before_its_timeout_completes_once<S: SagaHost>(
 /// ends compensated with nothing left applied.
 pub async fn saga_step_of_unknown_outcome_is_compensated<S: SagaHost>(store: Arc<S>) {
     let bins = bins(&store).await;
-    let stalls = format!("stall-{}", Uuid::new_v4().simple());
-    failures().lock().unwrap().insert(stalls.clone(), u32::MAX);
-    let middle = TakeThenStall {
-        bin: bins[1].clone(),
-        units: 1,
-        stalls,
-    };
-    let state = orchestrator(&store)
-        .start_saga(
-            &saga_id(),
-            around(&bins, middle, Duration::from_millis(200)),
-        )
-        .await
-        .unwrap();
+    let state = run_stalling(&store, &bins, u32::MAX).await;
     assert_eq!(state.status, SagaStatus::Compensated, "{:?}", state.history);
     assert_eq!(state.failed_step.as_deref(), Some("middle"));
     let middle_state = state.steps.iter().find(|(s, _)| s == "middle").unwrap().1;
@@ -889,15 +897,8 @@ impl<S: SagaHost> LeaseStore for Stalling<S> {
 /// refused and it stops: no step is applied twice and the saga's record is the second's.
 pub async fn saga_stale_orchestrator_is_fenced<S: SagaHost>(store: Arc<S>) {
     let bins = bins(&store).await;
-    let (id, gate) = (saga_id(), format!("gate-{}", Uuid::new_v4().simple()));
-    let (entered, release) = (
-        Arc::new(tokio::sync::Notify::new()),
-        Arc::new(tokio::sync::Notify::new()),
-    );
-    gates()
-        .lock()
-        .unwrap()
-        .insert(gate.clone(), (entered.clone(), release.clone()));
+    let id = saga_id();
+    let (gate, entered, release) = closed_gate();
     let (pause, paused) = tokio::sync::watch::channel(true);
     let ttl = Duration::from_secs(1);
     let leases = Arc::new(Stalling {
@@ -950,15 +951,8 @@ pub async fn saga_stale_orchestrator_is_fenced<S: SagaHost>(store: Arc<S>) {
 /// live does not let a second orchestrator in.
 pub async fn saga_lease_is_renewed_while_a_step_runs<S: SagaHost>(store: Arc<S>) {
     let bins = bins(&store).await;
-    let (id, gate) = (saga_id(), format!("gate-{}", Uuid::new_v4().simple()));
-    let (entered, release) = (
-        Arc::new(tokio::sync::Notify::new()),
-        Arc::new(tokio::sync::Notify::new()),
-    );
-    gates()
-        .lock()
-        .unwrap()
-        .insert(gate.clone(), (entered.clone(), release.clone()));
+    let id = saga_id();
+    let (gate, entered, release) = closed_gate();
     let ttl = Duration::from_secs(1);
     let driver = SagaOrchestrator::builder(store.clone(), store.clone(), bus(&store))
         .lease_ttl(ttl)

@@ -439,15 +439,23 @@ impl<A: Aggregate> Repository<A> {
         events: &[A::Event],
         metadata: &Metadata,
     ) -> Result<AppendResult> {
-        let metadata = metadata.for_effects();
+        // The effects' metadata is built once and moved into the last event, so stamping the
+        // causation costs no clone more than the events need.
+        let correlation_id = metadata.correlation_id;
+        let mut effects = Some(metadata.for_effects());
         let mut encoded = Vec::with_capacity(events.len());
-        for event in events {
-            encoded.push(NewEvent::encode(event, metadata.clone())?);
+        for (i, event) in events.iter().enumerate() {
+            let metadata = if i + 1 == events.len() {
+                effects.take()
+            } else {
+                effects.clone()
+            };
+            encoded.push(NewEvent::encode(event, metadata.unwrap_or_default())?);
         }
         let span = tracing::debug_span!("keel.append", aggregate = A::TYPE, stream = %stream,
             expected = %expected, events = events.len(), version = tracing::field::Empty,
             event_type = events.first().map(crate::event::DomainEvent::event_type),
-            correlation_id = metadata.correlation_id.map(tracing::field::display));
+            correlation_id = correlation_id.map(tracing::field::display));
         match self
             .inner
             .events
