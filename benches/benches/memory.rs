@@ -570,7 +570,7 @@ fn rebuild(c: &mut Criterion) {
     group.bench_function("baseline: raw read_all + apply", |b| {
         b.iter(|| {
             rt.block_on(async {
-                let mut events = store.read_all(1);
+                let mut events = store.read_feed(&keel::Cursor::new());
                 while let Some(e) = events.try_next().await.unwrap() {
                     keel::projection::Projection::apply(&*tally, 1, &e)
                         .await

@@ -338,7 +338,7 @@ fn feed(c: &mut Criterion, b: &Bench) {
             let head = b.store.feed_head().await.unwrap();
             let readable = b
                 .store
-                .read_all(1)
+                .read_feed(&keel::Cursor::new())
                 .try_fold(0u64, |n, _| async move { Ok(n + 1) })
                 .await
                 .unwrap();
@@ -397,7 +397,7 @@ fn feed(c: &mut Criterion, b: &Bench) {
         bench.to_async(&b.rt).iter(|| async {
             let n = b
                 .store
-                .read_all(1)
+                .read_feed(&keel::Cursor::new())
                 .try_fold(0u64, |n, _| async move { Ok(n + 1) })
                 .await
                 .unwrap();

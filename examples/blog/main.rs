@@ -160,7 +160,7 @@ async fn main() -> Result<(), keel::BoxError> {
     stores.finish().await
 }
 
-/// Waits until every named projection has applied the first `events` feed positions.
+/// Waits until every named projection has consumed `events` events of the feed.
 async fn wait_until_caught_up(
     manager: &ProjectionManager,
     names: &[&str],
@@ -170,7 +170,7 @@ async fn wait_until_caught_up(
     for name in names {
         loop {
             let status = manager.status(name).await?;
-            if status.checkpoint > events {
+            if status.consumed >= events {
                 break;
             }
             if Instant::now() > deadline {

@@ -414,9 +414,12 @@ pub struct RecordedEvent {
     pub stream: StreamId,
     /// Its version in the stream (1-based).
     pub version: u64,
-    /// Its position in the global feed (1-based), when read from the feed. Events read from a
+    /// Its position in its feed slice (1-based), when read from the feed. Events read from a
     /// stream carry it where the store knows it at that point (`None` otherwise).
     pub position: Option<u64>,
+    /// The feed slice it is in ([`slice_of`](crate::feed::slice_of) its stream): meaningful
+    /// with `position`.
+    pub slice: u32,
     /// When the store recorded it, in milliseconds since the Unix epoch.
     pub recorded_at: i64,
     /// Stable type name.
@@ -441,6 +444,7 @@ impl RecordedEvent {
             stream,
             version,
             position,
+            slice: 0,
             recorded_at: now_millis(),
             event_type: event.event_type,
             schema_version: event.schema_version,

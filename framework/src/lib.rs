@@ -72,6 +72,7 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod feed;
 pub mod health;
 pub mod metrics;
 pub mod projection;
@@ -95,6 +96,7 @@ pub use error::{BoxError, Error, Result};
 pub use event::{
     AppendResult, DomainEvent, ExpectedVersion, Metadata, NewEvent, RecordedEvent, StreamId,
 };
+pub use feed::Cursor;
 pub use repository::{Executed, Loaded, Repository, RepositoryMetrics, SnapshotPolicy};
 pub use store::{
     CheckpointStore, EventPage, EventStore, EventStream, Fence, Lease, LeaseStore, PageStream,

@@ -7,7 +7,7 @@
 //!
 //! | trait | holds | used by |
 //! |---|---|---|
-//! | [`EventStore`] | streams of events and the global feed | [`Repository`](crate::Repository), projections |
+//! | [`EventStore`] | streams of events and the feed, in slices | [`Repository`](crate::Repository), projections |
 //! | [`SnapshotStore`] | the latest state of an aggregate at a version | [`Repository`](crate::Repository) |
 //! | [`CheckpointStore`] | how far a feed consumer got | projections |
 //! | [`LeaseStore`] | who may run a singleton worker right now | projections, sagas |
@@ -21,6 +21,7 @@ use futures::stream::BoxStream;
 
 use crate::error::Result;
 use crate::event::{AppendResult, ExpectedVersion, NewEvent, RecordedEvent, StreamId};
+use crate::feed::Cursor;
 
 /// A stream of recorded events, read lazily page by page; never a whole history in memory.
 pub type EventStream<'a> = BoxStream<'a, Result<RecordedEvent>>;
@@ -67,10 +68,13 @@ pub type PageStream<'a> = BoxStream<'a, Result<EventPage>>;
 ///   Versions continue the stream's sequence with no gap; a stream's first event is version 1.
 /// - The expected-version check is exact: of concurrent appenders expecting the same version,
 ///   exactly one wins and the others get [`Error::Conflict`](crate::Error::Conflict).
-/// - The feed ([`read_all`](EventStore::read_all)) assigns every committed event exactly one
-///   dense position (1, 2, 3 ...) and keeps each stream's events in version order. A store may
-///   publish events to the feed shortly after the append returns (the ScyllaDB store does); it
-///   never publishes an event that was not committed, and never publishes one twice.
+/// - The feed is cut into [`feed_slices`](EventStore::feed_slices) slices; each stream's
+///   events are in the one slice [`slice_of`](crate::feed::slice_of) names. Each slice
+///   ([`read_slice`](EventStore::read_slice)) assigns every committed event of its streams
+///   exactly one dense position (1, 2, 3 ...) and keeps each stream's events in version order.
+///   There is no order between slices. A store may publish events to the feed shortly after
+///   the append returns (the ScyllaDB store does); it never publishes an event that was not
+///   committed, and never publishes one twice.
 #[async_trait]
 pub trait EventStore: Send + Sync + 'static {
     /// Appends `events` to `stream` if the stream is at `expected`. An empty `events` checks
@@ -103,20 +107,57 @@ pub trait EventStore: Send + Sync + 'static {
         )
     }
 
-    /// The feed from `from_position` (inclusive) up to its current head; each event carries its
-    /// `position`. A consumer saves `last position + 1` as its checkpoint and resumes there.
+    /// How many slices the feed is cut into (a power of two; see [`feed`](crate::feed)). A
+    /// stream's events are all in slice [`slice_of`](crate::feed::slice_of)`(stream, slices)`.
+    /// The default, for a store with one undivided feed, is 1.
+    fn feed_slices(&self) -> u32 {
+        1
+    }
+
+    /// One slice of the feed from `from_position` (inclusive) up to the slice's current head;
+    /// each event carries its `slice` and its `position` in it. A consumer resumes after the
+    /// last position it consumed (see [`Cursor`]).
     ///
     /// An event that cannot be read (a damaged row, a payload that does not open) is an error
     /// *in its place*, one that names it ([`Error::event`](crate::Error::event)): every event
-    /// before it is yielded first, so the unreadable one is at the consumer's next position,
-    /// and nothing after the error is read. A projection manager gives it to its error policy.
-    fn read_all(&self, from_position: u64) -> EventStream<'_>;
+    /// of the slice before it is yielded first, so the unreadable one is at the consumer's
+    /// next position in that slice, and nothing after the error is read. A projection manager
+    /// gives it to its error policy. A slice number at or above
+    /// [`feed_slices`](EventStore::feed_slices) reads as empty.
+    fn read_slice(&self, slice: u32, from_position: u64) -> EventStream<'_>;
+
+    /// The slices `slices` of the feed after `cursor`, interleaved: each slice in position
+    /// order, no order between slices (see [`feed`](crate::feed)). An unreadable event ends
+    /// its own slice's part of the stream (as in [`read_slice`](EventStore::read_slice)); the
+    /// other slices go on.
+    fn read_slices(&self, slices: &[u32], cursor: &Cursor) -> EventStream<'_> {
+        let mut parts: Vec<EventStream<'_>> = slices
+            .iter()
+            .map(|&slice| self.read_slice(slice, cursor.next(slice)))
+            .collect();
+        if parts.len() == 1 {
+            return parts.pop().expect("one part");
+        }
+        Box::pin(futures::stream::select_all(parts))
+    }
+
+    /// The whole feed after `cursor` (every slice; see [`read_slices`](EventStore::read_slices)).
+    /// `read_feed(&Cursor::new())` reads every event the feed holds.
+    fn read_feed(&self, cursor: &Cursor) -> EventStream<'_> {
+        self.read_slices(&crate::feed::all_slices(self.feed_slices()), cursor)
+    }
 
     /// The stream's current version (`None`: no such stream).
     async fn stream_version(&self, stream: &StreamId) -> Result<Option<u64>>;
 
-    /// The position of the last event published to the feed (0: empty feed).
-    async fn feed_head(&self) -> Result<u64>;
+    /// The last position published in each slice (a slice with none may be absent): the
+    /// feed's heads, as a [`Cursor`], so a consumer's lag is `cursor.behind(&heads)`.
+    async fn feed_heads(&self) -> Result<Cursor>;
+
+    /// How many events the feed holds: the sum of its heads.
+    async fn feed_head(&self) -> Result<u64> {
+        Ok(self.feed_heads().await?.total())
+    }
 
     /// A number that changes whenever state built from this store's events may have become
     /// stale without any append (a [`Codec`](crate::codec::Codec) store counts the subjects

@@ -194,14 +194,14 @@ impl EventStore for AlwaysConflicts {
     ) -> keel::store::EventStream<'a> {
         self.inner.read_stream(stream, from_version)
     }
-    fn read_all(&self, from_position: u64) -> keel::store::EventStream<'_> {
-        self.inner.read_all(from_position)
+    fn read_slice(&self, slice: u32, from_position: u64) -> keel::store::EventStream<'_> {
+        self.inner.read_slice(slice, from_position)
     }
     async fn stream_version(&self, stream: &keel::StreamId) -> keel::Result<Option<u64>> {
         self.inner.stream_version(stream).await
     }
-    async fn feed_head(&self) -> keel::Result<u64> {
-        self.inner.feed_head().await
+    async fn feed_heads(&self) -> keel::Result<keel::Cursor> {
+        self.inner.feed_heads().await
     }
 }
 

@@ -83,9 +83,13 @@ impl EventStore for EncodedEvents {
             .boxed()
     }
 
-    fn read_all(&self, from_position: u64) -> EventStream<'_> {
+    fn feed_slices(&self) -> u32 {
+        self.inner.feed_slices()
+    }
+
+    fn read_slice(&self, slice: u32, from_position: u64) -> EventStream<'_> {
         self.inner
-            .read_all(from_position)
+            .read_slice(slice, from_position)
             .and_then(move |event| self.codec.open_event(event))
             .boxed()
     }
@@ -94,8 +98,8 @@ impl EventStore for EncodedEvents {
         self.inner.stream_version(stream).await
     }
 
-    async fn feed_head(&self) -> Result<u64> {
-        self.inner.feed_head().await
+    async fn feed_heads(&self) -> Result<crate::Cursor> {
+        self.inner.feed_heads().await
     }
 
     fn cache_epoch(&self) -> u64 {

@@ -97,7 +97,7 @@ pub async fn codec_round_trips<S: CodecHost>(store: Arc<S>) {
         let stream = fresh_stream("codec");
         let mut written = counter_events(&[7]);
         written.push(big_event());
-        let from = store.feed_head().await.unwrap() + 1;
+        let from = store.feed_heads().await.unwrap();
         encoded
             .append(&stream, ExpectedVersion::NoStream, written.clone())
             .await
@@ -110,7 +110,7 @@ pub async fn codec_round_trips<S: CodecHost>(store: Arc<S>) {
             .try_concat()
             .await
             .unwrap();
-        let fed = wait_for_feed(&*encoded, from, &[&stream], 2).await;
+        let fed = wait_for_feed(&*encoded, &from, &[&stream], 2).await;
         for events in [&read, &paged, &fed] {
             assert_eq!(events.len(), 2, "{name}");
             for (event, original) in events.iter().zip(&written) {
@@ -198,7 +198,7 @@ pub async fn shredded_events_read_as_shredded<S: CodecHost>(store: Arc<S>) {
         uuid::Uuid::new_v4().simple().to_string(),
         uuid::Uuid::new_v4().simple().to_string(),
     );
-    let from = store.feed_head().await.unwrap() + 1;
+    let from = store.feed_heads().await.unwrap();
     for id in [&gone, &kept] {
         counters.execute(id, 2).await.unwrap();
         counters.execute(id, 3).await.unwrap();
@@ -228,7 +228,7 @@ pub async fn shredded_events_read_as_shredded<S: CodecHost>(store: Arc<S>) {
         .is_shredded());
     assert_eq!(counters.load(&kept).await.unwrap().state.value, 5);
 
-    let fed = wait_for_feed(&*encoded, from, &[&gone_stream, &kept_stream], 4).await;
+    let fed = wait_for_feed(&*encoded, &from, &[&gone_stream, &kept_stream], 4).await;
     for event in &fed {
         assert_eq!(
             event.is_shredded(),
@@ -268,7 +268,7 @@ pub async fn projections_skip_shredded_events<S: CodecHost>(store: Arc<S>) {
     let encoded = codec.events(store.clone());
     let prefix = format!("shred{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let streams: Vec<StreamId> = (0..3).map(|_| fresh_stream(&prefix)).collect();
-    let from = store.feed_head().await.unwrap() + 1;
+    let from = store.feed_heads().await.unwrap();
     for s in &streams {
         encoded
             .append(s, ExpectedVersion::NoStream, counter_events(&[1, 2]))
@@ -276,7 +276,7 @@ pub async fn projections_skip_shredded_events<S: CodecHost>(store: Arc<S>) {
             .unwrap();
     }
     let refs: Vec<&StreamId> = streams.iter().collect();
-    wait_for_feed(&*encoded, from, &refs, 6).await;
+    wait_for_feed(&*encoded, &from, &refs, 6).await;
     codec.shred(streams[1].as_str()).await.unwrap();
 
     let totals = Arc::new(Totals {

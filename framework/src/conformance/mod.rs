@@ -20,7 +20,7 @@
 //! fresh stream and worker names, so the factory may hand every case the same database; feed
 //! cases only look at their own streams and tolerate other writers.
 //!
-//! The feed may lag behind appends (the contract of [`EventStore::read_all`]); the feed cases
+//! The feed may lag behind appends (the contract of [`EventStore::read_slice`]); the feed cases
 //! wait up to [`FEED_WAIT`] for events to appear.
 
 use std::collections::HashSet;
@@ -53,6 +53,7 @@ pub use upcasting::*;
 use crate::doc::{Counter, CounterEvent};
 use crate::error::Error;
 use crate::event::{ExpectedVersion, Metadata, NewEvent, RecordedEvent, StreamId};
+use crate::feed::Cursor;
 use crate::repository::{Repository, SnapshotPolicy};
 use crate::store::{CheckpointStore, EventStore, Fence, LeaseStore, Snapshot, SnapshotStore};
 
@@ -201,21 +202,22 @@ async fn read<S: EventStore + ?Sized>(
         .expect("read_stream succeeds")
 }
 
-/// Waits until the feed from `from` holds `count` events of `streams`; returns them in feed order.
+/// Waits until the feed after `from` holds `count` events of `streams`; returns them in the
+/// order read (each slice in position order; no order between slices).
 pub(crate) async fn wait_for_feed<S: EventStore + ?Sized>(
     store: &S,
-    from: u64,
+    from: &Cursor,
     streams: &[&StreamId],
     count: usize,
 ) -> Vec<RecordedEvent> {
     let deadline = Instant::now() + FEED_WAIT;
     loop {
         let seen: Vec<RecordedEvent> = store
-            .read_all(from)
+            .read_feed(from)
             .try_filter(|e| futures::future::ready(streams.contains(&&e.stream)))
             .try_collect()
             .await
-            .expect("read_all succeeds");
+            .expect("read_feed succeeds");
         if seen.len() >= count || Instant::now() > deadline {
             assert_eq!(
                 seen.len(),
@@ -250,7 +252,7 @@ pub async fn invalid_stream_ids_are_refused<S: EventStore>(store: Arc<S>) {
     ));
     assert!(longest.as_str().len() <= StreamId::MAX_BYTES);
     let good = fresh_stream("conf-after-bad");
-    let from = store.feed_head().await.expect("feed_head");
+    let from = store.feed_heads().await.expect("feed_heads");
     store
         .append(&longest, ExpectedVersion::NoStream, counter_events(&[1]))
         .await
@@ -260,7 +262,7 @@ pub async fn invalid_stream_ids_are_refused<S: EventStore>(store: Arc<S>) {
         .await
         .expect("append after refused ones");
     assert_eq!(read(&*store, &longest, 1).await.len(), 1);
-    wait_for_feed(&*store, from + 1, &[&longest, &good], 2).await;
+    wait_for_feed(&*store, &from, &[&longest, &good], 2).await;
 }
 
 /// Appended events read back with dense versions, in order, with their types and payloads.
@@ -414,7 +416,7 @@ pub async fn failed_append_writes_nothing<S: EventStore>(store: Arc<S>) {
 /// stream's next append.
 pub async fn oversize_events_are_refused<S: EventStore>(store: Arc<S>) {
     let stream = fresh_stream("conf-oversize");
-    let from = store.feed_head().await.unwrap() + 1;
+    let from = store.feed_heads().await.unwrap();
     store
         .append(&stream, ExpectedVersion::NoStream, counter_events(&[1]))
         .await
@@ -447,7 +449,7 @@ pub async fn oversize_events_are_refused<S: EventStore>(store: Arc<S>) {
         .append(&stream, ExpectedVersion::Exact(1), counter_events(&[3]))
         .await
         .expect("the stream takes its next append");
-    let fed = wait_for_feed(&*store, from, &[&stream], 2).await;
+    let fed = wait_for_feed(&*store, &from, &[&stream], 2).await;
     let versions: Vec<u64> = fed.iter().map(|e| e.version).collect();
     assert_eq!(versions, [1, 2]);
 }
@@ -621,7 +623,7 @@ pub async fn metadata_round_trips<S: EventStore>(store: Arc<S>) {
 /// The feed keeps each stream's order, and a reader resumes exactly after its checkpoint.
 pub async fn feed_orders_and_resumes<S: EventStore>(store: Arc<S>) {
     let (a, b) = (fresh_stream("conf-feed-a"), fresh_stream("conf-feed-b"));
-    let from = store.feed_head().await.unwrap() + 1;
+    let from = store.feed_heads().await.unwrap();
     store
         .append(&a, ExpectedVersion::NoStream, counter_events(&[1, 2]))
         .await
@@ -634,7 +636,7 @@ pub async fn feed_orders_and_resumes<S: EventStore>(store: Arc<S>) {
         .append(&a, ExpectedVersion::Exact(2), counter_events(&[3]))
         .await
         .unwrap();
-    let seen = wait_for_feed(&*store, from, &[&a, &b], 4).await;
+    let seen = wait_for_feed(&*store, &from, &[&a, &b], 4).await;
     let a_versions: Vec<u64> = seen
         .iter()
         .filter(|e| e.stream == a)
@@ -645,21 +647,36 @@ pub async fn feed_orders_and_resumes<S: EventStore>(store: Arc<S>) {
         seen.iter().all(|e| e.position.is_some()),
         "feed events carry positions"
     );
-    // Resume after the second event: exactly the rest.
-    let checkpoint = seen[1].position.unwrap() + 1;
-    let rest = wait_for_feed(&*store, checkpoint, &[&a, &b], 2).await;
+    // Resume after the second event read: exactly the rest.
+    let mut cursor = from.clone();
+    for e in &seen[..2] {
+        cursor.consume(e);
+    }
+    let rest = wait_for_feed(&*store, &cursor, &[&a, &b], 2).await;
+    let mut rest_ids: Vec<_> = rest.iter().map(|e| e.event_id).collect();
+    let mut expected: Vec<_> = seen[2..].iter().map(|e| e.event_id).collect();
+    rest_ids.sort();
+    expected.sort();
     assert_eq!(
-        rest.iter().map(|e| e.event_id).collect::<Vec<_>>(),
-        seen[2..].iter().map(|e| e.event_id).collect::<Vec<_>>()
+        rest_ids, expected,
+        "a cursor resumes exactly after what it consumed"
     );
-    assert!(store.feed_head().await.unwrap() >= seen[3].position.unwrap());
+    let heads = store.feed_heads().await.unwrap();
+    for e in &seen {
+        assert!(
+            heads.get(e.slice) >= e.position.unwrap(),
+            "heads cover what was read"
+        );
+        let slice = crate::feed::slice_of(&e.stream, store.feed_slices());
+        assert_eq!(e.slice, slice, "an event is in its stream's slice");
+    }
 }
 
 /// Feed positions are unique, increasing, and every committed event appears once, also with
 /// concurrent writers on several streams.
 pub async fn feed_positions_are_dense_and_unique<S: EventStore>(store: Arc<S>) {
     let streams: Vec<StreamId> = (0..8).map(|_| fresh_stream("conf-feed-many")).collect();
-    let from = store.feed_head().await.unwrap() + 1;
+    let from = store.feed_heads().await.unwrap();
     let tasks: Vec<_> = streams
         .iter()
         .cloned()
@@ -683,35 +700,48 @@ pub async fn feed_positions_are_dense_and_unique<S: EventStore>(store: Arc<S>) {
         t.await.unwrap();
     }
     let refs: Vec<&StreamId> = streams.iter().collect();
-    let seen = wait_for_feed(&*store, from, &refs, 40).await;
-    let positions: Vec<u64> = seen.iter().map(|e| e.position.unwrap()).collect();
-    assert!(
-        positions.windows(2).all(|w| w[0] < w[1]),
-        "positions increase"
-    );
+    let seen = wait_for_feed(&*store, &from, &refs, 40).await;
     let ids: HashSet<_> = seen.iter().map(|e| e.event_id).collect();
     assert_eq!(ids.len(), 40, "every event exactly once");
+    let slices = store.feed_slices();
+    assert!(slices.is_power_of_two(), "{slices} slices");
     for s in &streams {
-        let versions: Vec<u64> = seen
-            .iter()
-            .filter(|e| &e.stream == s)
-            .map(|e| e.version)
-            .collect();
+        let mine: Vec<&RecordedEvent> = seen.iter().filter(|e| &e.stream == s).collect();
+        let versions: Vec<u64> = mine.iter().map(|e| e.version).collect();
         assert_eq!(versions, vec![1, 2, 3, 4, 5]);
+        assert!(
+            mine.iter()
+                .all(|e| e.slice == crate::feed::slice_of(s, slices)),
+            "a stream's events are all in its slice"
+        );
     }
-    // Dense: everything between our first and last position is some event of the feed.
-    let (first, last) = (positions[0], *positions.last().unwrap());
-    let span: Vec<RecordedEvent> = store.read_all(first).try_collect().await.unwrap();
-    let span: Vec<u64> = span
-        .iter()
-        .map(|e| e.position.unwrap())
-        .take_while(|&p| p <= last)
-        .collect();
-    assert_eq!(
-        span,
-        (first..=last).collect::<Vec<_>>(),
-        "no gaps in feed positions"
-    );
+    // Per slice: positions increase in the order read, and are dense: everything between our
+    // first and last position in the slice is some event of the feed.
+    let mut by_slice: std::collections::BTreeMap<u32, Vec<u64>> = Default::default();
+    for e in &seen {
+        by_slice
+            .entry(e.slice)
+            .or_default()
+            .push(e.position.unwrap());
+    }
+    for (slice, positions) in by_slice {
+        assert!(
+            positions.windows(2).all(|w| w[0] < w[1]),
+            "positions increase in slice {slice}"
+        );
+        let (first, last) = (positions[0], *positions.last().unwrap());
+        let span: Vec<RecordedEvent> = store.read_slice(slice, first).try_collect().await.unwrap();
+        let span: Vec<u64> = span
+            .iter()
+            .map(|e| e.position.unwrap())
+            .take_while(|&p| p <= last)
+            .collect();
+        assert_eq!(
+            span,
+            (first..=last).collect::<Vec<_>>(),
+            "no gaps in the positions of slice {slice}"
+        );
+    }
 }
 
 /// Payloads that no longer decode, and unknown event types, are typed errors naming the

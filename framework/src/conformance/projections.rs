@@ -117,7 +117,7 @@ pub(super) async fn write<S: ProjectionHost>(
     count: usize,
     per_stream: u64,
 ) -> Vec<StreamId> {
-    let from = store.feed_head().await.unwrap() + 1;
+    let from = store.feed_heads().await.unwrap();
     let streams: Vec<StreamId> = (0..count).map(|_| fresh_stream(prefix)).collect();
     for s in &streams {
         let bys: Vec<u64> = (1..=per_stream).collect();
@@ -127,19 +127,29 @@ pub(super) async fn write<S: ProjectionHost>(
             .unwrap();
     }
     let refs: Vec<&StreamId> = streams.iter().collect();
-    wait_for_feed(&**store, from, &refs, count * per_stream as usize).await;
+    wait_for_feed(&**store, &from, &refs, count * per_stream as usize).await;
     streams
 }
 
-/// Every event of the projection's streams, in feed order: what a model built from scratch holds.
+/// Every event of the projection's streams, stream by stream in version order: what a model
+/// built from scratch holds (see [`by_stream`]).
 async fn from_scratch<S: ProjectionHost>(store: &Arc<S>, prefix: &str) -> Vec<(String, u64)> {
-    store
-        .read_all(1)
+    let events: Vec<(String, u64)> = store
+        .read_feed(&crate::Cursor::new())
         .try_filter(|e| futures::future::ready(e.stream.as_str().starts_with(prefix)))
         .map_ok(|e| (e.stream.to_string(), e.version))
         .try_collect()
         .await
-        .unwrap()
+        .unwrap();
+    by_stream(events)
+}
+
+/// Events as applied, grouped by stream, each stream's in the order applied: what two
+/// histories must agree on when the feed has no order between slices. A stream applied out
+/// of order, or an event twice, still shows.
+pub(super) fn by_stream(mut events: Vec<(String, u64)>) -> Vec<(String, u64)> {
+    events.sort_by(|a, b| a.0.cmp(&b.0)); // stable: each stream keeps its order
+    events
 }
 
 pub(super) fn prefix() -> String {
@@ -154,8 +164,10 @@ pub async fn projection_store_round_trip<S: ProjectionHost>(store: Arc<S>) {
         name: name.clone(),
         state: ProjectionState::Failed,
         generation: 2,
-        checkpoint: 17,
+        consumed: 16,
+        cursor: [(0, 9), (3, 7)].into_iter().collect(),
         head: 20,
+        heads: [(0, 11), (3, 9)].into_iter().collect(),
         lag_events: 4,
         lag_ms: 12,
         processed: 16,
@@ -164,7 +176,8 @@ pub async fn projection_store_round_trip<S: ProjectionHost>(store: Arc<S>) {
             stream: "s-1".into(),
             version: 3,
             event_type: "E".into(),
-            position: 17,
+            position: 8,
+            slice: 3,
         }),
         rebuild: None,
         dead_letters: 1,
@@ -222,14 +235,15 @@ pub async fn projection_catches_up_in_order<S: ProjectionHost>(store: Arc<S>) {
     let recorder = Recorder::new(&p);
     let m = manager(&store, recorder.clone());
     let status = m.catch_up(&recorder.name).await.unwrap();
-    assert_eq!(recorder.seen(), from_scratch(&store, &p).await);
+    assert_eq!(by_stream(recorder.seen()), from_scratch(&store, &p).await);
     assert_eq!(recorder.seen().len(), 20);
     assert_eq!(status.state, ProjectionState::Running);
-    assert_eq!(
-        status.checkpoint,
-        status.head + 1,
-        "checkpoint is the next position"
+    assert_eq!(status.lag_events, 0);
+    assert!(
+        status.cursor.covers(&status.heads),
+        "the checkpoint is at every slice's head"
     );
+    assert_eq!(status.consumed, status.head);
 }
 
 /// A new manager resumes from the checkpoint: nothing missed, nothing applied twice.
@@ -243,7 +257,7 @@ pub async fn projection_resumes_from_checkpoint<S: ProjectionHost>(store: Arc<S>
     write(&store, &p, 2, 3).await;
     let second = manager(&store, recorder.clone());
     second.catch_up(&recorder.name).await.unwrap();
-    let seen = recorder.seen();
+    let seen = by_stream(recorder.seen());
     assert_eq!(
         seen,
         from_scratch(&store, &p).await,
@@ -267,7 +281,12 @@ pub async fn projection_reports_lag<S: ProjectionHost>(store: Arc<S>) {
         "at least our 7 events are behind: {}",
         status.lag_events
     );
-    assert_eq!(status.lag_events, status.head + 1 - status.checkpoint);
+    assert_eq!(status.lag_events, status.cursor.behind(&status.heads));
+    let per_slice: u64 = status.slice_lag().iter().map(|(_, _, _, lag)| lag).sum();
+    assert_eq!(
+        per_slice, status.lag_events,
+        "per-slice lag adds up to the total"
+    );
     let status = m.catch_up(&recorder.name).await.unwrap();
     assert_eq!(status.lag_events, 0);
     // The last event applied (ours, 300 ms old, unless another test's came after it on a
@@ -306,7 +325,8 @@ pub async fn projection_stops_on_poison_event<S: ProjectionHost>(store: Arc<S>) 
         (bad.as_str(), 1, "Incremented")
     );
     assert_eq!(
-        status.checkpoint, failed.position,
+        status.cursor.next(failed.slice),
+        failed.position,
         "the checkpoint stays on the failed event"
     );
     assert!(status.last_error.as_deref().unwrap_or("").contains(&bad));
@@ -316,7 +336,11 @@ pub async fn projection_stops_on_poison_event<S: ProjectionHost>(store: Arc<S>) 
     );
     // Nothing moves while failed.
     assert_eq!(
-        m.catch_up(&recorder.name).await.unwrap().checkpoint,
+        m.catch_up(&recorder.name)
+            .await
+            .unwrap()
+            .cursor
+            .next(failed.slice),
         failed.position
     );
     // Fixed: resume applies the event and everything after it.
@@ -324,7 +348,7 @@ pub async fn projection_stops_on_poison_event<S: ProjectionHost>(store: Arc<S>) 
     m.resume(&recorder.name).await.unwrap();
     let status = m.catch_up(&recorder.name).await.unwrap();
     assert_eq!(status.state, ProjectionState::Running);
-    assert_eq!(recorder.seen(), from_scratch(&store, &p).await);
+    assert_eq!(by_stream(recorder.seen()), from_scratch(&store, &p).await);
 }
 
 /// Under the dead-letter policy a failing event is recorded and skipped, never silently.
@@ -382,20 +406,51 @@ pub async fn projection_pause_resume_reset<S: ProjectionHost>(store: Arc<S>) {
     m.resume(&recorder.name).await.unwrap();
     m.catch_up(&recorder.name).await.unwrap();
     assert_eq!(recorder.seen().len(), 3);
-    let first = from_scratch_positions(&store, &p).await[0];
-    m.reset(&recorder.name, first).await.unwrap();
+    // Our three events are one stream's, so in one slice: replay that slice from the first.
+    let (slice, first) = from_scratch_positions(&store, &p).await[0];
+    m.reset_slice(&recorder.name, slice, first).await.unwrap();
     m.catch_up(&recorder.name).await.unwrap();
     assert_eq!(recorder.seen().len(), 6, "reset replays our three events");
+    // Every slice from the start replays them once more.
+    m.reset(&recorder.name, 1).await.unwrap();
+    let status = m.catch_up(&recorder.name).await.unwrap();
+    assert_eq!(
+        recorder.seen().len(),
+        9,
+        "a reset of every slice replays them too"
+    );
+    assert_eq!(status.lag_events, 0);
+    let slices = store.feed_slices();
+    match m.reset_slice(&recorder.name, slices, 1).await {
+        Err(crate::Error::Invalid { reason, .. }) => {
+            assert!(reason.contains(&format!("slice {slices}")), "{reason}")
+        }
+        other => panic!("a reset of a slice that does not exist: {other:?}"),
+    }
 }
 
-async fn from_scratch_positions<S: ProjectionHost>(store: &Arc<S>, prefix: &str) -> Vec<u64> {
-    store
-        .read_all(1)
+/// The `(slice, position)` of each event of the projection's streams in the feed, each
+/// stream's in version order.
+async fn from_scratch_positions<S: ProjectionHost>(
+    store: &Arc<S>,
+    prefix: &str,
+) -> Vec<(u32, u64)> {
+    let mut events: Vec<(String, u64, u32, u64)> = store
+        .read_feed(&crate::Cursor::new())
         .try_filter(|e| futures::future::ready(e.stream.as_str().starts_with(prefix)))
-        .map_ok(|e| e.position.unwrap())
+        .map_ok(|e| {
+            (
+                e.stream.to_string(),
+                e.version,
+                e.slice,
+                e.position.unwrap(),
+            )
+        })
         .try_collect()
         .await
-        .unwrap()
+        .unwrap();
+    events.sort();
+    events.into_iter().map(|(_, _, s, p)| (s, p)).collect()
 }
 
 /// A rebuild fills a new generation while writes continue, queries see the old one until the
@@ -439,7 +494,7 @@ pub async fn projection_rebuilds_while_writes_continue<S: ProjectionHost>(store:
     assert_eq!(expected.len(), 40, "the feed holds every event");
     m.catch_up(&recorder.name).await.unwrap();
     assert_eq!(
-        recorder.seen(),
+        by_stream(recorder.seen()),
         expected,
         "the rebuilt model equals one built from scratch"
     );
@@ -526,7 +581,7 @@ pub async fn projection_live_generation_serves_during_rebuild<S: ProjectionHost>
     assert!(rebuilt >= 40, "{rebuilt}");
     assert_eq!(recorder.model.active(), 2);
     m.catch_up(&recorder.name).await.unwrap();
-    assert_eq!(recorder.seen(), from_scratch(&store, &p).await);
+    assert_eq!(by_stream(recorder.seen()), from_scratch(&store, &p).await);
 }
 
 /// Of two managers only the lease holder applies events; the other takes over when it stops.
@@ -689,7 +744,7 @@ pub async fn projection_rebuild_on_a_fresh_manager<S: ProjectionHost>(store: Arc
         .unwrap();
     assert!(events >= 6);
     assert_eq!(recorder.model.active(), 2);
-    assert_eq!(recorder.seen(), from_scratch(&store, &p).await);
+    assert_eq!(by_stream(recorder.seen()), from_scratch(&store, &p).await);
 }
 
 /// Stalls once, inside `apply` of one event, for longer than the lease: a stand-in for a
@@ -814,7 +869,7 @@ impl Projection for FencedModel {
 /// every event ends written under the successor's epoch.
 pub async fn projection_stale_writes_are_fenced<S: ProjectionHost>(store: Arc<S>) {
     let p = prefix();
-    write(&store, &p, 1, 20).await;
+    let streams = write(&store, &p, 1, 20).await;
     let name = format!("{p}-proj");
     let model = Generations::default();
     let stale = FencedModel::new(&name, &p, &model, Some(10));
@@ -832,8 +887,14 @@ pub async fn projection_stale_writes_are_fenced<S: ProjectionHost>(store: Arc<S>
     let stale_epoch = stale.fence.lock().unwrap().as_ref().unwrap().epoch;
     // What the stale holder committed before it stalled is its own, rightly: the heir starts
     // after it.
+    let slice = crate::feed::slice_of(&streams[0], store.feed_slices());
     let committed = store
-        .load_checkpoint(&format!("{name}/1"))
+        .load_checkpoint(&crate::projection::checkpoint_name(
+            &name,
+            1,
+            slice,
+            store.feed_slices(),
+        ))
         .await
         .unwrap()
         .unwrap_or(1);
@@ -870,7 +931,7 @@ pub async fn projection_stale_writes_are_fenced<S: ProjectionHost>(store: Arc<S>
     let by_stale: Vec<_> = model.read(|m| {
         m.iter()
             .filter(|((_, version), e)| {
-                **e < heir_epoch && positions[*version as usize - 1] >= committed
+                **e < heir_epoch && positions[*version as usize - 1].1 >= committed
             })
             .map(|(k, e)| (k.clone(), *e))
             .collect()
@@ -892,7 +953,7 @@ pub async fn projection_stale_writes_are_fenced<S: ProjectionHost>(store: Arc<S>
 /// stored checkpoint never moves back.
 pub async fn projection_stale_holder_stops_applying<S: ProjectionHost>(store: Arc<S>) {
     let p = prefix();
-    write(&store, &p, 1, 20).await;
+    let streams = write(&store, &p, 1, 20).await;
     let stale = Arc::new(Staller {
         name: format!("{p}-proj"),
         prefix: p.clone(),
@@ -929,10 +990,11 @@ pub async fn projection_stale_holder_stops_applying<S: ProjectionHost>(store: Ar
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let key = format!(
-        "{}/{}",
-        heir.name,
-        b.status(&heir.name).await.unwrap().generation
+    let key = crate::projection::checkpoint_name(
+        &heir.name,
+        b.status(&heir.name).await.unwrap().generation,
+        crate::feed::slice_of(&streams[0], store.feed_slices()),
+        store.feed_slices(),
     );
     let before = store.load_checkpoint(&key).await.unwrap().unwrap();
     while !stale.resumed.load(Ordering::SeqCst) {

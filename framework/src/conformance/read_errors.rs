@@ -6,7 +6,7 @@
 //! The faults are injected by [`Unreliable`], a wrapper around the store under test whose
 //! feed can be taken down or made to fail on one position, as a damaged row would.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,8 +25,8 @@ struct Unreliable<S> {
     inner: Arc<S>,
     /// Every feed read fails, as with the feed's nodes unreachable.
     down: AtomicBool,
-    /// The event at this feed position reads as damaged (0: none).
-    damaged_at: AtomicU64,
+    /// The event with this id reads as damaged in the feed.
+    damaged: std::sync::Mutex<Option<uuid::Uuid>>,
 }
 
 #[async_trait]
@@ -44,19 +44,23 @@ impl<S: EventStore> EventStore for Unreliable<S> {
         self.inner.read_stream(stream, from_version)
     }
 
-    fn read_all(&self, from_position: u64) -> EventStream<'_> {
+    fn feed_slices(&self) -> u32 {
+        self.inner.feed_slices()
+    }
+
+    fn read_slice(&self, slice: u32, from_position: u64) -> EventStream<'_> {
         if self.down.load(Ordering::SeqCst) {
             let down = Error::store("conformance", "read the feed", "the feed is unreachable");
             return futures::stream::once(async move { Err(down) }).boxed();
         }
-        let damaged = self.damaged_at.load(Ordering::SeqCst);
+        let damaged = *self.damaged.lock().unwrap();
         // As the contract says: the events before the damaged one, then its error, then
         // nothing.
         self.inner
-            .read_all(from_position)
+            .read_slice(slice, from_position)
             .map(move |event| {
-                event.and_then(|e| match e.position {
-                    Some(p) if p == damaged => Err(Error::Damaged {
+                event.and_then(|e| match damaged {
+                    Some(id) if id == e.event_id => Err(Error::Damaged {
                         stream: e.stream.clone(),
                         version: e.version,
                         reason: "column `payload` is null (injected)".into(),
@@ -76,8 +80,8 @@ impl<S: EventStore> EventStore for Unreliable<S> {
         self.inner.stream_version(stream).await
     }
 
-    async fn feed_head(&self) -> Result<u64> {
-        self.inner.feed_head().await
+    async fn feed_heads(&self) -> Result<crate::Cursor> {
+        self.inner.feed_heads().await
     }
 }
 
@@ -85,7 +89,7 @@ fn unreliable<S: ProjectionHost>(store: &Arc<S>) -> Arc<Unreliable<S>> {
     Arc::new(Unreliable {
         inner: store.clone(),
         down: AtomicBool::new(false),
-        damaged_at: AtomicU64::new(0),
+        damaged: std::sync::Mutex::new(None),
     })
 }
 
@@ -143,8 +147,7 @@ pub async fn projection_feed_errors_stall_loudly<S: ProjectionHost>(store: Arc<S
     .await;
     let error = stalled.last_error.clone().unwrap_or_default();
     assert!(
-        error.contains("unreachable")
-            && error.contains(&format!("position {}", stalled.checkpoint)),
+        error.contains("unreachable") && error.contains(&format!("cursor {}", stalled.cursor)),
         "the status says what failed and where: {error:?}"
     );
     assert!(
@@ -170,12 +173,12 @@ pub async fn projection_feed_errors_stall_loudly<S: ProjectionHost>(store: Arc<S
 pub async fn projection_unreadable_events_follow_the_policy<S: ProjectionHost>(store: Arc<S>) {
     for policy in [ErrorPolicy::Stop, ErrorPolicy::DeadLetter] {
         let p = prefix();
-        let from = store.feed_head().await.unwrap() + 1;
+        let from = store.feed_heads().await.unwrap();
         let stream = write(&store, &p, 1, 4).await.remove(0);
         let feed = unreliable(&store);
-        let positions = super::wait_for_feed(&*store, from, &[&stream], 4).await;
+        let positions = super::wait_for_feed(&*store, &from, &[&stream], 4).await;
         let bad = positions[1].position.expect("a fed event has a position");
-        feed.damaged_at.store(bad, Ordering::SeqCst);
+        *feed.damaged.lock().unwrap() = Some(positions[1].event_id);
         let recorder = Recorder::new(&p);
         let m = manager_on(&store, &feed, recorder.clone(), policy);
         let status = m.catch_up(&recorder.name).await.unwrap();
@@ -188,7 +191,12 @@ pub async fn projection_unreadable_events_follow_the_policy<S: ProjectionHost>(s
                     (failed.stream.as_str(), failed.version, failed.position),
                     (stream.as_str(), 2, bad)
                 );
-                assert_eq!(status.checkpoint, bad, "stopped on the unreadable event");
+                assert_eq!(failed.slice, positions[1].slice);
+                assert_eq!(
+                    status.cursor.next(failed.slice),
+                    bad,
+                    "stopped on the unreadable event"
+                );
                 assert!(status.last_error.unwrap_or_default().contains("injected"));
                 assert_eq!(versions, [1]);
             }

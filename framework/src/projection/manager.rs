@@ -14,6 +14,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::event::{now_millis, RecordedEvent};
+use crate::feed::{all_slices, Cursor};
 use crate::store::{CheckpointStore, EventStore, Fence, Lease, LeaseStore};
 
 /// How often a busy projection reads operator requests.
@@ -110,7 +111,7 @@ impl ProjectionManagerBuilder {
                 name.clone(),
                 Arc::new(Slot {
                     projection,
-                    runner: AsyncMutex::new(Runner::new(name)),
+                    runner: AsyncMutex::new(Runner::new(name, self.events.feed_slices())),
                 }),
             );
         }
@@ -155,7 +156,8 @@ struct Slot {
 
 struct Rebuild {
     generation: u64,
-    checkpoint: u64,
+    /// The last position the new generation consumed per slice.
+    cursor: Cursor,
     started: Instant,
     done: u64,
     total: u64,
@@ -166,10 +168,16 @@ struct Runner {
     name: String,
     loaded: bool,
     generation: u64,
-    checkpoint: u64,
+    /// The feed's slice count: the checkpoint has one position per slice.
+    slices: u32,
+    /// The active generation's checkpoint: the last position consumed per slice.
+    cursor: Cursor,
     state: ProjectionState,
     processed: u64,
-    head: u64,
+    /// The feed's heads when last read.
+    heads: Cursor,
+    /// The slice the next step's batches start from: slices take turns.
+    turn: u32,
     lag_ms: i64,
     last_error: Option<String>,
     failed_event: Option<FailedEvent>,
@@ -188,15 +196,17 @@ struct Runner {
 }
 
 impl Runner {
-    fn new(name: String) -> Self {
+    fn new(name: String, slices: u32) -> Self {
         Runner {
             name,
             loaded: false,
             generation: 1,
-            checkpoint: 1,
+            slices: slices.max(1),
+            cursor: Cursor::new(),
             state: ProjectionState::Stopped,
             processed: 0,
-            head: 0,
+            heads: Cursor::new(),
+            turn: 0,
             lag_ms: 0,
             last_error: None,
             failed_event: None,
@@ -216,8 +226,29 @@ impl Runner {
         format!("{}/generation", self.name)
     }
 
-    fn checkpoint_key(&self, generation: u64) -> String {
-        format!("{}/{generation}", self.name)
+    /// Where a generation's checkpoint of one slice is saved (the position to resume from).
+    /// A feed of one slice keeps the name it had before slices, so such a store's checkpoints
+    /// carry on.
+    fn checkpoint_key(&self, generation: u64, slice: u32) -> String {
+        super::checkpoint_name(&self.name, generation, slice, self.slices)
+    }
+
+    /// The checkpoint of `generation`: the rebuild's or the active one's.
+    fn cursor_of(&self, generation: u64) -> &Cursor {
+        match &self.rebuild {
+            Some(r) if r.generation == generation => &r.cursor,
+            _ => &self.cursor,
+        }
+    }
+
+    /// The slices in which `generation` is behind the heads last read.
+    fn lagging(&self, generation: u64) -> Vec<u32> {
+        let cursor = self.cursor_of(generation);
+        self.heads
+            .iter()
+            .filter(|&(slice, head)| head > cursor.get(slice))
+            .map(|(slice, _)| slice)
+            .collect()
     }
 
     fn lease_name(&self) -> String {
@@ -229,9 +260,11 @@ impl Runner {
             name: self.name.clone(),
             state: self.state,
             generation: self.generation,
-            checkpoint: self.checkpoint,
-            head: self.head,
-            lag_events: (self.head + 1).saturating_sub(self.checkpoint),
+            consumed: self.cursor.total(),
+            cursor: self.cursor.clone(),
+            head: self.heads.total(),
+            heads: self.heads.clone(),
+            lag_events: self.cursor.behind(&self.heads),
             lag_ms: self.lag_ms,
             processed: self.processed,
             last_error: self.last_error.clone(),
@@ -445,9 +478,18 @@ impl ProjectionManager {
         self.local_control(name, Control::Resume).await
     }
 
-    /// Moves `name`'s checkpoint to `position`.
+    /// Moves `name`'s checkpoint in every feed slice to `position`: `reset(name, 1)` replays
+    /// the whole feed. With one slice, the position is the feed's.
     pub async fn reset(&self, name: &str, position: u64) -> Result<()> {
         self.local_control(name, Control::ResetTo(position)).await
+    }
+
+    /// Moves `name`'s checkpoint in one feed slice to `position` (the next one it reads there),
+    /// replaying or skipping that slice's events. A slice the feed does not have is refused
+    /// with [`Error::Invalid`].
+    pub async fn reset_slice(&self, name: &str, slice: u32, position: u64) -> Result<()> {
+        self.local_control(name, Control::ResetSliceTo(slice, position))
+            .await
     }
 
     /// Applies `control` here when this manager holds (or can take) the lease; otherwise
@@ -509,7 +551,7 @@ impl ProjectionManager {
         let slot = self.slot(name)?;
         let mut runner = slot.runner.lock().await;
         self.inner.load(slot, &mut runner).await?;
-        runner.head = self.inner.events.feed_head().await?;
+        runner.heads = self.inner.events.feed_heads().await?;
         Ok(runner.status(&self.inner.config.id))
     }
 }
@@ -536,12 +578,12 @@ impl Inner {
             }
             Some(e) => {
                 runner.failures += 1;
-                let at = runner
-                    .rebuild
-                    .as_ref()
-                    .map_or(runner.checkpoint, |r| r.checkpoint);
+                let at = match &runner.rebuild {
+                    Some(r) => &r.cursor,
+                    None => &runner.cursor,
+                };
                 let error = format!(
-                    "`{}`: step failed {} time(s) in a row at position {at}: {e}",
+                    "`{}`: step failed {} time(s) in a row at cursor {at}: {e}",
                     runner.name, runner.failures
                 );
                 tracing::warn!(error = %error, "projection step failed; retrying");
@@ -574,11 +616,7 @@ impl Inner {
             .load_checkpoint(&runner.generation_key())
             .await?
             .unwrap_or(1);
-        runner.checkpoint = self
-            .checkpoints
-            .load_checkpoint(&runner.checkpoint_key(runner.generation))
-            .await?
-            .unwrap_or(1);
+        runner.cursor = self.load_cursor(runner, runner.generation).await?;
         slot.projection
             .activate(runner.generation)
             .await
@@ -648,12 +686,35 @@ impl Inner {
                 };
                 runner.failed_event = None;
             }
-            Control::ResetTo(position) => {
-                let key = runner.checkpoint_key(runner.generation);
-                if !self.save_fenced(runner, &key, position.max(1)).await? {
+            Control::ResetTo(_) | Control::ResetSliceTo(..) => {
+                let (slices, position) = match control {
+                    Control::ResetSliceTo(slice, position) => {
+                        if slice >= runner.slices {
+                            return Err(Error::Invalid {
+                                type_name: "Control::ResetSliceTo",
+                                reason: format!(
+                                    "slice {slice} does not exist: the feed has {} slice(s)",
+                                    runner.slices
+                                ),
+                            });
+                        }
+                        (vec![slice], position)
+                    }
+                    Control::ResetTo(position) => (all_slices(runner.slices), position),
+                    _ => unreachable!("matched above"),
+                };
+                let mut cursor = runner.cursor.clone();
+                for &slice in &slices {
+                    cursor.set(slice, position.max(1) - 1);
+                }
+                let generation = runner.generation;
+                if !self
+                    .save_cursor(runner, generation, &cursor, &slices)
+                    .await?
+                {
                     return Ok(()); // fenced: the request was taken by a stale holder; drop it
                 }
-                runner.checkpoint = position.max(1);
+                runner.cursor = cursor;
                 runner.failed_event = None;
                 if runner.state == ProjectionState::Failed {
                     runner.state = ProjectionState::Running;
@@ -668,7 +729,7 @@ impl Inner {
                         .map_err(|e| projection_error(&runner.name, e))?;
                     runner.rebuild = Some(Rebuild {
                         generation,
-                        checkpoint: 1,
+                        cursor: Cursor::new(),
                         started: Instant::now(),
                         done: 0,
                         total: self.events.feed_head().await?,
@@ -699,6 +760,60 @@ impl Inner {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Saves the positions of `slices` in `cursor` as `generation`'s checkpoints, all at once,
+    /// under the held lease's fence. `false`: a save was refused (another manager has the
+    /// lease) and this one let go.
+    async fn save_cursor(
+        &self,
+        runner: &mut Runner,
+        generation: u64,
+        cursor: &Cursor,
+        slices: &[u32],
+    ) -> Result<bool> {
+        let Some(lease) = runner.lease.as_ref() else {
+            return Ok(false);
+        };
+        let fence = Fence::of(lease);
+        let saves = slices.iter().map(|&slice| {
+            let key = runner.checkpoint_key(generation, slice);
+            let fence = &fence;
+            async move {
+                self.checkpoints
+                    .save_checkpoint(&key, cursor.next(slice), fence)
+                    .await
+            }
+        });
+        let results = futures::future::join_all(saves).await;
+        let mut fenced = None;
+        for result in results {
+            match result {
+                Ok(()) => {}
+                Err(e) if e.is_fenced() => fenced = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(e) = fenced {
+            Self::let_go(runner, &e);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// The checkpoint of `generation`, one saved position per slice.
+    async fn load_cursor(&self, runner: &Runner, generation: u64) -> Result<Cursor> {
+        let loads = all_slices(runner.slices).into_iter().map(|slice| {
+            let key = runner.checkpoint_key(generation, slice);
+            async move {
+                let next = self.checkpoints.load_checkpoint(&key).await?;
+                Ok::<_, Error>((slice, next.unwrap_or(1).saturating_sub(1)))
+            }
+        });
+        Ok(futures::future::try_join_all(loads)
+            .await?
+            .into_iter()
+            .collect())
     }
 
     /// Drops a lease that a store (or the read model) says is stale.
@@ -787,8 +902,9 @@ impl Inner {
                 ProjectionState::Running
             };
         }
-        // The head is a cheap read and the status's lag depends on it: read it every step.
-        runner.head = self.events.feed_head().await?;
+        // The heads are a cheap read, and both the status's lag and which slices to read
+        // depend on them: read them every step.
+        runner.heads = self.events.feed_heads().await?;
         if poll {
             runner.last_poll = Instant::now();
             runner.poll_due = false;
@@ -802,16 +918,12 @@ impl Inner {
             return Ok(Step::Idle);
         }
         let state_before = runner.state;
-        let step = match runner
-            .rebuild
-            .as_ref()
-            .map(|r| (r.generation, r.checkpoint))
-        {
-            Some((generation, from)) => {
+        let step = match runner.rebuild.as_ref().map(|r| r.generation) {
+            Some(generation) => {
                 // A rebuild reads history in larger batches: fewer checkpoint writes and
                 // fewer new feed reads.
                 let n = self
-                    .batch(slot, runner, generation, from, self.config.batch_size * 16)
+                    .batches(slot, runner, generation, self.config.batch_size * 16)
                     .await?;
                 // `runner.lease` is gone when the batch stopped for a lost lease.
                 let going = runner.lease.is_some() && runner.state != ProjectionState::Failed;
@@ -821,8 +933,11 @@ impl Inner {
                 // The generation that queries read keeps getting new events until the swap:
                 // one live batch after each rebuild batch.
                 let live = if n > 0 && going {
-                    let (live, from) = (runner.generation, runner.checkpoint);
-                    self.batch(slot, runner, live, from, self.config.batch_size)
+                    // The rebuild may have read events newer than the heads this step began
+                    // with: look again, so the live generation gets them too.
+                    runner.heads = self.events.feed_heads().await?;
+                    let live = runner.generation;
+                    self.batches(slot, runner, live, self.config.batch_size)
                         .await?
                 } else {
                     0
@@ -830,14 +945,9 @@ impl Inner {
                 Step::Progress((n + live).max(1))
             }
             None => {
+                let generation = runner.generation;
                 let n = self
-                    .batch(
-                        slot,
-                        runner,
-                        runner.generation,
-                        runner.checkpoint,
-                        self.config.batch_size,
-                    )
+                    .batches(slot, runner, generation, self.config.batch_size)
                     .await?;
                 if n == 0 {
                     Step::Idle
@@ -860,11 +970,11 @@ impl Inner {
         let Some(rebuild) = runner.rebuild.as_ref() else {
             return Ok(());
         };
-        let (generation, checkpoint) = (rebuild.generation, rebuild.checkpoint);
-        let (checkpoint_key, generation_key) =
-            (runner.checkpoint_key(generation), runner.generation_key());
+        let (generation, cursor) = (rebuild.generation, rebuild.cursor.clone());
+        let generation_key = runner.generation_key();
+        let slices = all_slices(runner.slices);
         if !self
-            .save_fenced(runner, &checkpoint_key, checkpoint)
+            .save_cursor(runner, generation, &cursor, &slices)
             .await?
             || !self
                 .save_fenced(runner, &generation_key, generation)
@@ -881,18 +991,50 @@ impl Inner {
             .map_err(|e| projection_error(&runner.name, e))?;
         tracing::info!(projection = %runner.name, generation = rebuild.generation, events = rebuild.done, "rebuild complete; generation active");
         runner.generation = rebuild.generation;
-        runner.checkpoint = rebuild.checkpoint;
+        runner.cursor = rebuild.cursor;
         runner.last_rebuild_events = rebuild.done;
         runner.state = ProjectionState::Running;
         Ok(())
     }
 
-    /// Applies one batch from `from` to `generation`; returns how many events it consumed.
+    /// Applies batches of the slices in which `generation` is behind the heads, about `size`
+    /// events in all, taking the slices in turn across steps (a step is short, so status,
+    /// requests and the live generation during a rebuild are never kept waiting long);
+    /// returns how many events they consumed. Stops early when the lease is gone or the
+    /// projection failed.
+    async fn batches(
+        &self,
+        slot: &Slot,
+        runner: &mut Runner,
+        generation: u64,
+        size: usize,
+    ) -> Result<usize> {
+        let mut lagging = runner.lagging(generation);
+        let turn = runner.turn;
+        lagging.sort_by_key(|&slice| slice.wrapping_sub(turn) % runner.slices);
+        let mut consumed = 0;
+        for slice in lagging {
+            runner.turn = slice + 1;
+            let from = runner.cursor_of(generation).next(slice);
+            consumed += self
+                .batch(slot, runner, generation, slice, from, size - consumed)
+                .await?;
+            if consumed >= size || runner.lease.is_none() || runner.state == ProjectionState::Failed
+            {
+                break;
+            }
+        }
+        Ok(consumed)
+    }
+
+    /// Applies one batch of `slice` from `from` to `generation`; returns how many events it
+    /// consumed.
     async fn batch(
         &self,
         slot: &Slot,
         runner: &mut Runner,
         generation: u64,
+        slice: u32,
         from: u64,
         size: usize,
     ) -> Result<usize> {
@@ -901,10 +1043,10 @@ impl Inner {
         // are applied, instead of reading the whole batch first.
         let mut chunks = self
             .events
-            .read_all(from)
+            .read_slice(slice, from)
             .take(size)
             .try_chunks(APPLY_CHUNK);
-        let span = tracing::debug_span!("keel.project", projection = %runner.name, generation, from,
+        let span = tracing::debug_span!("keel.project", projection = %runner.name, generation, slice, from,
             events = tracing::field::Empty);
         let (mut consumed, mut next) = (0, from);
         // An event the feed could not read, at `next` (a store yields every event before an
@@ -955,7 +1097,7 @@ impl Inner {
             if !self.lease_current(runner) {
                 return Ok(0);
             }
-            if self.unreadable(runner, &e, next).await? {
+            if self.unreadable(runner, &e, slice, next).await? {
                 consumed += 1; // dead-lettered: the checkpoint moves past it
                 next += 1;
             }
@@ -974,16 +1116,16 @@ impl Inner {
                 }
                 return Err(projection_error(&runner.name, e));
             }
-            let key = runner.checkpoint_key(generation);
+            let key = runner.checkpoint_key(generation, slice);
             if !self.save_fenced(runner, &key, next).await? {
                 return Ok(0);
             }
             match runner.rebuild.as_mut() {
                 Some(r) if r.generation == generation => {
-                    r.checkpoint = next;
+                    r.cursor.set(slice, next - 1);
                     r.done += consumed as u64;
                 }
-                _ => runner.checkpoint = next,
+                _ => runner.cursor.set(slice, next - 1),
             }
             runner.processed += consumed as u64;
             metrics::counter!("keel_projection_events_total", "projection" => runner.name.clone())
@@ -992,9 +1134,16 @@ impl Inner {
         Ok(consumed)
     }
 
-    /// An event at `position` that the feed could not read, under the error policy: `false`
-    /// when the projection stops on it, `true` when it was dead-lettered and is passed.
-    async fn unreadable(&self, runner: &mut Runner, e: &Error, position: u64) -> Result<bool> {
+    /// An event at `position` of `slice` that the feed could not read, under the error
+    /// policy: `false` when the projection stops on it, `true` when it was dead-lettered and
+    /// is passed.
+    async fn unreadable(
+        &self,
+        runner: &mut Runner,
+        e: &Error,
+        slice: u32,
+        position: u64,
+    ) -> Result<bool> {
         let (stream, version, event_type) = e.event().expect("an error about one event");
         if e.is_shredded() {
             tracing::debug!(projection = %runner.name, stream = %stream, version, "shredded event skipped");
@@ -1005,9 +1154,10 @@ impl Inner {
             version,
             event_type: event_type.unwrap_or("unknown").to_owned(),
             position,
+            slice,
         };
         let error = format!(
-            "`{}` cannot read `{}` version {} at position {position}: {e}",
+            "`{}` cannot read `{}` version {} at position {position} of slice {slice}: {e}",
             runner.name, failed.stream, failed.version
         );
         self.poison(runner, failed, error).await
@@ -1085,10 +1235,11 @@ impl Inner {
                         version: event.version,
                         event_type: event.event_type.to_string(),
                         position,
+                        slice: event.slice,
                     };
                     let error = format!(
-                        "`{}` failed on `{}` version {} ({}) at position {position}: {e}",
-                        runner.name, failed.stream, failed.version, failed.event_type
+                        "`{}` failed on `{}` version {} ({}) at position {position} of slice {}: {e}",
+                        runner.name, failed.stream, failed.version, failed.event_type, failed.slice
                     );
                     if !self.poison(runner, failed, error).await? {
                         return Ok((i, position));

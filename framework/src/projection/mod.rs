@@ -128,8 +128,11 @@ pub struct FailedEvent {
     pub version: u64,
     /// Its type.
     pub event_type: String,
-    /// Its feed position.
+    /// Its position in its feed slice.
     pub position: u64,
+    /// Its feed slice.
+    #[serde(default)]
+    pub slice: u32,
 }
 
 /// How far a rebuild got.
@@ -156,11 +159,19 @@ pub struct ProjectionStatus {
     pub state: ProjectionState,
     /// The generation queries read.
     pub generation: u64,
-    /// The next feed position it will read.
-    pub checkpoint: u64,
-    /// The feed head when last looked at.
+    /// Events consumed through the checkpoint, over all slices ([`cursor`](Self::cursor)'s
+    /// total): with one slice, the last position consumed.
+    #[serde(default)]
+    pub consumed: u64,
+    /// The checkpoint: the last position consumed in each feed slice.
+    #[serde(default)]
+    pub cursor: crate::Cursor,
+    /// Events in the feed when last looked at (the [`heads`](Self::heads)' total).
     pub head: u64,
-    /// Events behind the head.
+    /// The last position published in each feed slice, when last looked at.
+    #[serde(default)]
+    pub heads: crate::Cursor,
+    /// Events behind the heads, over all slices ([`slice_lag`](Self::slice_lag) per slice).
     pub lag_events: u64,
     /// Milliseconds between the last applied event's recording and its application.
     pub lag_ms: i64,
@@ -182,6 +193,41 @@ pub struct ProjectionStatus {
     /// The last operator request this holder applied.
     #[serde(default)]
     pub last_request: Option<AppliedRequest>,
+}
+
+impl ProjectionStatus {
+    /// Per feed slice with events: `(slice, last position consumed, head, events behind)`.
+    pub fn slice_lag(&self) -> Vec<(u32, u64, u64, u64)> {
+        let mut slices: Vec<u32> = self.heads.iter().map(|(s, _)| s).collect();
+        slices.extend(self.cursor.iter().map(|(s, _)| s));
+        slices.sort_unstable();
+        slices.dedup();
+        slices
+            .into_iter()
+            .map(|s| {
+                let (done, head) = (self.cursor.get(s), self.heads.get(s));
+                (s, done, head, head.saturating_sub(done))
+            })
+            .collect()
+    }
+}
+
+/// The [`CheckpointStore`](crate::CheckpointStore) name under which a projection's manager
+/// saves where `generation` resumes in `slice` of a feed of `slices` slices: the position to
+/// read next there. A feed of one slice keeps the name from before slices
+/// (`<projection>/<generation>`), so such a store's checkpoints carry on.
+///
+/// ```
+/// use keel::projection::checkpoint_name;
+/// assert_eq!(checkpoint_name("orders", 2, 5, 64), "orders/2/s5");
+/// assert_eq!(checkpoint_name("orders", 2, 0, 1), "orders/2");
+/// ```
+pub fn checkpoint_name(projection: &str, generation: u64, slice: u32, slices: u32) -> String {
+    if slices <= 1 {
+        format!("{projection}/{generation}")
+    } else {
+        format!("{projection}/{generation}/s{slice}")
+    }
 }
 
 /// An operator's request as it is stored for the lease holder to take: what to do, and an id
@@ -227,8 +273,11 @@ pub enum Control {
     Resume,
     /// Rebuild a new generation from history, then switch to it.
     Rebuild,
-    /// Move the checkpoint to this position (replays or skips events).
+    /// Move the checkpoint of every feed slice to this position (replays or skips events):
+    /// `ResetTo(1)` replays the whole feed. With one slice, the position is the feed's.
     ResetTo(u64),
+    /// Move the checkpoint of one feed slice (the first number) to a position in it.
+    ResetSliceTo(u32, u64),
 }
 
 /// An event a projection could not apply and skipped under [`ErrorPolicy::DeadLetter`].

@@ -4,9 +4,9 @@
 //! default for examples, tests and single-process tools; nothing survives the process.
 //!
 //! Appends to one stream are serialised by that stream's map entry, so of concurrent appenders
-//! expecting the same version exactly one wins. The feed is appended under a short global lock
-//! taken while the stream entry is held, which gives every event one dense position and keeps
-//! each stream's events in version order in the feed. Events are stamped and allocated before
+//! expecting the same version exactly one wins. A feed slice is appended under a short lock
+//! taken while the stream entry is held, which gives every event one dense position in its
+//! stream's slice and keeps each stream's events in version order in the feed. Events are stamped and allocated before
 //! either lock is taken; under the locks they are only numbered and pushed (so under
 //! concurrent appends, feed order and timestamp order may differ by microseconds, as with any
 //! store whose writers stamp their own events). Events are published to the feed in the
@@ -46,6 +46,10 @@ use keel::{
 const PAGE: usize = 512;
 
 /// Every Keel store trait, in memory. Cloning shares the data.
+///
+/// The feed has [`keel::feed::DEFAULT_SLICES`] slices unless made with
+/// [`with_slices`](MemoryStore::with_slices), as on ScyllaDB, so that an application tested in
+/// memory meets the same (absent) order between slices as in production.
 #[derive(Clone, Default)]
 pub struct MemoryStore {
     inner: Arc<Inner>,
@@ -62,10 +66,10 @@ impl Default for MaxEventBytes {
     }
 }
 
-#[derive(Default)]
 struct Inner {
     streams: DashMap<StreamId, StreamLog, foldhash::fast::RandomState>,
-    feed: RwLock<Chunks<ByPosition>>,
+    /// One feed per slice, each numbered from 1 under its own lock.
+    feed: Vec<RwLock<Chunks<ByPosition>>>,
     snapshots: DashMap<StreamId, Snapshot>,
     /// Position and the epoch of the fence it was saved under.
     checkpoints: DashMap<String, (u64, u64)>,
@@ -77,6 +81,34 @@ struct Inner {
     keys: DashMap<String, DataKey>,
     /// Ids of shredded keys (never their subjects).
     shredded_keys: DashMap<uuid::Uuid, ()>,
+}
+
+impl Inner {
+    fn with_slices(slices: u32) -> Self {
+        Inner {
+            streams: DashMap::default(),
+            feed: (0..slices).map(|_| RwLock::default()).collect(),
+            snapshots: DashMap::default(),
+            checkpoints: DashMap::default(),
+            leases: Mutex::default(),
+            statuses: DashMap::default(),
+            requests: DashMap::default(),
+            dead_letters: DashMap::default(),
+            sagas: DashMap::default(),
+            keys: DashMap::default(),
+            shredded_keys: DashMap::default(),
+        }
+    }
+
+    fn slices(&self) -> u32 {
+        self.feed.len() as u32
+    }
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Inner::with_slices(keel::feed::DEFAULT_SLICES)
+    }
 }
 
 /// Events numbered from 1 (a stream's versions, or the feed's positions), kept as the shared
@@ -191,6 +223,24 @@ impl MemoryStore {
         Self::default()
     }
 
+    /// An empty store whose feed has `slices` slices (a power of two up to
+    /// [`keel::feed::MAX_SLICES`]; 1 gives one feed in commit order).
+    ///
+    /// ```
+    /// use keel::EventStore;
+    /// let store = keel_memory::MemoryStore::with_slices(4)?;
+    /// assert_eq!(store.feed_slices(), 4);
+    /// assert!(keel_memory::MemoryStore::with_slices(3).is_err());
+    /// # Ok::<(), keel::Error>(())
+    /// ```
+    pub fn with_slices(slices: u32) -> Result<Self> {
+        let slices = keel::feed::validate_slices(slices)?;
+        Ok(MemoryStore {
+            inner: Arc::new(Inner::with_slices(slices)),
+            max_event_bytes: MaxEventBytes::default(),
+        })
+    }
+
     /// Sets the largest event (payload, type and metadata, see [`NewEvent::stored_len`]) an
     /// append takes; larger ones are refused with [`Error::TooLarge`]. The default is
     /// [`keel::event::DEFAULT_MAX_EVENT_BYTES`], the same as the ScyllaDB store's, so that an
@@ -202,7 +252,11 @@ impl MemoryStore {
 
     /// Number of events in the feed.
     pub fn len(&self) -> usize {
-        read_lock(&self.inner.feed).len as usize
+        self.inner
+            .feed
+            .iter()
+            .map(|slice| read_lock(slice).len as usize)
+            .sum()
     }
 
     /// Whether the store holds no events.
@@ -277,12 +331,14 @@ impl EventStore for MemoryStore {
             self.inner.streams.remove_if(stream, |_, log| log.len == 0);
             return outcome;
         }
-        let mut feed = write_lock(&self.inner.feed);
+        let slice = keel::feed::slice_of(stream, self.inner.slices());
+        let mut feed = write_lock(&self.inner.feed[slice as usize]);
         let first_position = feed.len + 1;
         let unshared = Arc::get_mut(&mut recorded).expect("not shared before it is pushed");
         for (i, event) in unshared.iter_mut().enumerate() {
             event.version = current + 1 + i as u64;
             event.position = Some(first_position + i as u64);
+            event.slice = slice;
         }
         feed.push(recorded.clone());
         entry.push(recorded);
@@ -308,9 +364,16 @@ impl EventStore for MemoryStore {
         }
     }
 
-    fn read_all(&self, from_position: u64) -> EventStream<'_> {
+    fn feed_slices(&self) -> u32 {
+        self.inner.slices()
+    }
+
+    fn read_slice(&self, slice: u32, from_position: u64) -> EventStream<'_> {
+        let Some(feed) = self.inner.feed.get(slice as usize) else {
+            return Box::pin(stream::empty());
+        };
         paged(from_position.max(1) as usize, move |at| {
-            read_lock(&self.inner.feed).copy_from(at as u64, PAGE)
+            read_lock(feed).copy_from(at as u64, PAGE)
         })
     }
 
@@ -323,8 +386,14 @@ impl EventStore for MemoryStore {
             .filter(|&v| v > 0))
     }
 
-    async fn feed_head(&self) -> Result<u64> {
-        Ok(self.len() as u64)
+    async fn feed_heads(&self) -> Result<keel::Cursor> {
+        Ok(self
+            .inner
+            .feed
+            .iter()
+            .enumerate()
+            .map(|(slice, feed)| (slice as u32, read_lock(feed).len))
+            .collect())
     }
 }
 

@@ -76,17 +76,37 @@ fn many_threads_on_shared_streams_leave_streams_and_feed_dense() {
     });
 
     rt.block_on(async {
-        let feed: Vec<RecordedEvent> = store.read_all(1).try_collect().await.unwrap();
+        let feed: Vec<RecordedEvent> = store
+            .read_feed(&keel::Cursor::new())
+            .try_collect()
+            .await
+            .unwrap();
         assert_eq!(
             feed.len(),
             committed,
             "every committed event is in the feed"
         );
-        let positions: Vec<u64> = feed.iter().map(|e| e.position.unwrap()).collect();
+        // Each slice read in position order from 1, with no gap.
+        let mut by_slice: HashMap<u32, Vec<u64>> = HashMap::new();
+        for e in &feed {
+            by_slice
+                .entry(e.slice)
+                .or_default()
+                .push(e.position.unwrap());
+        }
+        for (slice, positions) in &by_slice {
+            let n = positions.len() as u64;
+            assert_eq!(
+                positions,
+                &(1..=n).collect::<Vec<_>>(),
+                "slice {slice} dense"
+            );
+        }
+        let heads = store.feed_heads().await.unwrap();
         assert_eq!(
-            positions,
-            (1..=committed as u64).collect::<Vec<_>>(),
-            "dense"
+            heads.total(),
+            committed as u64,
+            "the heads count every event"
         );
         let ids: HashSet<_> = feed.iter().map(|e| e.event_id).collect();
         assert_eq!(ids.len(), committed, "none twice");

@@ -190,13 +190,14 @@ impl Shared {
         }
     }
 
-    /// Writes the feed marker for an append about to happen. When this process runs the
-    /// leading feeder (which hears of the append directly), a marker this process wrote for the
+    /// Writes the feed marker for an append about to happen. When this process's feeder holds
+    /// the stream's slice (and so hears of the append directly), a marker this process wrote for the
     /// stream recently is reused, as long as the feeder's recheck of that marker still comes
     /// after this append has finished: the marker then only has to cover a crash.
     async fn write_marker(&self, stream: &str) -> Result<()> {
         let started = std::time::Instant::now();
-        if self.wake.leading.load(Ordering::Relaxed) {
+        let slice = keel::feed::slice_of(&keel::StreamId::new(stream), self.feed_slices);
+        if self.wake.holds(slice) {
             let markers = self.markers.lock().unwrap_or_else(|p| p.into_inner());
             if markers
                 .get(stream)
@@ -527,6 +528,7 @@ impl Shared {
             stream: stream.clone(),
             version: version as u64,
             position,
+            slice: keel::feed::slice_of(stream, self.feed_slices),
             recorded_at: recorded_at.0,
             event_type: Arc::from(event_type),
             schema_version: schema_version as u32,
@@ -704,15 +706,19 @@ impl EventStore for KeelScylla {
         )
     }
 
-    fn read_all(&self, from_position: u64) -> EventStream<'_> {
-        self.shared.feed_from(from_position)
+    fn feed_slices(&self) -> u32 {
+        self.shared.feed_slices
+    }
+
+    fn read_slice(&self, slice: u32, from_position: u64) -> EventStream<'_> {
+        self.shared.feed_from(slice, from_position)
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<Option<u64>> {
         self.shared.current_version(stream.as_str()).await
     }
 
-    async fn feed_head(&self) -> Result<u64> {
-        self.shared.feed_head().await
+    async fn feed_heads(&self) -> Result<keel::Cursor> {
+        self.shared.feed_heads().await
     }
 }

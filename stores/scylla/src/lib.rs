@@ -83,6 +83,8 @@ pub struct ScyllaConfig {
     pub bucket_size: Option<i64>,
     /// Positions per feed partition (fixed once the keyspace exists).
     pub feed_bucket_size: Option<i64>,
+    /// Slices of the feed (a power of two; fixed once the keyspace exists).
+    pub feed_slices: Option<u32>,
     /// Whether this process runs a feeder.
     pub feeder: Option<bool>,
     /// The feeder lease's time to live, milliseconds.
@@ -200,6 +202,7 @@ pub struct KeelScyllaBuilder {
     replication: Replication,
     bucket_size: i64,
     feed_bucket_size: i64,
+    feed_slices: Option<u32>,
     append_timeout: Duration,
     serial: SerialConsistency,
     consistency: Consistency,
@@ -232,6 +235,7 @@ impl Default for KeelScyllaBuilder {
             replication: Replication::Simple(1),
             bucket_size: DEFAULT_BUCKET_SIZE,
             feed_bucket_size: DEFAULT_FEED_BUCKET_SIZE,
+            feed_slices: None,
             append_timeout: Duration::from_secs(5),
             serial: SerialConsistency::LocalSerial,
             consistency: Consistency::LocalQuorum,
@@ -327,6 +331,9 @@ impl KeelScyllaBuilder {
         }
         if let Some(size) = config.feed_bucket_size {
             self = self.feed_bucket_size(size);
+        }
+        if let Some(slices) = config.feed_slices {
+            self = self.feed_slices(slices);
         }
         if let Some(feeder) = config.feeder {
             self = self.feeder(feeder);
@@ -471,6 +478,16 @@ impl KeelScyllaBuilder {
     /// Fixed when the keyspace is created.
     pub fn feed_bucket_size(mut self, size: i64) -> Self {
         self.feed_bucket_size = size;
+        self
+    }
+
+    /// The number of slices the feed is cut into (a power of two up to
+    /// [`keel::feed::MAX_SLICES`]). Fixed when the keyspace is created: unset, a new keyspace
+    /// gets [`keel::feed::DEFAULT_SLICES`] and an existing one keeps its own; set, a keyspace
+    /// with another count is refused. More slices let more processes share the feeding and
+    /// the projections; each slice costs a feeder round and a lease of its own.
+    pub fn feed_slices(mut self, slices: u32) -> Self {
+        self.feed_slices = Some(slices);
         self
     }
 
@@ -648,6 +665,12 @@ impl KeelScyllaBuilder {
                 });
             }
         }
+        if let Some(slices) = self.feed_slices {
+            keel::feed::validate_slices(slices).map_err(|e| Error::InvalidSetting {
+                field: "feed_slices",
+                reason: e.to_string(),
+            })?;
+        }
         if self.max_event_bytes == 0 {
             return Err(Error::InvalidSetting {
                 field: "max_event_bytes",
@@ -713,12 +736,11 @@ impl KeelScyllaBuilder {
                 Arc::new(self.open_session().await?)
             }
         };
-        let (bucket_size, feed_bucket_size) = schema::ensure(
+        let layout = schema::ensure(
             &session,
             &self.keyspace,
             &self.replication,
-            self.bucket_size,
-            self.feed_bucket_size,
+            (self.bucket_size, self.feed_bucket_size, self.feed_slices),
             self.create_schema,
         )
         .await?;
@@ -726,11 +748,12 @@ impl KeelScyllaBuilder {
         let shared = Arc::new(Shared {
             session,
             keyspace: self.keyspace.clone(),
-            bucket_size,
-            feed_bucket_size,
+            bucket_size: layout.bucket_size,
+            feed_bucket_size: layout.feed_bucket_size,
+            feed_slices: layout.feed_slices,
             st: statements,
             counters: Counters::default(),
-            wake: feed::Wake::default(),
+            wake: feed::Wake::new(layout.feed_slices),
             markers: std::sync::Mutex::new(std::collections::HashMap::new()),
             marker_reuse,
             master_key: self.master_key.clone(),
@@ -776,6 +799,8 @@ pub(crate) struct Shared {
     pub(crate) keyspace: String,
     pub(crate) bucket_size: i64,
     pub(crate) feed_bucket_size: i64,
+    /// The feed's slice count, as recorded in the keyspace.
+    pub(crate) feed_slices: u32,
     pub(crate) st: Statements,
     pub(crate) counters: Counters,
     pub(crate) wake: feed::Wake,
@@ -858,9 +883,14 @@ impl KeelScylla {
         }
     }
 
-    /// Whether this store's feeder currently holds the feeder lease.
+    /// Whether this store's feeder currently holds at least one slice of the feed.
     pub fn is_feeding(&self) -> bool {
-        self.feeder.as_ref().as_ref().is_some_and(|f| f.is_leader())
+        self.feeding_slices() > 0
+    }
+
+    /// How many slices of the feed this store's feeder holds (0 without a feeder).
+    pub fn feeding_slices(&self) -> usize {
+        self.feeder.as_ref().as_ref().map_or(0, |f| f.held())
     }
 
     /// Checks the node (reachable, its release), the schema version, and the feeder: healthy
@@ -953,30 +983,37 @@ impl KeelScylla {
     /// Whether some process publishes the feed. Without a feeder, appends wait for one; past
     /// an hour their markers expire, and the next feeder has to reconcile the whole feed.
     async fn feeder_health(&self) -> (bool, String) {
+        let slices = self.shared.feed_slices;
         let here = match self.feeder.as_ref() {
-            Some(f) if f.is_leader() => {
-                return (true, "leading: this process publishes the feed".to_owned())
+            Some(f) if f.held() > 0 => {
+                format!("this process feeds {} of {slices} slice(s)", f.held())
             }
-            Some(_) => "standby in this process",
-            None => "disabled in this process",
+            Some(_) => "standby in this process".to_owned(),
+            None => "disabled in this process".to_owned(),
         };
-        match self.shared.read_lease(feed::FEEDER_LEASE).await {
-            Ok(Some((Some(holder), _))) => (true, format!("{here}; held by feeder `{holder}`")),
+        let names: Vec<String> = (0..slices).map(|s| feed::feeder_lease(s, slices)).collect();
+        match self.shared.lease_holders(&names).await {
+            Ok(holders) if names.iter().all(|n| holders.get(n).is_some_and(Option::is_some)) => {
+                let mut feeders: Vec<&String> = holders.values().flatten().collect();
+                feeders.sort();
+                feeders.dedup();
+                (true, format!("{here}; every slice fed, by {} feeder(s)", feeders.len()))
+            }
             Ok(_) => match self.shared.unfed_marked_streams(1_000).await {
                 Ok((0, _)) => (
                     true,
-                    format!("{here}; no feeder runs, and no append of the last hour waits for one"),
+                    format!("{here}; some slices have no feeder, and no append of the last hour waits for one"),
                 ),
                 Ok((streams, events)) => (
                     false,
                     format!(
-                        "{here}; no feeder runs, and {events} event(s) of {streams} stream(s) \
-                         appended in the last hour wait for one: start a process with a feeder"
+                        "{here}; some slices have no feeder, and {events} event(s) of {streams} stream(s) \
+                         appended in the last hour wait: start a process with a feeder"
                     ),
                 ),
-                Err(e) => (false, format!("{here}; no feeder runs ({e})")),
+                Err(e) => (false, format!("{here}; some slices have no feeder ({e})")),
             },
-            Err(e) => (false, format!("{here}; feeder lease unreadable: {e}")),
+            Err(e) => (false, format!("{here}; feeder leases unreadable: {e}")),
         }
     }
 
@@ -1001,7 +1038,11 @@ pub(crate) struct Statements {
     pub(crate) scan_markers: PreparedStatement,
     pub(crate) meta_init: PreparedStatement,
     pub(crate) meta_read: PreparedStatement,
-    pub(crate) meta_head: PreparedStatement,
+    pub(crate) meta_heads: PreparedStatement,
+    pub(crate) member_join: PreparedStatement,
+    pub(crate) member_leave: PreparedStatement,
+    pub(crate) member_list: PreparedStatement,
+    pub(crate) lease_holders: PreparedStatement,
     pub(crate) append_one_cond: PreparedStatement,
     pub(crate) append_one_new: PreparedStatement,
     pub(crate) meta_allocate: PreparedStatement,
@@ -1112,9 +1153,9 @@ impl Statements {
                 "INSERT INTO {ks}.pending (minute, at, marker, stream) VALUES (?, ?, ?, ?) USING TTL 3600"
             )).await?,
             scan_markers: prep(format!("SELECT at, marker, stream FROM {ks}.pending WHERE minute = ? AND at >= ?")).await?,
-            meta_init: lwt(prep(format!("INSERT INTO {ks}.feed_meta (id, head) VALUES (0, 0) IF NOT EXISTS")).await?),
-            meta_read: serial_select(prep(format!("SELECT head, plan FROM {ks}.feed_meta WHERE id = 0")).await?),
-            meta_head: prep(format!("SELECT head FROM {ks}.feed_meta WHERE id = 0")).await?,
+            meta_init: lwt(prep(format!("INSERT INTO {ks}.feed_meta (id, head) VALUES (?, 0) IF NOT EXISTS")).await?),
+            meta_read: serial_select(prep(format!("SELECT head, plan FROM {ks}.feed_meta WHERE id = ?")).await?),
+            meta_heads: prep(format!("SELECT id, head FROM {ks}.feed_meta WHERE id IN ?")).await?,
             append_one_cond: lwt(prep(format!(
                 "UPDATE {ks}.events SET head = ?, event_id = ?, event_type = ?, schema_version = ?, payload = ?, \
                  metadata = ?, recorded_at = ?, commit_id = ? WHERE stream = ? AND bucket = ? AND version = ? IF head = ?"
@@ -1123,7 +1164,7 @@ impl Statements {
                 "UPDATE {ks}.events SET head = ?, event_id = ?, event_type = ?, schema_version = ?, payload = ?, \
                  metadata = ?, recorded_at = ?, commit_id = ? WHERE stream = ? AND bucket = ? AND version = ? IF head = null"
             )).await?),
-            meta_allocate: lwt(prep(format!("UPDATE {ks}.feed_meta SET head = ?, plan = ? WHERE id = 0 IF head = ?")).await?),
+            meta_allocate: lwt(prep(format!("UPDATE {ks}.feed_meta SET head = ?, plan = ? WHERE id = ? IF head = ?")).await?),
             insert_feed: prep(format!(
                 "INSERT INTO {ks}.feed (bucket, position, stream, version, event_id, event_type, schema_version, payload, metadata, recorded_at) \
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -1155,6 +1196,12 @@ impl Statements {
                 crate::feed::HEARTBEAT_TTL_SECS
             )).await?,
             heartbeat_read: prep(format!("SELECT updated_at FROM {ks}.checkpoints WHERE name = ?")).await?,
+            member_join: prep(format!(
+                "INSERT INTO {ks}.members (work, member, joined_at) VALUES (?, ?, ?) USING TTL ?"
+            )).await?,
+            member_leave: prep(format!("DELETE FROM {ks}.members WHERE work = ? AND member = ?")).await?,
+            member_list: prep(format!("SELECT member FROM {ks}.members WHERE work = ?")).await?,
+            lease_holders: prep(format!("SELECT name, holder FROM {ks}.leases WHERE name IN ?")).await?,
             lease_init: lwt(prep(format!("INSERT INTO {ks}.leases (name, epoch) VALUES (?, 0) IF NOT EXISTS")).await?),
             lease_read: serial_select(prep(format!("SELECT holder, epoch FROM {ks}.leases WHERE name = ?")).await?),
             lease_take: lwt(prep(format!(

@@ -12,7 +12,18 @@ use crate::error::Error;
 ///   `sagas` when a version 1 keyspace is migrated).
 /// - 3: `checkpoints.epoch`, the fence of the lease a checkpoint was saved under.
 /// - 4: `snapshots.recent_commands`, the repository's command window at the snapshot.
-pub const SCHEMA_VERSION: i32 = 4;
+/// - 5: the feed in slices: `keel_schema.feed_slices` (a keyspace from before is migrated in
+///   place as one slice: its feed is slice 0 of 1), `feed_meta` rows per slice, feed
+///   partitions per slice, and `members`, the live feeders and projection workers.
+pub const SCHEMA_VERSION: i32 = 5;
+
+/// How a keyspace's data is laid out: fixed when the keyspace is created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Layout {
+    pub(crate) bucket_size: i64,
+    pub(crate) feed_bucket_size: i64,
+    pub(crate) feed_slices: u32,
+}
 
 /// Checks a user-supplied name against the plain CQL identifier rule Keel allows: a lowercase
 /// letter, then lowercase letters, digits or `_`, 48 characters at most. Names are never
@@ -333,57 +344,55 @@ const TABLES: &[(&str, &str)] = &[
     (
         "keel_schema",
         "CREATE TABLE IF NOT EXISTS {ks}.keel_schema (
-            id int PRIMARY KEY, version int, bucket_size bigint, feed_bucket_size bigint
+            id int PRIMARY KEY, version int, bucket_size bigint, feed_bucket_size bigint,
+            feed_slices int
+        )",
+    ),
+    (
+        // Who shares a kind of work right now (the feed's slices, a projection's slices): a
+        // row per live process, written with a TTL and refreshed while it lives, so that each
+        // knows how many share the work and takes its fair part.
+        "members",
+        "CREATE TABLE IF NOT EXISTS {ks}.members (
+            work text, member text, joined_at timestamp,
+            PRIMARY KEY ((work), member)
         )",
     ),
 ];
 
-/// Creates the keyspace and tables if missing, records the schema version and the bucket
-/// sizes, and refuses to run against a keyspace created with other bucket sizes (rows would be
-/// looked for in the wrong partitions).
+/// Creates the keyspace and tables if missing, records the schema version and the layout
+/// (bucket sizes, feed slices), and refuses to run against a keyspace created with another
+/// layout (rows would be looked for in the wrong partitions). `feed_slices` is `None` when the
+/// build did not name a slice count: a new keyspace gets the default, an existing one keeps
+/// its own.
 ///
 /// With `create` false nothing is created: the keyspace must already hold a Keel schema, and
-/// its recorded bucket sizes are adopted (returned) instead of compared.
+/// its recorded layout is adopted (returned) instead of compared.
 pub(crate) async fn ensure(
     session: &Session,
     keyspace: &str,
     replication: &Replication,
-    bucket_size: i64,
-    feed_bucket_size: i64,
+    wanted: (i64, i64, Option<u32>),
     create: bool,
-) -> Result<(i64, i64), Error> {
+) -> Result<Layout, Error> {
+    let (bucket_size, feed_bucket_size, feed_slices) = wanted;
     if create {
-        create_all(
-            session,
-            keyspace,
-            replication,
+        let layout = Layout {
             bucket_size,
             feed_bucket_size,
-        )
-        .await?;
+            feed_slices: feed_slices.unwrap_or(keel::feed::DEFAULT_SLICES),
+        };
+        create_all(session, keyspace, replication, layout).await?;
     }
-    let mut read = scylla::statement::unprepared::Statement::new(format!(
-        "SELECT version, bucket_size, feed_bucket_size FROM {keyspace}.keel_schema WHERE id = 0"
-    ));
-    read.set_consistency(scylla::statement::Consistency::Serial);
-    let missing = |reason: String| Error::Schema {
-        step: "read schema version".into(),
-        reason: format!("keyspace `{keyspace}` holds no Keel schema ({reason})"),
+    let stored = read_layout(session, keyspace).await?;
+    let (version, stored) = match stored {
+        (version, _) if version < SCHEMA_VERSION && create => {
+            migrate(session, keyspace, version).await?;
+            read_layout(session, keyspace).await?
+        }
+        other => other,
     };
-    let row = session
-        .query_unpaged(read, ())
-        .await
-        .map_err(|e| missing(e.to_string()))?
-        .into_rows_result()
-        .map_err(|e| missing(e.to_string()))?
-        .maybe_first_row::<(i32, i64, i64)>()
-        .map_err(|e| missing(e.to_string()))?;
-    let Some((version, stored_bucket, stored_feed_bucket)) = row else {
-        return Err(missing("no version row".into()));
-    };
-    if version < SCHEMA_VERSION && create {
-        migrate(session, keyspace, version).await?;
-    } else if version < SCHEMA_VERSION {
+    if version < SCHEMA_VERSION {
         return Err(Error::Schema {
             step: "check schema version".into(),
             reason: format!("keyspace `{keyspace}` has schema v{version}, older than this keel-scylla (v{SCHEMA_VERSION}), and create_schema is off: open it once with create_schema on to migrate it"),
@@ -395,16 +404,88 @@ pub(crate) async fn ensure(
             reason: format!("keyspace `{keyspace}` has schema v{version}, newer than this keel-scylla (v{SCHEMA_VERSION}): upgrade keel-scylla"),
         });
     }
-    if create && (stored_bucket, stored_feed_bucket) != (bucket_size, feed_bucket_size) {
+    if create && (stored.bucket_size, stored.feed_bucket_size) != (bucket_size, feed_bucket_size) {
         return Err(Error::Schema {
             step: "check bucket sizes".into(),
             reason: format!(
-                "keyspace `{keyspace}` was created with bucket_size {stored_bucket} and feed_bucket_size {stored_feed_bucket}; \
-                 this store was configured with {bucket_size} and {feed_bucket_size}. Bucket sizes cannot change once data exists"
+                "keyspace `{keyspace}` was created with bucket_size {} and feed_bucket_size {}; \
+                 this store was configured with {bucket_size} and {feed_bucket_size}. Bucket sizes cannot change once data exists",
+                stored.bucket_size, stored.feed_bucket_size
             ),
         });
     }
-    Ok((stored_bucket, stored_feed_bucket))
+    if let Some(wanted) = feed_slices.filter(|&n| n != stored.feed_slices) {
+        return Err(Error::Schema {
+            step: "check feed slices".into(),
+            reason: format!(
+                "keyspace `{keyspace}` has a feed of {} slice(s); this store was configured with {wanted}. \
+                 The slice count cannot change once data exists (leave it unset to adopt the keyspace's)",
+                stored.feed_slices
+            ),
+        });
+    }
+    Ok(stored)
+}
+
+/// The schema version and layout recorded in a keyspace. A keyspace from before slices (no
+/// `feed_slices`) has one.
+async fn read_layout(session: &Session, keyspace: &str) -> Result<(i32, Layout), Error> {
+    let mut read = scylla::statement::unprepared::Statement::new(format!(
+        "SELECT version, bucket_size, feed_bucket_size, feed_slices FROM {keyspace}.keel_schema WHERE id = 0"
+    ));
+    read.set_consistency(scylla::statement::Consistency::Serial);
+    let missing = |reason: String| Error::Schema {
+        step: "read schema version".into(),
+        reason: format!("keyspace `{keyspace}` holds no Keel schema ({reason})"),
+    };
+    let current = match session.query_unpaged(read, ()).await {
+        Ok(result) => result
+            .into_rows_result()
+            .map_err(|e| e.to_string())
+            .and_then(|rows| {
+                rows.maybe_first_row::<(i32, i64, i64, Option<i32>)>()
+                    .map_err(|e| e.to_string())
+            }),
+        Err(e) => Err(e.to_string()),
+    };
+    let row = match current {
+        Ok(row) => row,
+        // A keyspace from before v5 has no `feed_slices` column until it is migrated.
+        Err(e) if e.contains("feed_slices") => {
+            let mut read = scylla::statement::unprepared::Statement::new(format!(
+                "SELECT version, bucket_size, feed_bucket_size FROM {keyspace}.keel_schema WHERE id = 0"
+            ));
+            read.set_consistency(scylla::statement::Consistency::Serial);
+            session
+                .query_unpaged(read, ())
+                .await
+                .map_err(|e| missing(e.to_string()))?
+                .into_rows_result()
+                .map_err(|e| missing(e.to_string()))?
+                .maybe_first_row::<(i32, i64, i64)>()
+                .map_err(|e| missing(e.to_string()))?
+                .map(|(v, b, f)| (v, b, f, None))
+        }
+        Err(e) => return Err(missing(e)),
+    };
+    let Some((version, bucket_size, feed_bucket_size, slices)) = row else {
+        return Err(missing("no version row".into()));
+    };
+    let feed_slices = match slices {
+        None => 1,
+        Some(n) => keel::feed::validate_slices(n.max(0) as u32).map_err(|e| Error::Schema {
+            step: "read feed slices".into(),
+            reason: format!("keyspace `{keyspace}` records {n} feed slices: {e}"),
+        })?,
+    };
+    Ok((
+        version,
+        Layout {
+            bucket_size,
+            feed_bucket_size,
+            feed_slices,
+        },
+    ))
 }
 
 /// Brings a keyspace from schema `from` to [`SCHEMA_VERSION`]. The tables are already there
@@ -469,6 +550,20 @@ async fn migrate(session: &Session, keyspace: &str, from: i32) -> Result<(), Err
         .await
         .map_err(step("migrate to v4: add snapshots.recent_commands"))?;
     }
+    if from < 5 {
+        // The feed from before slices is slice 0 of 1: its rows, its `feed_meta` row (id 0)
+        // and its progress read as they are.
+        add_column(session, keyspace, "keel_schema", "feed_slices", "int")
+            .await
+            .map_err(step("migrate to v5: add keel_schema.feed_slices"))?;
+        session
+            .query_unpaged(
+                format!("UPDATE {keyspace}.keel_schema SET feed_slices = 1 WHERE id = 0 IF feed_slices = null"),
+                (),
+            )
+            .await
+            .map_err(|e| step("migrate to v5: record one feed slice")(e.to_string()))?;
+    }
     session
         .query_unpaged(
             format!("UPDATE {keyspace}.keel_schema SET version = ? WHERE id = 0 IF version = ?"),
@@ -525,8 +620,7 @@ async fn create_all(
     session: &Session,
     keyspace: &str,
     replication: &Replication,
-    bucket_size: i64,
-    feed_bucket_size: i64,
+    layout: Layout,
 ) -> Result<(), Error> {
     let schema = |step: &str| {
         let step = step.to_owned();
@@ -557,13 +651,26 @@ async fn create_all(
             .await
             .map_err(schema(&format!("create table {name}")))?;
     }
-    // Record the version and sizes once; every later start compares against them.
+    // A keyspace of an older version has a `keel_schema` without `feed_slices`, which
+    // `CREATE TABLE IF NOT EXISTS` leaves as it is; the migration adds it.
+    if read_layout(session, keyspace).await.is_ok() {
+        return Ok(());
+    }
+    // Record the version and layout once; every later start compares against them.
     let insert = format!(
-        "INSERT INTO {keyspace}.keel_schema (id, version, bucket_size, feed_bucket_size) \
-         VALUES (0, ?, ?, ?) IF NOT EXISTS"
+        "INSERT INTO {keyspace}.keel_schema (id, version, bucket_size, feed_bucket_size, feed_slices) \
+         VALUES (0, ?, ?, ?, ?) IF NOT EXISTS"
     );
     session
-        .query_unpaged(insert, (SCHEMA_VERSION, bucket_size, feed_bucket_size))
+        .query_unpaged(
+            insert,
+            (
+                SCHEMA_VERSION,
+                layout.bucket_size,
+                layout.feed_bucket_size,
+                layout.feed_slices as i32,
+            ),
+        )
         .await
         .map_err(schema("record schema version"))?;
     Ok(())

@@ -197,7 +197,7 @@ fn spawn_writers(
 }
 
 /// Checks everything the writers were told against the stores' streams and feed.
-async fn verify(store: &KeelScylla, outcomes: &Outcomes, from: u64, case: &str) {
+async fn verify(store: &KeelScylla, outcomes: &Outcomes, from: &keel::Cursor, case: &str) {
     let streams: HashSet<StreamId> = outcomes.acked.values().cloned().collect();
     let mut stored_total = 0;
     let mut all_stored = HashSet::new();
@@ -230,7 +230,7 @@ async fn verify(store: &KeelScylla, outcomes: &Outcomes, from: u64, case: &str) 
     let deadline = Instant::now() + Duration::from_secs(90);
     let fed = loop {
         let fed: Vec<RecordedEvent> = store
-            .read_all(from)
+            .read_feed(from)
             .try_filter(|e| futures::future::ready(streams.contains(&e.stream)))
             .try_collect()
             .await
@@ -279,7 +279,7 @@ async fn verify(store: &KeelScylla, outcomes: &Outcomes, from: u64, case: &str) 
 }
 
 /// Runs the writers; `fault` runs beside them and returns when the cluster is whole again.
-async fn under_fault<F, Fut>(tag: &str, fault: F) -> (Arc<KeelScylla>, Outcomes, u64)
+async fn under_fault<F, Fut>(tag: &str, fault: F) -> (Arc<KeelScylla>, Outcomes, keel::Cursor)
 where
     F: FnOnce(Arc<Mutex<Outcomes>>) -> Fut,
     Fut: std::future::Future<Output = ()>,
@@ -299,12 +299,16 @@ async fn open(builder: KeelScyllaBuilder) -> Arc<KeelScylla> {
 }
 
 /// Runs the writers on `store` while `fault` runs beside them.
-async fn writing_through<F, Fut>(store: Arc<KeelScylla>, tag: &str, fault: F) -> (Outcomes, u64)
+async fn writing_through<F, Fut>(
+    store: Arc<KeelScylla>,
+    tag: &str,
+    fault: F,
+) -> (Outcomes, keel::Cursor)
 where
     F: FnOnce(Arc<Mutex<Outcomes>>) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let from = store.feed_head().await.unwrap() + 1;
+    let from = store.feed_heads().await.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let outcomes = Arc::new(Mutex::new(Outcomes::default()));
     let writers = spawn_writers(store.clone(), tag, stop.clone(), outcomes.clone());
@@ -339,7 +343,7 @@ async fn a_node_killed_mid_run_loses_and_doubles_nothing() {
         ctl_async(&["restart", "3"]).await;
     })
     .await;
-    verify(&store, &outcomes, from, "node 3 killed").await;
+    verify(&store, &outcomes, &from, "node 3 killed").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -360,7 +364,7 @@ async fn the_contact_node_killed_the_feed_carries_on() {
         store.is_feeding(),
         "the feeder kept (or took back) its lease"
     );
-    verify(&store, &outcomes, from, "node 1 killed").await;
+    verify(&store, &outcomes, &from, "node 1 killed").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -374,7 +378,7 @@ async fn a_node_paused_past_the_request_timeout_leaves_no_outcome_guessed() {
         ctl_async(&["resume", "2"]).await;
     })
     .await;
-    verify(&store, &outcomes, from, "node 2 paused").await;
+    verify(&store, &outcomes, &from, "node 2 paused").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -382,7 +386,7 @@ async fn two_nodes_down_appends_fail_typed_within_the_timeout() {
     let _heal = Heal;
     let keyspace = common::fresh_keyspace("keel_cl_quorum");
     let store = Arc::new(builder(&keyspace).build().await.unwrap());
-    let from = store.feed_head().await.unwrap() + 1;
+    let from = store.feed_heads().await.unwrap();
     let before = StreamId::new("before");
     for i in 0..20 {
         store
@@ -474,7 +478,7 @@ async fn two_nodes_down_appends_fail_typed_within_the_timeout() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let fed: Vec<RecordedEvent> = store
-            .read_all(from)
+            .read_feed(&from)
             .try_filter(|e| futures::future::ready(e.stream == before))
             .try_collect()
             .await
@@ -577,9 +581,11 @@ impl Drop for Worker {
     }
 }
 
-/// The feeder's holder paused (SIGSTOP) past its lease while a second process takes the feed
-/// over, then resumed: its rounds under the old epoch are refused, it learns it lost the
-/// lease, and the feed holds every committed event once, in stream order.
+/// Two feeder processes share the feed's 64 slices (the second takes half when it joins);
+/// one is paused (SIGSTOP) past its leases while the other takes its slices over, then
+/// resumed: its rounds under the old epochs are refused, it learns it lost its slices, the
+/// two share the slices again, and the feed holds every committed event once, in stream
+/// order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_feeder_is_fenced_out_when_it_resumes() {
     let _heal = Heal;
@@ -587,14 +593,22 @@ async fn a_paused_feeder_is_fenced_out_when_it_resumes() {
     let store = open(builder(&keyspace).feeder(false)).await;
     let start = Instant::now();
     let a = Worker::start("feeder", &keyspace, "a");
-    a.wait_for("feeding true", start, Duration::from_secs(30))
+    a.wait_for("feeding 64 slices", start, Duration::from_secs(30))
         .await;
+    let joined = Instant::now();
     let b = Worker::start("feeder", &keyspace, "b");
-    b.wait_for("ready", start, Duration::from_secs(30)).await;
+    b.wait_for("feeding 32 slices", joined, Duration::from_secs(30))
+        .await;
+    a.wait_for("feeding 32 slices", joined, Duration::from_secs(10))
+        .await;
+    println!(
+        "b joined and the two share the slices after {:?}",
+        joined.elapsed()
+    );
     let (outcomes, from) = writing_through(store.clone(), "fence-feed", |_| async {
         let paused = Instant::now();
         a.signal("-STOP");
-        b.wait_for("feeding true", paused, Duration::from_secs(15))
+        b.wait_for("feeding 64 slices", paused, Duration::from_secs(15))
             .await;
         println!(
             "feeder b took over {:?} after a was paused",
@@ -603,18 +617,22 @@ async fn a_paused_feeder_is_fenced_out_when_it_resumes() {
         tokio::time::sleep(Duration::from_secs(8).saturating_sub(paused.elapsed())).await;
         let resumed = Instant::now();
         a.signal("-CONT");
-        a.wait_for("feeding false", resumed, Duration::from_secs(10))
+        a.wait_for("feeding 0 slices", resumed, Duration::from_secs(10))
             .await;
         println!("feeder a let go {:?} after it resumed", resumed.elapsed());
+        a.wait_for("feeding 32 slices", resumed, Duration::from_secs(20))
+            .await;
+        println!(
+            "a has its share back {:?} after it resumed",
+            resumed.elapsed()
+        );
     })
     .await;
-    verify(&store, &outcomes, from, "feeder paused past its lease").await;
+    verify(&store, &outcomes, &from, "feeder paused past its lease").await;
     let status = store.feed_status().await.unwrap();
-    assert_eq!(
-        status.feeder.as_deref().map(|h| h.starts_with("worker-b-")),
-        Some(true),
-        "{status:?}"
-    );
+    assert!(status.unheld().is_empty(), "{status:?}");
+    let held: Vec<usize> = status.held_by().into_values().collect();
+    assert_eq!(held, [32, 32], "{:?}", status.held_by());
     println!("feeder a: {:?}; b: {:?}", a.lines(), b.lines());
 }
 
@@ -626,7 +644,9 @@ async fn a_paused_feeder_is_fenced_out_when_it_resumes() {
 async fn a_paused_projection_holder_is_fenced_out_when_it_resumes() {
     let _heal = Heal;
     let keyspace = common::fresh_keyspace("keel_cl_fence_proj");
-    let store = open(builder(&keyspace)).await;
+    // One slice: the read model keeps a row per feed position, and its checkpoint is one row
+    // (the workers adopt the keyspace's slice count).
+    let store = open(builder(&keyspace).feed_slices(1)).await;
     let start = Instant::now();
     let a = Worker::start("projection", &keyspace, "a");
     let fence_a = a.wait_for("fence", start, Duration::from_secs(30)).await;

@@ -61,7 +61,7 @@ fn assert_once_in_order(fed: &[RecordedEvent], count: usize, streams: &[(&Stream
 /// Waits until the feed from `from` holds `count` events of `streams`.
 async fn feed_of(
     store: &KeelScylla,
-    from: u64,
+    from: &keel::Cursor,
     streams: &HashSet<StreamId>,
     count: usize,
     wait: Duration,
@@ -69,7 +69,7 @@ async fn feed_of(
     let deadline = Instant::now() + wait;
     loop {
         let seen: Vec<RecordedEvent> = store
-            .read_all(from)
+            .read_feed(from)
             .try_filter(|e| futures::future::ready(streams.contains(&e.stream)))
             .try_collect()
             .await
@@ -205,7 +205,7 @@ async fn events_of_a_writer_that_died_before_the_feed_heard_reach_the_feed_once(
     }
     assert_eq!(
         writer
-            .read_all(1)
+            .read_feed(&keel::Cursor::new())
             .try_collect::<Vec<_>>()
             .await
             .unwrap()
@@ -217,12 +217,23 @@ async fn events_of_a_writer_that_died_before_the_feed_heard_reach_the_feed_once(
     // A new process with a feeder finds the markers and publishes every event once.
     let feeder = common::open(common::builder(&keyspace)).await;
     let wanted: HashSet<StreamId> = streams.iter().cloned().collect();
-    let fed = feed_of(&feeder, 1, &wanted, 25, Duration::from_secs(20)).await;
+    let fed = feed_of(
+        &feeder,
+        &keel::Cursor::new(),
+        &wanted,
+        25,
+        Duration::from_secs(20),
+    )
+    .await;
     let each: Vec<(&StreamId, u64)> = streams.iter().map(|s| (s, 5)).collect();
     assert_once_in_order(&fed, 25, &each);
     // Give the feeder more rounds: nothing is published again.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let again: Vec<RecordedEvent> = feeder.read_all(1).try_collect().await.unwrap();
+    let again: Vec<RecordedEvent> = feeder
+        .read_feed(&keel::Cursor::new())
+        .try_collect()
+        .await
+        .unwrap();
     assert_eq!(again.len(), 25);
     assert_eq!(feeder.metrics().fed_events, 25);
 }
@@ -236,13 +247,15 @@ async fn a_feeder_that_dies_mid_plan_is_finished_by_the_next() {
         .append(&stream, ExpectedVersion::NoStream, events(4))
         .await
         .unwrap();
-    // A feeder allocated positions 1..=4 for the stream and died before writing any feed row.
+    // A feeder allocated positions 1..=4 of the stream's slice for the stream and died before
+    // writing any feed row.
     let plan = serde_json::json!([{ "stream": "cart-1", "first": 1, "last": 4, "position": 1 }]);
+    let slice = keel::feed::slice_of(&stream, writer.feed_slices());
     let session = writer.session();
     session
         .query_unpaged(
             format!(
-                "INSERT INTO {keyspace}.feed_meta (id, head, plan) VALUES (0, 4, ?) IF NOT EXISTS"
+                "INSERT INTO {keyspace}.feed_meta (id, head, plan) VALUES ({slice}, 4, ?) IF NOT EXISTS"
             ),
             (serde_json::to_vec(&plan).unwrap(),),
         )
@@ -250,14 +263,25 @@ async fn a_feeder_that_dies_mid_plan_is_finished_by_the_next() {
         .unwrap();
     let status = writer.feed_status().await.unwrap();
     assert_eq!((status.head, status.unfinished_plan), (4, 1), "{status:?}");
-    assert_eq!(status.feeder, None, "no feeder yet");
+    assert_eq!(status.held_by().len(), 0, "no feeder yet");
+    assert_eq!(
+        status.slices[slice as usize].unfinished_plan, 1,
+        "{status:?}"
+    );
     let feeder = common::open(common::builder(&keyspace)).await;
     writer
         .append(&stream, ExpectedVersion::Exact(4), events(1))
         .await
         .unwrap();
     let wanted: HashSet<StreamId> = [stream.clone()].into();
-    let fed = feed_of(&feeder, 1, &wanted, 5, Duration::from_secs(20)).await;
+    let fed = feed_of(
+        &feeder,
+        &keel::Cursor::new(),
+        &wanted,
+        5,
+        Duration::from_secs(20),
+    )
+    .await;
     let positions: Vec<(u64, u64)> = fed
         .iter()
         .map(|e| (e.position.unwrap(), e.version))
@@ -271,7 +295,7 @@ async fn a_feeder_that_dies_mid_plan_is_finished_by_the_next() {
     let status = feeder.feed_status().await.unwrap();
     assert_eq!((status.head, status.unfinished_plan), (5, 0), "{status:?}");
     assert!(
-        status.feeder.is_some() && status.last_alive.is_some(),
+        status.unheld().is_empty() && status.last_alive.is_some(),
         "{status:?}"
     );
 }
@@ -474,7 +498,14 @@ async fn a_damaged_row_holds_back_its_stream_only() {
     let wanted: HashSet<StreamId> = [good.clone(), bad.clone()].into_iter().collect();
     // The bad stream is held back from the read that met the damaged row: none of its
     // events yet, all four of the good one's.
-    let fed = feed_of(&feeder, 1, &wanted, 4, Duration::from_secs(15)).await;
+    let fed = feed_of(
+        &feeder,
+        &keel::Cursor::new(),
+        &wanted,
+        4,
+        Duration::from_secs(15),
+    )
+    .await;
     let good_fed = fed.iter().filter(|e| e.stream == good).count();
     assert_eq!(
         good_fed, 4,
@@ -517,7 +548,14 @@ async fn a_damaged_row_holds_back_its_stream_only() {
         )
         .await
         .unwrap();
-    let fed = feed_of(&feeder, 1, &wanted, 7, Duration::from_secs(15)).await;
+    let fed = feed_of(
+        &feeder,
+        &keel::Cursor::new(),
+        &wanted,
+        7,
+        Duration::from_secs(15),
+    )
+    .await;
     assert_eq!(fed.len(), 7, "the repaired stream was fed: {fed:?}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !feeder.feed_status().await.unwrap().stuck.is_empty() {
@@ -550,7 +588,14 @@ async fn a_damaged_row_holds_back_its_stream_only() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     feeder.skip_in_feed(&bad, 4).await.unwrap();
-    let fed = feed_of(&feeder, 1, &wanted, 8, Duration::from_secs(15)).await;
+    let fed = feed_of(
+        &feeder,
+        &keel::Cursor::new(),
+        &wanted,
+        8,
+        Duration::from_secs(15),
+    )
+    .await;
     let versions: Vec<u64> = fed
         .iter()
         .filter(|e| e.stream == bad)
@@ -582,7 +627,14 @@ async fn feeder_lease_moves_to_the_next_store_on_shutdown() {
         .append(&stream, ExpectedVersion::NoStream, events(2))
         .await
         .unwrap();
-    let fed = feed_of(&second, 1, &[stream].into(), 2, Duration::from_secs(10)).await;
+    let fed = feed_of(
+        &second,
+        &keel::Cursor::new(),
+        &[stream].into(),
+        2,
+        Duration::from_secs(10),
+    )
+    .await;
     assert_eq!(fed.len(), 2);
 }
 
@@ -600,7 +652,7 @@ async fn feed_progress_keeps_one_row_per_stream() {
             .unwrap();
         let fed = feed_of(
             &store,
-            1,
+            &keel::Cursor::new(),
             &only,
             (round as usize + 1) * 2,
             Duration::from_secs(20),
@@ -655,17 +707,37 @@ async fn a_backlog_of_thousands_of_streams_reaches_the_feed_once_and_in_order() 
     let all: HashSet<StreamId> = short.iter().chain(&long).cloned().collect();
     // Well within `settle_after` (60 s): streams that did not fit a plan come back through
     // the feeder's own wake-ups, not through the second look at their markers.
-    let fed = feed_of(&feeder, 1, &all, 7_000, Duration::from_secs(30)).await;
+    let fed = feed_of(
+        &feeder,
+        &keel::Cursor::new(),
+        &all,
+        7_000,
+        Duration::from_secs(30),
+    )
+    .await;
     let each: Vec<(&StreamId, u64)> = long.iter().map(|s| (s, 1_500)).collect();
     assert_once_in_order(&fed, 7_000, &each);
-    let positions: Vec<u64> = fed.iter().map(|e| e.position.unwrap()).collect();
-    assert_eq!(
-        positions,
-        (1..=7_000).collect::<Vec<u64>>(),
-        "dense positions"
-    );
+    let mut by_slice: std::collections::BTreeMap<u32, Vec<u64>> = Default::default();
+    for e in &fed {
+        by_slice
+            .entry(e.slice)
+            .or_default()
+            .push(e.position.unwrap());
+    }
+    assert!(by_slice.len() > 1, "the streams spread over slices");
+    let mut after = keel::Cursor::new();
+    for (slice, mut positions) in by_slice {
+        positions.sort_unstable();
+        let n = positions.len() as u64;
+        assert_eq!(
+            positions,
+            (1..=n).collect::<Vec<u64>>(),
+            "dense positions in slice {slice}"
+        );
+        after.set(slice, n);
+    }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let again: Vec<RecordedEvent> = feeder.read_all(7_001).try_collect().await.unwrap();
+    let again: Vec<RecordedEvent> = feeder.read_feed(&after).try_collect().await.unwrap();
     assert!(again.is_empty(), "nothing after: {} more", again.len());
 }
 
@@ -719,17 +791,35 @@ async fn assert_feed_holds_only_a_fresh_event(feeder: &KeelScylla, why: &str) {
         .await
         .unwrap();
     let only_fresh: HashSet<StreamId> = [fresh].into();
-    let fed = feed_of(feeder, 1, &only_fresh, 1, Duration::from_secs(20)).await;
+    let fed = feed_of(
+        feeder,
+        &keel::Cursor::new(),
+        &only_fresh,
+        1,
+        Duration::from_secs(20),
+    )
+    .await;
     assert_eq!(fed.len(), 1, "the feeder runs");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let all: Vec<RecordedEvent> = feeder.read_all(1).try_collect().await.unwrap();
+    let all: Vec<RecordedEvent> = feeder
+        .read_feed(&keel::Cursor::new())
+        .try_collect()
+        .await
+        .unwrap();
     assert_eq!(all.len(), 1, "{why}");
 }
 
 /// Asserts that the feed holds the 612 events of the two streams once each, in order.
 async fn assert_fed(feeder: &KeelScylla, long: &StreamId, short: &StreamId) {
     let wanted: HashSet<StreamId> = [long.clone(), short.clone()].into();
-    let fed = feed_of(feeder, 1, &wanted, 612, Duration::from_secs(30)).await;
+    let fed = feed_of(
+        feeder,
+        &keel::Cursor::new(),
+        &wanted,
+        612,
+        Duration::from_secs(30),
+    )
+    .await;
     assert_once_in_order(&fed, 612, &[(long, 610), (short, 2)]);
 }
 
@@ -753,7 +843,11 @@ async fn events_whose_markers_expired_reach_the_feed_by_reconciling() {
     let again = writer.reconcile_feed().await.unwrap();
     assert!(again.lagging.is_empty(), "nothing left: {again:?}");
     assert_eq!(again.unfed_events, 0);
-    let all: Vec<RecordedEvent> = feeder.read_all(1).try_collect().await.unwrap();
+    let all: Vec<RecordedEvent> = feeder
+        .read_feed(&keel::Cursor::new())
+        .try_collect()
+        .await
+        .unwrap();
     assert_eq!(all.len(), 613, "and nothing published twice");
 }
 
@@ -772,7 +866,11 @@ async fn a_feeder_after_an_hour_long_outage_reconciles_by_itself() {
     let feeder = common::open(common::builder(&keyspace)).await;
     assert_fed(&feeder, &long, &short).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let all: Vec<RecordedEvent> = feeder.read_all(1).try_collect().await.unwrap();
+    let all: Vec<RecordedEvent> = feeder
+        .read_feed(&keel::Cursor::new())
+        .try_collect()
+        .await
+        .unwrap();
     assert_eq!(all.len(), 613, "nothing published twice");
     // The new feeder notes that it is alive: the next one will not reconcile again.
     let alive: Vec<scylla::value::CqlTimestamp> = common::column(

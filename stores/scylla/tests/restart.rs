@@ -38,7 +38,7 @@ async fn a_node_restart_mid_run_loses_and_doubles_nothing() {
         common::open(common::builder(&keyspace).append_timeout(Duration::from_secs(2))).await,
     );
     let stream = StreamId::new("ledger-1");
-    let from = store.feed_head().await.unwrap() + 1;
+    let from = store.feed_heads().await.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let successes = Arc::new(AtomicUsize::new(0));
 
@@ -145,7 +145,7 @@ async fn a_node_restart_mid_run_loses_and_doubles_nothing() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let fed: Vec<RecordedEvent> = store
-            .read_all(from)
+            .read_feed(&from)
             .try_filter(|e| futures::future::ready(e.stream == stream))
             .try_collect()
             .await

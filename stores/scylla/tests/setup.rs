@@ -201,6 +201,120 @@ async fn a_keyspace_refuses_other_bucket_sizes() {
 }
 
 #[tokio::test]
+async fn a_keyspace_refuses_another_slice_count_and_adopts_its_own() {
+    let keyspace = common::fresh_keyspace("keel_slices");
+    let created = common::open(common::builder(&keyspace).feeder(false)).await;
+    assert_eq!(created.feed_slices(), keel::feed::DEFAULT_SLICES);
+    drop(created);
+    match common::builder(&keyspace)
+        .feeder(false)
+        .feed_slices(8)
+        .build()
+        .await
+    {
+        Err(Error::Schema { reason, .. }) => {
+            assert!(reason.contains("feed of 64 slice(s)"), "{reason}")
+        }
+        Err(other) => panic!("expected a schema error, got {other}"),
+        Ok(_) => panic!("another slice count was accepted"),
+    }
+    match common::builder(&keyspace).feed_slices(48).build().await {
+        Err(Error::InvalidSetting { field, .. }) => assert_eq!(field, "feed_slices"),
+        Err(other) => panic!("expected an invalid setting, got {other}"),
+        Ok(_) => panic!("48 slices were accepted"),
+    }
+    let adopted = common::open(common::builder(&keyspace).feeder(false)).await;
+    assert_eq!(
+        adopted.feed_slices(),
+        64,
+        "an unnamed count adopts the keyspace's"
+    );
+}
+
+/// A keyspace from before slices (schema v4: one feed, `feed_meta` row 0, no `feed_slices`)
+/// is upgraded in place: its feed reads as slice 0 of 1, with its positions, and new events
+/// follow them; a build that names another slice count is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keyspace_from_before_slices_is_upgraded_in_place_as_one_slice() {
+    use keel::RecordedEvent;
+    let keyspace = common::fresh_keyspace("keel_preslices");
+    // One slice lays the feed out exactly as before slices: partitions, row 0, `keel.feeder`.
+    let old = common::open(common::builder(&keyspace).feed_slices(1)).await;
+    let streams: Vec<StreamId> = (0..3)
+        .map(|i| StreamId::new(format!("ledger-{i}")))
+        .collect();
+    for s in &streams {
+        let events = (0..2)
+            .map(|_| NewEvent::new("Noted", 1, &b"{}"[..]))
+            .collect();
+        old.append(s, ExpectedVersion::NoStream, events)
+            .await
+            .unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while old.feed_head().await.unwrap() < 6 {
+        assert!(std::time::Instant::now() < deadline, "the old feed was fed");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    old.shutdown().await;
+    for cql in [
+        format!("ALTER TABLE {keyspace}.keel_schema DROP feed_slices"),
+        format!(
+            "UPDATE {keyspace}.keel_schema SET version = 4 WHERE id = 0 IF version = {}",
+            keel_scylla::SCHEMA_VERSION
+        ),
+    ] {
+        old.session().query_unpaged(cql, ()).await.unwrap();
+    }
+    drop(old);
+
+    match common::builder(&keyspace).feed_slices(64).build().await {
+        Err(Error::Schema { reason, .. }) => {
+            assert!(reason.contains("feed of 1 slice(s)"), "{reason}")
+        }
+        Err(other) => panic!("expected a schema error, got {other}"),
+        Ok(_) => panic!("a pre-slice keyspace was opened with 64 slices"),
+    }
+    let upgraded = common::open(common::builder(&keyspace)).await;
+    assert_eq!(upgraded.feed_slices(), 1);
+    let before: Vec<RecordedEvent> = upgraded
+        .read_feed(&keel::Cursor::new())
+        .try_collect()
+        .await
+        .unwrap();
+    let at: Vec<(u32, u64)> = before
+        .iter()
+        .map(|e| (e.slice, e.position.unwrap()))
+        .collect();
+    assert_eq!(
+        at,
+        (1..=6).map(|p| (0, p)).collect::<Vec<_>>(),
+        "the old feed as slice 0"
+    );
+    let events = vec![NewEvent::new("Noted", 1, &b"{}"[..])];
+    upgraded
+        .append(&streams[0], ExpectedVersion::Exact(2), events)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let after = loop {
+        let after: Vec<RecordedEvent> = upgraded.read_slice(0, 7).try_collect().await.unwrap();
+        if !after.is_empty() || std::time::Instant::now() > deadline {
+            break after;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(after.len(), 1, "the new event follows the old feed");
+    assert_eq!(
+        (after[0].stream.as_str(), after[0].version),
+        ("ledger-0", 3)
+    );
+    let status = upgraded.feed_status().await.unwrap();
+    assert_eq!((status.head, status.slices.len()), (7, 1), "{status:?}");
+    upgraded.shutdown().await;
+}
+
+#[tokio::test]
 async fn tenants_in_separate_keyspaces_do_not_see_each_other() {
     let (a, b) = (
         common::fresh_keyspace("keel_tenant"),

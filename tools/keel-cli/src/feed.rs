@@ -6,9 +6,13 @@ use keel_scylla::KeelScylla;
 
 #[derive(Subcommand)]
 pub(crate) enum FeedAction {
-    /// The feed's head, the feeder holding the lease, when a feeder was last alive, and
-    /// whether a round was left unfinished.
-    Status,
+    /// The feed's heads, the feeders and the slices each holds, when a feeder was last alive,
+    /// and whether a round was left unfinished; `--slices` lists every slice.
+    Status {
+        /// One line per slice: its head, feeder and lease epoch.
+        #[arg(long)]
+        slices: bool,
+    },
     /// Compare every stream's head with the feed and mark the streams that are behind, so the
     /// running feeder publishes their missing events. Needed after writers ran for over an
     /// hour with no feeder anywhere (their markers expired). Reads every stream's head.
@@ -27,7 +31,11 @@ pub(crate) enum FeedAction {
     },
 }
 
-async fn feed_status(store: &KeelScylla, json: bool) -> Result<(), Box<dyn std::error::Error>> {
+async fn feed_status(
+    store: &KeelScylla,
+    json: bool,
+    per_slice: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
     let status = store.feed_status().await?;
     let alive = status.last_alive.map(|d| d.as_secs());
     if json {
@@ -35,8 +43,16 @@ async fn feed_status(store: &KeelScylla, json: bool) -> Result<(), Box<dyn std::
             "{}",
             serde_json::json!({
                 "head": status.head,
-                "feeder": status.feeder,
-                "epoch": status.epoch,
+                "members": status.members,
+                "held_by": status.held_by(),
+                "unheld": status.unheld(),
+                "slices": status.slices.iter().map(|s| serde_json::json!({
+                    "slice": s.slice,
+                    "head": s.head,
+                    "feeder": s.feeder,
+                    "epoch": s.epoch,
+                    "unfinished_plan": s.unfinished_plan,
+                })).collect::<Vec<_>>(),
                 "last_alive_seconds_ago": alive,
                 "unfinished_plan": status.unfinished_plan,
                 "stuck": status.stuck.iter().map(|l| serde_json::json!({
@@ -48,10 +64,35 @@ async fn feed_status(store: &KeelScylla, json: bool) -> Result<(), Box<dyn std::
         );
         return Ok(());
     }
-    println!("feed head:  {}", status.head);
-    match &status.feeder {
-        Some(id) => println!("feeder:     `{id}` (lease epoch {})", status.epoch),
-        None => println!("feeder:     none holds the lease: the feed does not advance"),
+    let slices = status.slices.len();
+    println!("feed head:  {} event(s) in {slices} slice(s)", status.head);
+    for (feeder, held) in status.held_by() {
+        println!("feeder:     `{feeder}` holds {held} of {slices} slice(s)");
+    }
+    let unheld = status.unheld();
+    if unheld.len() == slices {
+        println!("feeder:     none holds a slice lease: the feed does not advance");
+    } else if !unheld.is_empty() {
+        println!(
+            "unheld:     {} slice(s) without a feeder, not advancing: {unheld:?}",
+            unheld.len()
+        );
+    }
+    println!(
+        "members:    {} process(es) run a feeder",
+        status.members.len()
+    );
+    if per_slice {
+        println!("{:>6} {:>12} {:>6}  FEEDER", "SLICE", "HEAD", "EPOCH");
+        for s in &status.slices {
+            println!(
+                "{:>6} {:>12} {:>6}  {}",
+                s.slice,
+                s.head,
+                s.epoch,
+                s.feeder.as_deref().unwrap_or("-")
+            );
+        }
     }
     match alive {
         Some(s) => println!("last alive: {s} s ago"),
@@ -110,7 +151,7 @@ pub(crate) async fn feed(
     json: bool,
 ) -> Result<(), Box<dyn std::error::Error>> {
     match action {
-        FeedAction::Status => feed_status(store, json).await,
+        FeedAction::Status { slices } => feed_status(store, json, slices).await,
         FeedAction::Reconcile => reconcile(store, json).await,
         FeedAction::Skip {
             stream,

@@ -27,8 +27,15 @@ pub(crate) enum ProjectionAction {
     Pause { name: String },
     /// Continue (after a failure: retry the failed event).
     Resume { name: String },
-    /// Move the checkpoint to a feed position.
-    Reset { name: String, position: u64 },
+    /// Move the checkpoint to a feed position: in every slice, or in the one named by
+    /// `--slice`.
+    Reset {
+        name: String,
+        position: u64,
+        /// Only this slice's checkpoint.
+        #[arg(long)]
+        slice: Option<u32>,
+    },
     /// Events skipped under the dead-letter policy.
     DeadLetters { name: String },
 }
@@ -57,7 +64,7 @@ pub(crate) async fn projections(
             } else {
                 println!(
                     "{:<24} {:<11} {:>4} {:>10} {:>8} {:>10}  LAST ERROR",
-                    "NAME", "STATE", "GEN", "CHECKPOINT", "LAG", "PROCESSED"
+                    "NAME", "STATE", "GEN", "CONSUMED", "LAG", "PROCESSED"
                 );
                 for s in all {
                     println!(
@@ -65,7 +72,7 @@ pub(crate) async fn projections(
                         s.name,
                         state_name(s.state),
                         s.generation,
-                        s.checkpoint,
+                        s.consumed,
                         s.lag_events,
                         s.processed,
                         s.last_error.as_deref().unwrap_or("-")
@@ -76,8 +83,16 @@ pub(crate) async fn projections(
         ProjectionAction::Status { name } => print_status(&status_of(store, &name).await?, json)?,
         ProjectionAction::Pause { name } => request(store, &name, Control::Pause, json).await?,
         ProjectionAction::Resume { name } => request(store, &name, Control::Resume, json).await?,
-        ProjectionAction::Reset { name, position } => {
-            request(store, &name, Control::ResetTo(position), json).await?
+        ProjectionAction::Reset {
+            name,
+            position,
+            slice,
+        } => {
+            let control = match slice {
+                Some(slice) => Control::ResetSliceTo(slice, position),
+                None => Control::ResetTo(position),
+            };
+            request(store, &name, control, json).await?
         }
         ProjectionAction::DeadLetters { name } => {
             let letters = store.dead_letters(&name).await?;
@@ -86,11 +101,12 @@ pub(crate) async fn projections(
             } else {
                 for l in &letters {
                     println!(
-                        "{} v{} {} at position {}: {}",
+                        "{} v{} {} at position {} of slice {}: {}",
                         l.event.stream,
                         l.event.version,
                         l.event.event_type,
                         l.event.position,
+                        l.event.slice,
                         l.error
                     );
                 }
@@ -132,8 +148,8 @@ pub(crate) async fn projections(
                         println!("{}", serde_json::to_string_pretty(&now)?);
                     } else {
                         println!(
-                            "rebuilt {name}: generation {} active, checkpoint {}",
-                            now.generation, now.checkpoint
+                            "rebuilt {name}: generation {} active, {} event(s) consumed",
+                            now.generation, now.consumed
                         );
                     }
                     return Ok(());
@@ -223,14 +239,26 @@ pub(crate) fn print_status(
     println!("projection   {}", s.name);
     println!("state        {}", state_name(s.state));
     println!("generation   {}", s.generation);
-    println!("checkpoint   {} (feed head {})", s.checkpoint, s.head);
+    println!(
+        "consumed     {} of {} event(s) in the feed",
+        s.consumed, s.head
+    );
     println!("lag          {} events, {} ms", s.lag_events, s.lag_ms);
+    let behind: Vec<String> = s
+        .slice_lag()
+        .into_iter()
+        .filter(|(_, _, _, lag)| *lag > 0)
+        .map(|(slice, done, head, lag)| format!("slice {slice}: {done}/{head} ({lag} behind)"))
+        .collect();
+    if !behind.is_empty() {
+        println!("behind in    {}", behind.join(", "));
+    }
     println!("processed    {}", s.processed);
     println!("dead letters {}", s.dead_letters);
     if let Some(e) = &s.failed_event {
         println!(
-            "failed on    {} version {} ({}) at position {}",
-            e.stream, e.version, e.event_type, e.position
+            "failed on    {} version {} ({}) at position {} of slice {}",
+            e.stream, e.version, e.event_type, e.position, e.slice
         );
     }
     if let Some(e) = &s.last_error {

@@ -485,7 +485,7 @@ async fn health_and_feed_reconcile_find_events_no_feeder_published() {
     let (ok, out, _) = keel(&keyspace, &["health"]).await;
     assert!(!ok, "no feeder while appends wait is unhealthy: {out}");
     assert!(
-        out.contains("no feeder runs, and 3 event(s) of 1 stream(s)"),
+        out.contains("some slices have no feeder, and 3 event(s) of 1 stream(s)"),
         "{out}"
     );
     writer
@@ -496,7 +496,7 @@ async fn health_and_feed_reconcile_find_events_no_feeder_published() {
 
     let (ok, out, err) = keel(&keyspace, &["feed", "status"]).await;
     assert!(ok, "{err}");
-    assert!(out.contains("none holds the lease"), "{out}");
+    assert!(out.contains("none holds a slice lease"), "{out}");
     assert!(
         out.contains("last alive: not in the last 55 minutes"),
         "{out}"
@@ -519,12 +519,18 @@ async fn health_and_feed_reconcile_find_events_no_feeder_published() {
     assert!(ok, "{err}");
     assert!(out.contains("the feed has every committed event"), "{out}");
     let (ok, out, _) = keel(&keyspace, &["health"]).await;
-    assert!(ok && out.contains("held by feeder"), "{out}");
+    assert!(
+        ok && out.contains("every slice fed, by 1 feeder(s)"),
+        "{out}"
+    );
     let (ok, out, err) = keel(&keyspace, &["--json", "feed", "status"]).await;
     assert!(ok, "{err}");
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(status["head"], 3, "{status}");
-    assert!(status["feeder"].is_string(), "{status}");
+    let slices = status["slices"].as_array().expect("slices").len();
+    assert_eq!(slices, 64, "{status}");
+    assert_eq!(status["held_by"].as_object().unwrap().len(), 1, "{status}");
+    assert_eq!(status["unheld"], serde_json::json!([]), "{status}");
     assert_eq!(status["unfinished_plan"], 0, "{status}");
     assert!(
         status["last_alive_seconds_ago"].as_u64().unwrap() < 60,

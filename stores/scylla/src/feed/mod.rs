@@ -1,31 +1,46 @@
-//! The global feed: a leased feeder gives committed events dense positions.
+//! The feed in slices: leased feeders give committed events dense positions, slice by slice.
+//!
+//! # Slices
+//! The feed is cut into `feed_slices` slices (recorded in `keel_schema`; a keyspace from before
+//! slices has one). A stream's events are all in slice [`keel::feed::slice_of`] its id. Each
+//! slice has its own position row (`feed_meta`, `id` = the slice), its own plan, its own
+//! feed partitions (`feed.bucket` = slice << 32 | position / `feed_bucket_size`) and its own
+//! lease (`keel.feeder.<slice>`; `keel.feeder` when there is one slice). Everything below
+//! holds per slice, and rounds of different slices run concurrently.
 //!
 //! # How an event reaches the feed exactly once
 //! 1. Before its LWT, every append writes a marker `(minute, at, marker, stream)` to `pending`
 //!    (plain insert, one-hour TTL). The marker exists before the events can.
-//! 2. One feeder per keyspace holds the `keel.feeder` lease. It learns of streams to look at
-//!    from in-process wake-ups (fast path) and by scanning recent markers (appends of other
-//!    processes, and writers that died after their commit). Each marked stream is looked at
-//!    when the marker is first seen and once more after `settle_after`, by which time any
-//!    append behind the marker has committed or failed for good.
+//! 2. One feeder holds each slice's lease. It learns of streams to look at from in-process
+//!    wake-ups (fast path) and by scanning recent markers (appends of other processes, and
+//!    writers that died after their commit), keeping those of its slices. Each marked stream
+//!    is looked at when the marker is first seen and once more after `settle_after`, by which
+//!    time any append behind the marker has committed or failed for good.
 //! 3. For each stream it reads the events after the stream's fed progress, then allocates
-//!    positions with one LWT on `feed_meta` (`IF head = <last known>`) that also stores the
-//!    plan (stream, versions, first position). Then it writes the feed rows and the progress
-//!    rows, both idempotent.
+//!    positions with one LWT on the slice's `feed_meta` row (`IF head = <last known>`) that
+//!    also stores the plan (stream, versions, first position). Then it writes the feed rows
+//!    and the progress rows, both idempotent.
 //! 4. A feeder that finds a plan in `feed_meta` (its predecessor died mid-way) applies it
 //!    again before anything else; a feeder whose LWT fails (another feeder moved the head)
 //!    drops its caches and starts over from `feed_meta`. Positions are therefore allocated
 //!    once, and each event is planned once.
 //!
+//! # Sharing the slices
+//! Every process with a feeder keeps a row in `members` (work `feed`, with a TTL) and takes a
+//! fair share of the slices, `ceil(slices / members)`: it renews what it holds, takes free
+//! slices while below its share, and hands back what is above it (see [`share`]). A process
+//! that dies loses its slices to the others within the lease TTL.
+//!
 //! # Where each part lives
-//! - this module: the feeder task (its loop, lease state and wake-ups), the shared types;
+//! - this module: the feeder task (its loop and wake-ups), the shared types;
+//! - [`share`]: membership, the slice leases and the fair share, the heartbeat;
 //! - [`plan`]: a round's planning: which streams (wake-ups, markers), what each brings, and
 //!   the position allocation that stores the plan;
 //! - [`write`](mod@write): applying a plan: feed rows batched by partition and size, fed progress;
-//! - [`recovery`]: the lease and heartbeat, a predecessor's unfinished plan, and the
-//!   reconciliation a new leader runs after an outage;
+//! - [`recovery`]: a predecessor's unfinished plan, and the reconciliation a new leader runs
+//!   after an outage;
 //! - [`reconcile`]: the reconciliation itself (also `keel feed reconcile`);
-//! - [`read`]: the feed's head and its rows from a position;
+//! - [`read`]: the feed's heads and its rows from a position;
 //! - [`status`]: what an operator sees: status, stuck streams, unfed markers.
 
 use std::collections::{HashMap, HashSet};
@@ -43,15 +58,27 @@ mod plan;
 mod read;
 mod reconcile;
 mod recovery;
+mod share;
 mod status;
 mod write;
 
 pub use reconcile::Reconciled;
+pub use status::SliceStatus;
 
 use plan::next_gather;
 
-/// The lease every feeder competes for.
-pub(crate) const FEEDER_LEASE: &str = "keel.feeder";
+/// The lease of one slice of the feed: `keel.feeder` for a feed of one slice (the name it had
+/// before slices), `keel.feeder.<slice>` otherwise.
+pub(crate) fn feeder_lease(slice: u32, slices: u32) -> String {
+    if slices <= 1 {
+        "keel.feeder".to_owned()
+    } else {
+        format!("keel.feeder.{slice}")
+    }
+}
+
+/// The `members` partition of the processes that run a feeder.
+pub(crate) const FEED_MEMBERS: &str = "feed";
 /// Events planned in one allocation at most.
 const MAX_PLAN: usize = 2_000;
 /// Requests the feeder and the feed's maintenance reads keep in flight at once (a round's
@@ -62,7 +89,7 @@ pub(crate) const IN_FLIGHT: usize = 32;
 const MIN_SHARE: usize = 64;
 /// How far back a new leader looks for markers: their time to live.
 const FULL_LOOKBACK_MS: i64 = 3_600_000;
-/// The row (in `checkpoints`) where the leading feeder notes that it is alive.
+/// The row (in `checkpoints`) where a feeder holding slices notes that it is alive.
 const HEARTBEAT: &str = "keel.feeder.heartbeat";
 /// How long the heartbeat row lives: five minutes less than a marker. A new leader that finds
 /// no heartbeat reconciles the feed, since markers of appends made since the last one may have
@@ -70,17 +97,27 @@ const HEARTBEAT: &str = "keel.feeder.heartbeat";
 /// depend on the clocks of the processes (the row's `updated_at`, for display, does).
 pub(crate) const HEARTBEAT_TTL_SECS: i64 = FULL_LOOKBACK_MS / 1000 - 300;
 
-/// Streams appended to by this process since the feeder last looked.
-#[derive(Default)]
+/// Streams appended to by this process since the feeder last looked, and the slices this
+/// process's feeder holds.
 pub(crate) struct Wake {
     enabled: AtomicBool,
-    /// Whether this process's feeder holds the lease (its appends are fed without markers).
-    pub(crate) leading: AtomicBool,
+    /// Per slice, whether this process's feeder holds it (its appends to the slice's streams
+    /// may reuse a recent marker: the feeder hears of them directly).
+    held: Vec<AtomicBool>,
     streams: Mutex<HashSet<StreamId>>,
     notify: Notify,
 }
 
 impl Wake {
+    pub(crate) fn new(slices: u32) -> Self {
+        Wake {
+            enabled: AtomicBool::new(false),
+            held: (0..slices.max(1)).map(|_| AtomicBool::new(false)).collect(),
+            streams: Mutex::new(HashSet::new()),
+            notify: Notify::new(),
+        }
+    }
+
     pub(crate) fn notify(&self, stream: StreamId) {
         if self.enabled.load(Ordering::Relaxed) {
             self.streams
@@ -88,6 +125,19 @@ impl Wake {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(stream);
             self.notify.notify_one();
+        }
+    }
+
+    /// Whether this process's feeder holds `slice`.
+    pub(crate) fn holds(&self, slice: u32) -> bool {
+        self.held
+            .get(slice as usize)
+            .is_some_and(|h| h.load(Ordering::Relaxed))
+    }
+
+    fn set_held(&self, slice: u32, held: bool) {
+        if let Some(h) = self.held.get(slice as usize) {
+            h.store(held, Ordering::Relaxed);
         }
     }
 
@@ -108,17 +158,19 @@ impl Wake {
 /// The feed as an operator sees it: [`KeelScylla::feed_status`](crate::KeelScylla::feed_status).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FeedStatus {
-    /// The last position allocated (events up to it are in the feed, or about to be).
+    /// Events in the feed: the sum of the slices' heads (events up to them are in the feed,
+    /// or about to be).
     pub head: u64,
-    /// The id of the feeder holding the lease, if any holds it.
-    pub feeder: Option<String>,
-    /// The lease's epoch: how many times the lease has been taken.
-    pub epoch: i64,
-    /// How long ago a leading feeder last noted that it was alive, by the clock of the process
-    /// that noted it; `None` when none did in the last 55 minutes (the note lives that long).
+    /// Each slice: its head, its feeder, its lease epoch, its unfinished plan.
+    pub slices: Vec<SliceStatus>,
+    /// The processes running a feeder, by the ids they registered (`feeder_id`).
+    pub members: Vec<String>,
+    /// How long ago a feeder holding slices last noted that it was alive, by the clock of the
+    /// process that noted it; `None` when none did in the last 55 minutes (the note lives
+    /// that long).
     pub last_alive: Option<Duration>,
-    /// Streams in a plan that was allocated but not yet fully written (a feeder died in the
-    /// middle of a round; the next one finishes it first). Usually 0.
+    /// Streams in plans that were allocated but not yet fully written (a feeder died in the
+    /// middle of a round; the next one finishes it first), over all slices. Usually 0.
     pub unfinished_plan: usize,
     /// Streams the feed cannot carry past a damaged row (a null column, a version gap,
     /// metadata that does not decode): each names the stream, the version and why. The
@@ -126,6 +178,26 @@ pub struct FeedStatus {
     /// operator skips it ([`KeelScylla::skip_in_feed`](crate::KeelScylla::skip_in_feed),
     /// `keel feed skip`).
     pub stuck: Vec<keel::projection::DeadLetter>,
+}
+
+impl FeedStatus {
+    /// The slices no feeder holds right now.
+    pub fn unheld(&self) -> Vec<u32> {
+        self.slices
+            .iter()
+            .filter(|s| s.feeder.is_none())
+            .map(|s| s.slice)
+            .collect()
+    }
+
+    /// How many slices each feeder holds, by feeder id.
+    pub fn held_by(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut held = std::collections::BTreeMap::new();
+        for feeder in self.slices.iter().filter_map(|s| s.feeder.clone()) {
+            *held.entry(feeder).or_insert(0) += 1;
+        }
+        held
+    }
 }
 
 /// The dead-letter name under which the feeder records a stream it cannot carry past a
@@ -167,9 +239,9 @@ pub(crate) struct FeederConfig {
 /// The running feeder task of one store.
 pub(crate) struct Feeder {
     task: tokio::task::JoinHandle<()>,
-    leader: Arc<AtomicBool>,
-    lease: Arc<Mutex<Option<Lease>>>,
+    leases: Arc<Mutex<HashMap<u32, Lease>>>,
     shared: Arc<Shared>,
+    id: String,
 }
 
 impl Drop for Feeder {
@@ -181,17 +253,15 @@ impl Drop for Feeder {
 impl Feeder {
     pub(crate) fn start(shared: Arc<Shared>, config: FeederConfig) -> Feeder {
         shared.wake.enabled.store(true, Ordering::Relaxed);
-        let leader = Arc::new(AtomicBool::new(false));
-        let lease = Arc::new(Mutex::new(None));
+        let leases = Arc::new(Mutex::new(HashMap::new()));
+        let id = config.id.clone();
         let mut state = FeederState {
             shared: shared.clone(),
             gather: config.gather,
             config,
-            leader: leader.clone(),
-            lease: lease.clone(),
+            leases: leases.clone(),
+            held: HashMap::new(),
             renewed: Instant::now(),
-            meta: None,
-            progress: HashMap::new(),
             seen: HashMap::new(),
             scanned_full: false,
             last_scan: None,
@@ -200,39 +270,74 @@ impl Feeder {
         let task = tokio::spawn(async move { state.run().await });
         Feeder {
             task,
-            leader,
-            lease,
+            leases,
             shared,
+            id,
         }
     }
 
-    pub(crate) fn is_leader(&self) -> bool {
-        self.leader.load(Ordering::Relaxed)
+    /// How many slices this process's feeder holds.
+    pub(crate) fn held(&self) -> usize {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     pub(crate) async fn shutdown(&self) {
         self.task.abort();
-        let lease = self.lease.lock().unwrap_or_else(|p| p.into_inner()).take();
-        self.leader.store(false, Ordering::Relaxed);
-        self.shared.wake.leading.store(false, Ordering::Relaxed);
-        if let Some(lease) = lease {
-            if let Err(e) = self.shared.release_lease(&lease).await {
+        let leases: Vec<Lease> = self
+            .leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(slice, lease)| {
+                self.shared.wake.set_held(slice, false);
+                lease
+            })
+            .collect();
+        let releases = leases.iter().map(|lease| self.shared.release_lease(lease));
+        for result in futures::future::join_all(releases).await {
+            if let Err(e) = result {
                 tracing::warn!(error = %e, "feeder lease release failed; it expires by itself");
             }
         }
+        self.shared.leave(FEED_MEMBERS, &self.id).await;
+    }
+}
+
+/// One slice this feeder holds: its lease, and what it knows of the slice's feed.
+struct SliceFeeder {
+    slice: u32,
+    shared: Arc<Shared>,
+    /// The slice's head as of the last successful read or allocation (`None`: read it again).
+    meta: Option<i64>,
+    /// Last fed version per stream of the slice, as far as this feeder knows.
+    progress: HashMap<String, i64>,
+}
+
+impl SliceFeeder {
+    fn new(slice: u32, shared: Arc<Shared>) -> Self {
+        SliceFeeder {
+            slice,
+            shared,
+            meta: None,
+            progress: HashMap::new(),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.meta = None;
+        self.progress.clear();
     }
 }
 
 struct FeederState {
     shared: Arc<Shared>,
     config: FeederConfig,
-    leader: Arc<AtomicBool>,
-    lease: Arc<Mutex<Option<Lease>>>,
+    /// The slice leases held, shared with [`Feeder`] for shutdown.
+    leases: Arc<Mutex<HashMap<u32, Lease>>>,
+    /// The slices held, by slice.
+    held: HashMap<u32, SliceFeeder>,
+    /// When the leases and membership were last renewed.
     renewed: Instant,
-    /// The feed head as of the last successful read or allocation (`None`: read it again).
-    meta: Option<i64>,
-    /// Last fed version per stream, as far as this feeder knows.
-    progress: HashMap<String, i64>,
     /// Markers seen: id -> (at, stream, rechecked after settling).
     seen: HashMap<Uuid, (i64, String, bool)>,
     scanned_full: bool,
@@ -257,7 +362,7 @@ impl Drop for Background {
 impl FeederState {
     async fn run(&mut self) {
         loop {
-            if !self.hold_lease().await {
+            if !self.hold_slices().await {
                 self.shared.wake.take();
                 let pause = (self.config.lease_ttl / 3).max(self.config.interval);
                 tokio::time::sleep(pause).await;
@@ -284,16 +389,7 @@ impl FeederState {
                     Err(e) => tracing::warn!(error = %e, "feeder could not scan markers"),
                 }
             }
-            let mut full = false;
-            if !candidates.is_empty() {
-                match self.publish(candidates).await {
-                    Ok(filled) => full = filled,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "feeder round failed; starting over from feed_meta");
-                        self.reset();
-                    }
-                }
-            }
+            let full = self.publish_held(candidates).await;
             if full {
                 // Events are known to be waiting beyond a full plan: no reason to wait.
                 continue;
@@ -314,19 +410,35 @@ impl FeederState {
         }
     }
 
-    fn reset(&mut self) {
-        self.meta = None;
-        self.progress.clear();
-    }
-
-    fn set_lease(&mut self, lease: Option<Lease>) {
-        // A feeder that takes (or loses) the lease scans markers at its next round.
-        self.last_scan = None;
-        self.leader.store(lease.is_some(), Ordering::Relaxed);
-        self.shared
-            .wake
-            .leading
-            .store(lease.is_some(), Ordering::Relaxed);
-        *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = lease;
+    /// One round in every held slice with candidates, concurrently; `true` when some slice's
+    /// plan was full (more events wait). Candidates of slices held elsewhere are dropped: their
+    /// markers bring them to their slice's feeder.
+    async fn publish_held(&mut self, candidates: HashSet<String>) -> bool {
+        let slices = self.shared.feed_slices;
+        let mut by_slice: HashMap<u32, HashSet<String>> = HashMap::new();
+        for stream in candidates {
+            let slice = keel::feed::slice_of(&StreamId::new(&stream), slices);
+            if self.held.contains_key(&slice) {
+                by_slice.entry(slice).or_default().insert(stream);
+            }
+        }
+        let rounds = self.held.values_mut().filter_map(|feeder| {
+            let candidates = by_slice.remove(&feeder.slice)?;
+            Some(async move {
+                match feeder.publish(candidates).await {
+                    Ok(full) => full,
+                    Err(e) => {
+                        tracing::warn!(slice = feeder.slice, error = %e,
+                            "feeder round failed; starting over from feed_meta");
+                        feeder.reset();
+                        false
+                    }
+                }
+            })
+        });
+        futures::future::join_all(rounds)
+            .await
+            .into_iter()
+            .any(|full| full)
     }
 }

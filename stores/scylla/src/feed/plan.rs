@@ -10,7 +10,8 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::{
-    is_stream_damage, FeederState, Range, FULL_LOOKBACK_MS, IN_FLIGHT, MAX_PLAN, MIN_SHARE,
+    is_stream_damage, FeederState, Range, SliceFeeder, FULL_LOOKBACK_MS, IN_FLIGHT, MAX_PLAN,
+    MIN_SHARE,
 };
 use crate::error::{outcome_unknown, store_err};
 use crate::events::Lwt;
@@ -63,8 +64,10 @@ impl FeederState {
             .retain(|_, (at, _, settled)| !*settled || *at > now - settle - 60_000);
         Ok(found)
     }
+}
 
-    /// One round: plans and publishes the new events of `candidates`, up to [`MAX_PLAN`].
+impl SliceFeeder {
+    /// One round of this slice: plans and publishes the new events of `candidates`, up to [`MAX_PLAN`].
     /// `true` when the plan was full and published, so that more events wait (their streams
     /// are back among the wake-ups).
     pub(super) async fn publish(&mut self, candidates: HashSet<String>) -> Result<bool> {
@@ -107,7 +110,10 @@ impl FeederState {
         let allocated = match self
             .shared
             .session
-            .execute_unpaged(&self.shared.st.meta_allocate, (new_head, &blob, head))
+            .execute_unpaged(
+                &self.shared.st.meta_allocate,
+                (new_head, &blob, self.slice as i32, head),
+            )
             .await
         {
             Ok(result) => {
@@ -117,7 +123,7 @@ impl FeederState {
             }
             Err(e) if outcome_unknown(&e) => {
                 // Read back: if the head and plan are ours, the allocation went through.
-                matches!(self.shared.read_meta().await?, Some((h, p)) if h == new_head && p == plan)
+                matches!(self.shared.read_meta(self.slice).await?, Some((h, p)) if h == new_head && p == plan)
             }
             Err(e) => return Err(store_err("allocate feed positions", e)),
         };

@@ -1,4 +1,4 @@
-//! Reading the feed: its head and its rows from a position, page by page.
+//! Reading the feed: its heads and a slice's rows from a position, page by page.
 
 use bytes::Bytes;
 use futures::{stream, StreamExt};
@@ -10,30 +10,41 @@ use crate::events::PAGE;
 use crate::Shared;
 
 impl Shared {
-    /// The head of the feed: the last allocated position (a plain read: an estimate for lag
-    /// and progress, never used to allocate).
-    pub(crate) async fn feed_head(&self) -> Result<u64> {
-        let rows = self
-            .select(&self.st.meta_head, (), "read feed head")
-            .await?;
-        let head = rows
-            .maybe_first_row::<(Option<i64>,)>()
-            .map_err(|e| store_err("read feed head", e))?
-            .and_then(|(h,)| h);
-        Ok(head.unwrap_or(0).max(0) as u64)
+    /// The heads of the feed's slices: the last allocated position of each (plain reads: an
+    /// estimate for lag and progress, never used to allocate). A slice that never had a round
+    /// is absent.
+    pub(crate) async fn feed_heads(&self) -> Result<keel::Cursor> {
+        let op = "read feed heads";
+        let ids: Vec<i32> = (0..self.feed_slices as i32).collect();
+        let mut heads = keel::Cursor::new();
+        // ScyllaDB refuses more than 100 partition keys in one `IN` by default.
+        for chunk in ids.chunks(64) {
+            let rows = self
+                .select(&self.st.meta_heads, (chunk.to_vec(),), op)
+                .await?;
+            for row in rows
+                .rows::<(i32, Option<i64>)>()
+                .map_err(|e| store_err(op, e))?
+            {
+                let (slice, head) = row.map_err(|e| store_err(op, e))?;
+                heads.set(slice.max(0) as u32, head.unwrap_or(0).max(0) as u64);
+            }
+        }
+        Ok(heads)
     }
 
-    /// The feed rows at positions `start..end` (one feed bucket), up to the first gap, and the
-    /// error of the first row that does not decode: the events before it are read.
+    /// The feed rows of `slice` at positions `start..end` (one feed bucket), up to the first
+    /// gap, and the error of the first row that does not decode: the events before it are read.
     pub(super) async fn feed_range(
         &self,
+        slice: u32,
         start: i64,
         end: i64,
     ) -> Result<(Vec<RecordedEvent>, Option<Error>)> {
         let rows = self
             .select(
                 &self.st.read_feed,
-                (self.feed_bucket(start), start, end),
+                (self.feed_partition(slice, start), start, end),
                 "read feed",
             )
             .await?;
@@ -89,13 +100,16 @@ impl Shared {
         Ok((page, None))
     }
 
-    /// The feed from `from`, page by page, up to the first position not written yet, or up
+    /// The feed of `slice` from `from`, page by page, up to the first position not written yet, or up
     /// to a row that does not decode: every event before it, then its error.
     ///
     /// Pages end on multiples of the page size, and a feed bucket's size is a multiple of it,
     /// so no page crosses a bucket and the next page's range is known before this one arrives:
     /// it is fetched while this one is consumed.
-    pub(crate) fn feed_from(&self, from: u64) -> EventStream<'_> {
+    pub(crate) fn feed_from(&self, slice: u32, from: u64) -> EventStream<'_> {
+        if slice >= self.feed_slices {
+            return Box::pin(stream::empty());
+        }
         let page = PAGE as i64;
         let first = from.max(1) as i64;
         let ranges = (0..).map(move |k: i64| {
@@ -108,7 +122,7 @@ impl Shared {
         });
         let pages = stream::iter(ranges)
             .map(move |(start, end)| async move {
-                let (events, unreadable) = self.feed_range(start, end).await?;
+                let (events, unreadable) = self.feed_range(slice, start, end).await?;
                 let complete = unreadable.is_none() && events.len() as i64 == end - start;
                 Ok::<_, Error>((events, unreadable, complete))
             })

@@ -1,66 +1,19 @@
-//! Leadership and recovery: the feeder lease and heartbeat, the plan a predecessor left
-//! unfinished, and the reconciliation after an outage.
-
-use std::time::Instant;
+//! Recovery: the heartbeat, the plan a predecessor left unfinished in a slice, and the
+//! reconciliation after an outage.
 
 use futures::{stream, StreamExt, TryStreamExt};
 use keel::{RecordedEvent, Result, StreamId};
 use scylla::value::CqlTimestamp;
 
-use super::{Background, FeederState, Range, FEEDER_LEASE, HEARTBEAT, IN_FLIGHT};
+use super::{Background, FeederState, Range, SliceFeeder, HEARTBEAT, IN_FLIGHT};
 use crate::error::store_err;
 use crate::Shared;
 
 impl FeederState {
-    /// Takes or renews the feeder lease; `true` while this feeder is the leader.
-    pub(super) async fn hold_lease(&mut self) -> bool {
-        let current = self.lease.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        match current {
-            Some(_) if self.renewed.elapsed() < self.config.lease_ttl / 3 => true,
-            Some(lease) => match self.shared.renew_lease(&lease).await {
-                Ok(true) => {
-                    self.renewed = Instant::now();
-                    self.beat().await;
-                    true
-                }
-                Ok(false) | Err(_) => {
-                    tracing::warn!("feeder lost its lease");
-                    self.set_lease(None);
-                    self.reset();
-                    self.seen.clear();
-                    self.scanned_full = false;
-                    false
-                }
-            },
-            None => match self
-                .shared
-                .acquire_lease(FEEDER_LEASE, &self.config.id, self.config.lease_ttl)
-                .await
-            {
-                Ok(Some(lease)) => {
-                    tracing::info!(epoch = lease.epoch, "feeder took the lease");
-                    self.renewed = Instant::now();
-                    self.set_lease(Some(lease));
-                    self.reset();
-                    if self.config.reconcile_after_outage {
-                        self.reconcile_after_outage().await;
-                    }
-                    self.beat().await;
-                    true
-                }
-                Ok(None) => false,
-                Err(e) => {
-                    tracing::debug!(error = %e, "feeder lease attempt failed");
-                    false
-                }
-            },
-        }
-    }
-
-    /// Notes that the leading feeder is alive (with the feed head it knows).
+    /// Notes that a feeder holding slices is alive (with the number of slices it holds).
     pub(super) async fn beat(&self) {
         let now = keel::event::now_millis();
-        let head = self.meta.unwrap_or(0);
+        let head = self.held.len() as i64;
         if let Err(e) = self
             .shared
             .session
@@ -105,21 +58,27 @@ impl FeederState {
         });
         self.reconciling = Some(Background(task.abort_handle()));
     }
+}
 
-    /// The feed head from `feed_meta`, after finishing any plan left there.
+impl SliceFeeder {
+    /// The slice's head from `feed_meta`, after finishing any plan left there.
     pub(super) async fn load_meta(&mut self) -> Result<i64> {
         if let Some(head) = self.meta {
             return Ok(head);
         }
-        let (head, plan) = match self.shared.read_meta().await? {
+        let slice = self.slice;
+        let (head, plan) = match self.shared.read_meta(slice).await? {
             Some(meta) => meta,
             None => {
                 self.shared
                     .session
-                    .execute_unpaged(&self.shared.st.meta_init, ())
+                    .execute_unpaged(&self.shared.st.meta_init, (slice as i32,))
                     .await
-                    .map_err(|e| store_err("create feed_meta", e))?;
-                self.shared.read_meta().await?.unwrap_or((0, Vec::new()))
+                    .map_err(|e| store_err(format!("create feed_meta of slice {slice}"), e))?;
+                self.shared
+                    .read_meta(slice)
+                    .await?
+                    .unwrap_or((0, Vec::new()))
             }
         };
         if !plan.is_empty() {
@@ -162,13 +121,15 @@ impl FeederState {
 }
 
 impl Shared {
-    pub(super) async fn read_meta(&self) -> Result<Option<(i64, Vec<Range>)>> {
+    /// The head and the last plan of `slice` (`None`: the slice never had a round).
+    pub(super) async fn read_meta(&self, slice: u32) -> Result<Option<(i64, Vec<Range>)>> {
+        let op = || format!("read feed_meta of slice {slice}");
         let rows = self
-            .select(&self.st.meta_read, (), "read feed_meta")
+            .select(&self.st.meta_read, (slice as i32,), op())
             .await?;
         let Some((head, plan)) = rows
             .maybe_first_row::<(Option<i64>, Option<Vec<u8>>)>()
-            .map_err(|e| store_err("read feed_meta", e))?
+            .map_err(|e| store_err(op(), e))?
         else {
             return Ok(None);
         };

@@ -9,22 +9,60 @@ use keel::{Error, Result, StreamId};
 use scylla::value::CqlTimestamp;
 use uuid::Uuid;
 
-use super::{FeedStatus, FEEDER_LEASE, FEED_DEAD_LETTERS, FULL_LOOKBACK_MS, HEARTBEAT, IN_FLIGHT};
+use super::{
+    feeder_lease, FeedStatus, FEED_DEAD_LETTERS, FEED_MEMBERS, FULL_LOOKBACK_MS, HEARTBEAT,
+    IN_FLIGHT,
+};
+
+/// One slice of the feed as an operator sees it (in [`FeedStatus::slices`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceStatus {
+    /// The slice.
+    pub slice: u32,
+    /// Its last allocated position.
+    pub head: u64,
+    /// The id of the feeder holding its lease, if any holds it.
+    pub feeder: Option<String>,
+    /// Its lease's epoch: how many times the lease has been taken.
+    pub epoch: i64,
+    /// Streams of its last plan not yet fully written (usually 0).
+    pub unfinished_plan: usize,
+}
 use crate::error::store_err;
 use crate::Shared;
 
 impl crate::KeelScylla {
-    /// The feed's head, who feeds it, when a feeder was last alive, and whether a plan is left
-    /// unfinished: what `keel feed status` prints.
+    /// The feed's heads, who feeds each slice, when a feeder was last alive, and whether a
+    /// plan is left unfinished: what `keel feed status` prints.
     pub async fn feed_status(&self) -> Result<FeedStatus> {
         let shared = &self.shared;
-        let (head, plan) = shared.read_meta().await?.unwrap_or((0, Vec::new()));
-        let (feeder, epoch) = shared.read_lease(FEEDER_LEASE).await?.unwrap_or((None, 0));
+        let slices: Vec<SliceStatus> = stream::iter(0..shared.feed_slices)
+            .map(|slice| self.slice_status(slice))
+            .buffered(IN_FLIGHT)
+            .try_collect()
+            .await?;
         let now = keel::event::now_millis();
         let last_alive = shared
             .feeder_last_alive()
             .await?
             .map(|at| Duration::from_millis((now - at).max(0) as u64));
+        let mut members = shared.members(FEED_MEMBERS).await?;
+        members.sort();
+        Ok(FeedStatus {
+            head: slices.iter().map(|s| s.head).sum(),
+            unfinished_plan: slices.iter().map(|s| s.unfinished_plan).sum(),
+            slices,
+            members,
+            last_alive,
+            stuck: self.stuck_in_feed().await?,
+        })
+    }
+
+    async fn slice_status(&self, slice: u32) -> Result<SliceStatus> {
+        let shared = &self.shared;
+        let (head, plan) = shared.read_meta(slice).await?.unwrap_or((0, Vec::new()));
+        let name = feeder_lease(slice, shared.feed_slices);
+        let (feeder, epoch) = shared.read_lease(&name).await?.unwrap_or((None, 0));
         // A plan stays recorded after it was written; it is unfinished while the progress of
         // one of its streams is short of it.
         let short: Vec<bool> = stream::iter(&plan)
@@ -34,14 +72,12 @@ impl crate::KeelScylla {
             .buffer_unordered(IN_FLIGHT)
             .try_collect()
             .await?;
-        let unfinished_plan = short.into_iter().filter(|&s| s).count();
-        Ok(FeedStatus {
+        Ok(SliceStatus {
+            slice,
             head: head.max(0) as u64,
             feeder,
             epoch,
-            last_alive,
-            unfinished_plan,
-            stuck: self.stuck_in_feed().await?,
+            unfinished_plan: short.into_iter().filter(|&s| s).count(),
         })
     }
 
@@ -112,6 +148,7 @@ impl Shared {
                 version,
                 event_type: String::new(),
                 position: 0,
+                slice: keel::feed::slice_of(&StreamId::new(stream), self.feed_slices),
             },
             error: reason,
             at: keel::event::now_millis(),

@@ -7,11 +7,11 @@ use futures::{stream, StreamExt, TryStreamExt};
 use keel::{Error, RecordedEvent, Result};
 use scylla::value::CqlTimestamp;
 
-use super::{FeederState, Range, IN_FLIGHT};
+use super::{Range, SliceFeeder, IN_FLIGHT};
 use crate::error::store_err;
 use crate::{partition_batch, Shared};
 
-impl FeederState {
+impl SliceFeeder {
     /// Writes the feed rows and progress of a plan. Idempotent: the same plan always writes
     /// the same rows.
     pub(super) async fn write_plan(
@@ -30,10 +30,11 @@ impl FeederState {
             })
             .collect();
         let writer = self.shared.clone();
+        let slice = self.slice;
         stream::iter(feed_batches(self.shared.feed_bucket_size, rows))
             .map(move |batch| {
                 let shared = writer.clone();
-                async move { shared.write_feed_rows(&batch).await }
+                async move { shared.write_feed_rows(slice, &batch).await }
             })
             .buffer_unordered(IN_FLIGHT)
             .try_collect::<Vec<()>>()
@@ -113,8 +114,11 @@ fn row_size(event: &RecordedEvent) -> usize {
 }
 
 impl Shared {
-    pub(super) fn feed_bucket(&self, position: i64) -> i64 {
-        position / self.feed_bucket_size
+    /// The feed partition of `position` in `slice`: the slice in the high 32 bits, the
+    /// position's bucket in the low ones (slice 0, the only slice of a keyspace from before
+    /// slices, has the partitions it always had).
+    pub(super) fn feed_partition(&self, slice: u32, position: i64) -> i64 {
+        (i64::from(slice) << 32) | (position / self.feed_bucket_size)
     }
 
     /// Records that `stream` is fed up to `last`. The newest row wins (reads take the highest
@@ -132,7 +136,11 @@ impl Shared {
 
     /// Writes feed rows of one feed partition: one insert, or one single-partition unlogged
     /// batch (one request, applied together) for several.
-    pub(super) async fn write_feed_rows(&self, rows: &[(i64, RecordedEvent)]) -> Result<()> {
+    pub(super) async fn write_feed_rows(
+        &self,
+        slice: u32,
+        rows: &[(i64, RecordedEvent)],
+    ) -> Result<()> {
         let mut values = Vec::with_capacity(rows.len());
         for (position, e) in rows {
             let metadata = if e.metadata.is_empty() {
@@ -146,7 +154,7 @@ impl Shared {
                 )
             };
             values.push((
-                self.feed_bucket(*position),
+                self.feed_partition(slice, *position),
                 *position,
                 e.stream.as_str(),
                 e.version as i64,
@@ -161,7 +169,7 @@ impl Shared {
         let first = rows.first().map_or(0, |(p, _)| *p);
         let op = || {
             format!(
-                "write feed positions {first}..={}",
+                "write feed positions {first}..={} of slice {slice}",
                 first + rows.len() as i64 - 1
             )
         };

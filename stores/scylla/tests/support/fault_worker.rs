@@ -1,8 +1,8 @@
 //! A lease holder in its own process, for the cluster's fencing case (`tests/cluster.rs`):
 //! the test starts two, pauses one with SIGSTOP past its lease and resumes it.
 //!
-//! `keel-fault-worker feeder KEYSPACE ID`: runs the feeder; prints `feeding true|false` on
-//! every change.
+//! `keel-fault-worker feeder KEYSPACE ID`: runs the feeder; prints `feeding N slices` (how
+//! many slices of the feed it holds) on every change.
 //!
 //! `keel-fault-worker projection KEYSPACE ID`: runs the projection `fenced` over a read model
 //! in `KEYSPACE.fenced_model`, one row per feed position, each written by one LWT that is
@@ -198,9 +198,9 @@ async fn main() -> Result<(), BoxError> {
         "feeder" => {
             let mut was = None;
             loop {
-                let feeding = store.is_feeding();
+                let feeding = store.feeding_slices();
                 if was != Some(feeding) {
-                    println!("feeding {feeding}");
+                    println!("feeding {feeding} slices");
                     was = Some(feeding);
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
