@@ -288,4 +288,20 @@ pub trait LeaseStore: Send + Sync + 'static {
 
     /// Gives the lease up; only its holder can. `false`: it was not held by `lease.holder`.
     async fn release(&self, lease: &Lease) -> Result<bool>;
+
+    /// Notes that `member` takes part in the work called `group` for at least `ttl` (calling
+    /// again refreshes it), and returns the group's live members, `member` included, sorted.
+    /// Workers that share work (the slices of a projection) size their fair share by it.
+    /// The default, for a store that keeps no members, counts `member` alone: each worker
+    /// then takes whatever is free, and nothing is balanced.
+    async fn join(&self, group: &str, member: &str, ttl: Duration) -> Result<Vec<String>> {
+        let _ = (group, ttl);
+        Ok(vec![member.to_owned()])
+    }
+
+    /// Ends `member`'s part in `group` at once, instead of when its `ttl` runs out.
+    async fn leave(&self, group: &str, member: &str) -> Result<()> {
+        let _ = (group, member);
+        Ok(())
+    }
 }

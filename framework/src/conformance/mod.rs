@@ -39,6 +39,7 @@ mod histories;
 mod projections;
 mod read_errors;
 mod sagas;
+mod sharing;
 mod upcasting;
 
 pub use cache::*;
@@ -48,6 +49,7 @@ pub use histories::*;
 pub use projections::*;
 pub use read_errors::*;
 pub use sagas::*;
+pub use sharing::*;
 pub use upcasting::*;
 
 use crate::doc::{Counter, CounterEvent};
@@ -97,11 +99,11 @@ where
 ///   random histories against a model, the aggregate cache, upcasting;
 /// - `snapshots`: snapshots, and a command id applied once under snapshots (the window);
 /// - `checkpoints`: checkpoints, and fencing of a stale epoch's save;
-/// - `leases`: exclusivity, release by the holder only, expiry;
+/// - `leases`: exclusivity, release by the holder only, expiry, group membership;
 /// - `projections`: catch-up, resume, lag, poison and dead letters, pause/resume/reset,
 ///   blue/green rebuilds (the live generation served meanwhile, progress reported), one
 ///   active manager, takeover, fencing of a stalled holder, requests reaching the holder,
-///   feed errors that stall loudly;
+///   feed errors that stall loudly, managers sharing the slices;
 /// - `sagas`: revisions, completion, compensation, timeouts and unknown outcomes, deadlines
 ///   across restarts, replies, recovery applying a step once, one active orchestrator, lease
 ///   renewal, a stale orchestrator fenced, the background task, the causation chain;
@@ -140,7 +142,8 @@ macro_rules! conformance_tests {
             projection_requests_reach_the_holder, projection_feed_errors_stall_loudly,
             projection_unreadable_events_follow_the_policy,
             projection_rebuild_on_a_fresh_manager,
-            projection_live_generation_serves_during_rebuild);
+            projection_live_generation_serves_during_rebuild,
+            projection_managers_share_the_slices);
     };
     (sagas, $factory:expr) => {
         $crate::conformance_tests!(@section sagas, $factory;
@@ -163,7 +166,8 @@ macro_rules! conformance_tests {
     };
     (leases, $factory:expr) => {
         $crate::conformance_tests!(@section leases, $factory;
-            lease_is_exclusive, lease_release_only_by_holder, lease_expires);
+            lease_is_exclusive, lease_release_only_by_holder, lease_expires,
+            members_are_counted_until_they_leave_or_lapse);
     };
     (@section $section:ident, $factory:expr; $($case:ident),+ $(,)?) => {
         mod $section {
@@ -993,6 +997,38 @@ pub async fn lease_release_only_by_holder<S: LeaseStore>(store: Arc<S>) {
         .unwrap()
         .expect("b takes the released lease");
     assert!(b.epoch > a.epoch, "the epoch grows with each new holder");
+}
+
+/// A group counts the members that joined and neither left nor let their time run out.
+pub async fn members_are_counted_until_they_leave_or_lapse<S: LeaseStore>(store: Arc<S>) {
+    let group = format!("conf-group-{}", Uuid::new_v4().simple());
+    let long = Duration::from_secs(30);
+    assert_eq!(store.join(&group, "b", long).await.unwrap(), ["b"]);
+    assert_eq!(store.join(&group, "a", long).await.unwrap(), ["a", "b"]);
+    assert_eq!(
+        store.join(&group, "b", long).await.unwrap(),
+        ["a", "b"],
+        "joining again refreshes, it does not count twice"
+    );
+    store.leave(&group, "a").await.unwrap();
+    assert_eq!(store.join(&group, "b", long).await.unwrap(), ["b"]);
+    store
+        .join(&group, "c", Duration::from_secs(1))
+        .await
+        .unwrap();
+    // A store may keep a member up to a second past its time (CQL TTLs are whole seconds).
+    tokio::time::sleep(Duration::from_millis(3_200)).await;
+    assert_eq!(
+        store.join(&group, "b", long).await.unwrap(),
+        ["b"],
+        "a member that did not come back lapsed"
+    );
+    let other = format!("{group}-other");
+    assert_eq!(
+        store.join(&other, "z", long).await.unwrap(),
+        ["z"],
+        "groups are apart"
+    );
 }
 
 /// An unrenewed lease expires and another holder takes it.

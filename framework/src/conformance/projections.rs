@@ -26,7 +26,7 @@ impl<S: EventStore + CheckpointStore + LeaseStore + ProjectionStore> ProjectionH
 pub(super) struct Recorder {
     pub(super) name: String,
     prefix: String,
-    model: Generations<Vec<(String, u64)>>,
+    pub(super) model: Generations<Vec<(String, u64)>>,
     poison: Option<String>,
     poisoned: AtomicBool,
     /// Applying to generations from the first number on takes the second's time per event.
@@ -133,7 +133,10 @@ pub(super) async fn write<S: ProjectionHost>(
 
 /// Every event of the projection's streams, stream by stream in version order: what a model
 /// built from scratch holds (see [`by_stream`]).
-async fn from_scratch<S: ProjectionHost>(store: &Arc<S>, prefix: &str) -> Vec<(String, u64)> {
+pub(super) async fn from_scratch<S: ProjectionHost>(
+    store: &Arc<S>,
+    prefix: &str,
+) -> Vec<(String, u64)> {
     let events: Vec<(String, u64)> = store
         .read_feed(&crate::Cursor::new())
         .try_filter(|e| futures::future::ready(e.stream.as_str().starts_with(prefix)))
@@ -168,6 +171,7 @@ pub async fn projection_store_round_trip<S: ProjectionHost>(store: Arc<S>) {
         cursor: [(0, 9), (3, 7)].into_iter().collect(),
         head: 20,
         heads: [(0, 11), (3, 9)].into_iter().collect(),
+        held: vec![0, 3],
         lag_events: 4,
         lag_ms: 12,
         processed: 16,

@@ -15,7 +15,10 @@ use super::{
 use crate::error::{Error, Result};
 use crate::event::{now_millis, RecordedEvent};
 use crate::feed::{all_slices, Cursor};
+
+mod share;
 use crate::store::{CheckpointStore, EventStore, Fence, Lease, LeaseStore};
+use share::SharedKey;
 
 /// How often a busy projection reads operator requests.
 const POLL_EVERY: Duration = Duration::from_millis(200);
@@ -42,6 +45,7 @@ struct Config {
     lease_ttl: Duration,
     policy: ErrorPolicy,
     stall_after: u32,
+    share: bool,
 }
 
 /// Configures a [`ProjectionManager`].
@@ -96,6 +100,23 @@ impl ProjectionManagerBuilder {
         self
     }
 
+    /// Whether this manager shares its projections' feed slices with the other managers that
+    /// run them with sharing on (default off: one manager, the lease holder, runs each
+    /// projection over every slice).
+    ///
+    /// Shared, each manager holds a lease per slice for its fair share
+    /// (`ceil(slices / managers)`, managers counted by [`LeaseStore::join`]) and applies
+    /// only those slices, each slice's checkpoint fenced by its slice's lease. The holder of
+    /// the projection's own lease coordinates: it takes operator requests, publishes the
+    /// status (every slice), and switches a rebuild's generation once every slice has caught
+    /// up; pause, resume and a rebuild reach every manager through the checkpoint store. A
+    /// reset is applied by the coordinator and only to slices it holds. Every manager that
+    /// runs a projection must share, or none.
+    pub fn share_slices(mut self, share: bool) -> Self {
+        self.config.share = share;
+        self
+    }
+
     /// This manager's identity in leases and status (default: a random UUID).
     pub fn id(mut self, id: impl Into<String>) -> Self {
         self.config.id = id.into();
@@ -111,7 +132,11 @@ impl ProjectionManagerBuilder {
                 name.clone(),
                 Arc::new(Slot {
                     projection,
-                    runner: AsyncMutex::new(Runner::new(name, self.events.feed_slices())),
+                    runner: AsyncMutex::new(Runner::new(
+                        name,
+                        self.events.feed_slices(),
+                        self.config.share,
+                    )),
                 }),
             );
         }
@@ -178,6 +203,16 @@ struct Runner {
     heads: Cursor,
     /// The slice the next step's batches start from: slices take turns.
     turn: u32,
+    /// Whether this manager shares the projection's slices with others.
+    share: bool,
+    /// Sharing: the leases of the slices this manager works on.
+    slice_leases: std::collections::BTreeMap<u32, Lease>,
+    /// Sharing: when the slice leases were last renewed (sent).
+    slices_renewed: Instant,
+    /// Sharing: the request counters last seen (`resumed`), and the status's cursors of
+    /// every slice with when they were read.
+    seen_resumes: u64,
+    shared_view: Option<(Instant, Cursor, Option<Cursor>)>,
     lag_ms: i64,
     last_error: Option<String>,
     failed_event: Option<FailedEvent>,
@@ -196,7 +231,7 @@ struct Runner {
 }
 
 impl Runner {
-    fn new(name: String, slices: u32) -> Self {
+    fn new(name: String, slices: u32, share: bool) -> Self {
         Runner {
             name,
             loaded: false,
@@ -207,6 +242,11 @@ impl Runner {
             processed: 0,
             heads: Cursor::new(),
             turn: 0,
+            share,
+            slice_leases: Default::default(),
+            slices_renewed: Instant::now(),
+            seen_resumes: 0,
+            shared_view: None,
             lag_ms: 0,
             last_error: None,
             failed_event: None,
@@ -241,14 +281,51 @@ impl Runner {
         }
     }
 
-    /// The slices in which `generation` is behind the heads last read.
+    /// The slices in which `generation` is behind the heads last read, of those this manager
+    /// works on.
     fn lagging(&self, generation: u64) -> Vec<u32> {
         let cursor = self.cursor_of(generation);
         self.heads
             .iter()
-            .filter(|&(slice, head)| head > cursor.get(slice))
+            .filter(|&(slice, head)| head > cursor.get(slice) && self.works_on(slice))
             .map(|(slice, _)| slice)
             .collect()
+    }
+
+    /// Whether this manager applies `slice` now: it holds the slice's lease (sharing) or the
+    /// projection's (not sharing).
+    fn works_on(&self, slice: u32) -> bool {
+        if self.share {
+            self.slice_leases.contains_key(&slice)
+        } else {
+            self.lease.is_some()
+        }
+    }
+
+    /// The active generation's checkpoint as the status shows it: this manager's own, or,
+    /// sharing, every slice's as last read from the store.
+    fn view(&self) -> Cursor {
+        match &self.shared_view {
+            Some((_, cursor, _)) if self.share => {
+                let mut view = cursor.clone();
+                for (slice, position) in self.cursor.iter() {
+                    if self.works_on(slice) {
+                        view.advance(slice, position);
+                    }
+                }
+                view
+            }
+            _ => self.cursor.clone(),
+        }
+    }
+
+    /// The fence that writes for `slice` are made under, while this manager works on it.
+    fn fence_for(&self, slice: u32) -> Option<Fence> {
+        if self.share {
+            self.slice_leases.get(&slice).map(Fence::of)
+        } else {
+            self.lease.as_ref().map(Fence::of)
+        }
     }
 
     fn lease_name(&self) -> String {
@@ -256,20 +333,39 @@ impl Runner {
     }
 
     fn status(&self, owner: &str) -> ProjectionStatus {
+        let view = self.view();
         ProjectionStatus {
             name: self.name.clone(),
             state: self.state,
             generation: self.generation,
-            consumed: self.cursor.total(),
-            cursor: self.cursor.clone(),
+            consumed: view.total(),
             head: self.heads.total(),
             heads: self.heads.clone(),
-            lag_events: self.cursor.behind(&self.heads),
+            lag_events: view.behind(&self.heads),
+            cursor: view,
+            held: if self.share {
+                self.slice_leases.keys().copied().collect()
+            } else if self.lease.is_some() {
+                all_slices(self.slices)
+            } else {
+                Vec::new()
+            },
             lag_ms: self.lag_ms,
             processed: self.processed,
             last_error: self.last_error.clone(),
             failed_event: self.failed_event.clone(),
             rebuild: self.rebuild.as_ref().map(|r| {
+                let done = match &self.shared_view {
+                    Some((_, _, Some(rebuilt))) => rebuilt.total().max(r.done),
+                    _ => r.done,
+                };
+                let r = Rebuild {
+                    generation: r.generation,
+                    cursor: Cursor::new(),
+                    started: r.started,
+                    done,
+                    total: r.total,
+                };
                 let secs = r.started.elapsed().as_secs_f64().max(1e-3);
                 let rate = r.done as f64 / secs;
                 let left = r.total.saturating_sub(r.done) as f64;
@@ -324,6 +420,7 @@ impl ProjectionManager {
                 lease_ttl: Duration::from_secs(10),
                 policy: ErrorPolicy::Stop,
                 stall_after: 3,
+                share: false,
             },
         }
     }
@@ -379,6 +476,13 @@ impl ProjectionManager {
             let mut runner = slot.runner.lock().await;
             if let Some(lease) = runner.lease.take() {
                 let _ = self.inner.leases.release(&lease).await;
+            }
+            if runner.share {
+                for lease in std::mem::take(&mut runner.slice_leases).into_values() {
+                    let _ = self.inner.leases.release(&lease).await;
+                }
+                let group = runner.group();
+                let _ = self.inner.leases.leave(&group, &self.inner.config.id).await;
             }
             runner.state = ProjectionState::Stopped;
             let _ = self
@@ -621,12 +725,27 @@ impl Inner {
             .activate(runner.generation)
             .await
             .map_err(|e| projection_error(&runner.name, e))?;
-        if let Some(lease) = &runner.lease {
-            // Before anything is applied under a new lease: a fenced read model learns its epoch.
+        // Before anything is applied under a new lease: a fenced read model learns its epoch
+        // (sharing: the epoch of each slice's lease, whose name ends in the slice).
+        let fences: Vec<Fence> = if runner.share {
+            runner.slice_leases.values().map(Fence::of).collect()
+        } else {
+            runner.lease.iter().map(Fence::of).collect()
+        };
+        for fence in &fences {
             slot.projection
-                .fence(&Fence::of(lease))
+                .fence(fence)
                 .await
                 .map_err(|e| projection_error(&runner.name, e))?;
+        }
+        if runner.share {
+            // Other managers moved the slices this one just took.
+            if let Some(generation) = runner.rebuild.as_ref().map(|r| r.generation) {
+                let cursor = self.load_cursor(runner, generation).await?;
+                if let Some(r) = runner.rebuild.as_mut() {
+                    r.cursor = cursor;
+                }
+            }
         }
         if matches!(
             runner.state,
@@ -643,6 +762,9 @@ impl Inner {
     }
 
     async fn publish(&self, runner: &Runner) -> Result<()> {
+        if runner.share && runner.lease.is_none() {
+            return Ok(()); // the coordinator publishes for every manager sharing the slices
+        }
         let status = runner.status(&self.config.id);
         metrics::gauge!("keel_projection_lag_events", "projection" => runner.name.clone())
             .set(status.lag_events as f64);
@@ -677,8 +799,25 @@ impl Inner {
         self.load(slot, runner).await?;
         tracing::info!(projection = %runner.name, ?control, "projection control");
         match control {
-            Control::Pause => runner.state = ProjectionState::Paused,
+            Control::Pause => {
+                if runner.share && !self.save_shared(runner, SharedKey::Paused, 1).await? {
+                    return Ok(());
+                }
+                runner.state = ProjectionState::Paused
+            }
             Control::Resume => {
+                if runner.share {
+                    // Every manager sharing the projection resumes, and retries its failed event.
+                    let resumes = self.load_shared(runner, SharedKey::Resumed).await? + 1;
+                    if !self.save_shared(runner, SharedKey::Paused, 0).await?
+                        || !self
+                            .save_shared(runner, SharedKey::Resumed, resumes)
+                            .await?
+                    {
+                        return Ok(());
+                    }
+                    runner.seen_resumes = resumes;
+                }
                 runner.state = if runner.rebuild.is_some() {
                     ProjectionState::Rebuilding
                 } else {
@@ -727,6 +866,15 @@ impl Inner {
                         .reset(generation)
                         .await
                         .map_err(|e| projection_error(&runner.name, e))?;
+                    // Sharing: the other managers start on their slices when they read this
+                    // (after the reset, so none applies to the generation before it is clean).
+                    if runner.share
+                        && !self
+                            .save_shared(runner, SharedKey::Rebuild, generation)
+                            .await?
+                    {
+                        return Ok(());
+                    }
                     runner.rebuild = Some(Rebuild {
                         generation,
                         cursor: Cursor::new(),
@@ -772,13 +920,29 @@ impl Inner {
         cursor: &Cursor,
         slices: &[u32],
     ) -> Result<bool> {
-        let Some(lease) = runner.lease.as_ref() else {
+        let fences: Vec<Option<Fence>> = slices.iter().map(|&s| runner.fence_for(s)).collect();
+        let elsewhere: Vec<u32> = slices
+            .iter()
+            .zip(&fences)
+            .filter(|(_, f)| f.is_none())
+            .map(|(s, _)| *s)
+            .collect();
+        if runner.share && !elsewhere.is_empty() {
+            return Err(Error::Invalid {
+                type_name: "projection reset",
+                reason: format!(
+                    "`{}` shares its slices, and slice(s) {elsewhere:?} are held by other managers: \
+                     stop them (or reset while only this manager runs the projection)",
+                    runner.name
+                ),
+            });
+        }
+        if fences.iter().any(Option::is_none) {
             return Ok(false);
-        };
-        let fence = Fence::of(lease);
-        let saves = slices.iter().map(|&slice| {
+        }
+        let saves = slices.iter().zip(&fences).map(|(&slice, fence)| {
             let key = runner.checkpoint_key(generation, slice);
-            let fence = &fence;
+            let fence = fence.as_ref().expect("checked above");
             async move {
                 self.checkpoints
                     .save_checkpoint(&key, cursor.next(slice), fence)
@@ -820,6 +984,7 @@ impl Inner {
     fn let_go(runner: &mut Runner, why: &dyn std::fmt::Display) {
         tracing::warn!(projection = %runner.name, %why, "projection fenced out; applying stops");
         runner.lease = None;
+        runner.slice_leases.clear();
         runner.loaded = false;
     }
 
@@ -880,7 +1045,13 @@ impl Inner {
         // Only the lease holder takes requests: a standby would take (and lose) requests meant
         // for the manager that runs the projection.
         let poll = runner.poll_due || runner.last_poll.elapsed() >= POLL_EVERY;
-        if !self.hold_lease(runner).await? {
+        // Sharing, the projection's lease makes the coordinator, and slice leases the work.
+        let coordinator = self.hold_lease(runner).await?;
+        if runner.share {
+            self.hold_slices(runner).await?;
+        }
+        let working = runner.share && !runner.slice_leases.is_empty();
+        if !coordinator && !working {
             // A standby publishes nothing: the stored status is the holder's.
             runner.state = ProjectionState::Standby;
             runner.poll_due = true;
@@ -888,11 +1059,22 @@ impl Inner {
         }
         self.load(slot, runner).await?;
         if poll {
-            if let Some(request) = self.store.take_request(&runner.name).await? {
-                self.control(slot, runner, request).await?;
-                if runner.lease.is_none() {
-                    return Ok(Step::Idle);
+            if coordinator {
+                if let Some(request) = self.store.take_request(&runner.name).await? {
+                    let taken = self.control(slot, runner, request).await;
+                    if let Err(e) = taken {
+                        // A request that cannot be applied (a reset of slices held
+                        // elsewhere) is reported, not retried.
+                        tracing::warn!(projection = %runner.name, error = %e, "request refused");
+                        runner.last_error = Some(format!("request refused: {e}"));
+                    }
+                    if runner.lease.is_none() && !runner.share {
+                        return Ok(Step::Idle);
+                    }
                 }
+            }
+            if runner.share {
+                self.sync_shared(slot, runner).await?;
             }
         }
         if runner.state == ProjectionState::Standby || runner.state == ProjectionState::Stopped {
@@ -926,13 +1108,22 @@ impl Inner {
                     .batches(slot, runner, generation, self.config.batch_size * 16)
                     .await?;
                 // `runner.lease` is gone when the batch stopped for a lost lease.
-                let going = runner.lease.is_some() && runner.state != ProjectionState::Failed;
-                if n == 0 && going {
+                let going = (runner.lease.is_some() || runner.share)
+                    && runner.state != ProjectionState::Failed;
+                if runner.share {
+                    // The coordinator switches once every slice, whoever holds it, caught up.
+                    if n == 0 && poll && runner.lease.is_some() {
+                        self.try_swap_shared(slot, runner).await?;
+                    }
+                } else if n == 0 && going {
                     self.swap(slot, runner).await?;
                 }
                 // The generation that queries read keeps getting new events until the swap:
                 // one live batch after each rebuild batch.
-                let live = if n > 0 && going {
+                // Sharing, this manager's slices may be rebuilt while others' are not: its live
+                // batches go on while it waits for the switch.
+                let waiting = runner.share && runner.rebuild.is_some();
+                let live = if going && (n > 0 || waiting) {
                     // The rebuild may have read events newer than the heads this step began
                     // with: look again, so the live generation gets them too.
                     runner.heads = self.events.feed_heads().await?;
@@ -942,7 +1133,12 @@ impl Inner {
                 } else {
                     0
                 };
-                Step::Progress((n + live).max(1))
+                if runner.share && n + live == 0 && runner.rebuild.is_some() {
+                    // Sharing: this manager's slices are rebuilt; the others' are not yet.
+                    Step::Idle
+                } else {
+                    Step::Progress((n + live).max(1))
+                }
             }
             None => {
                 let generation = runner.generation;
@@ -1076,7 +1272,7 @@ impl Inner {
                 break;
             }
             // Long batches renew as they go (a third of the TTL after the last renewal).
-            if !self.hold_lease(runner).await? {
+            if !self.keep_slice(runner, slice).await? {
                 return Ok(0);
             }
             let (applied, at) = self
@@ -1094,7 +1290,7 @@ impl Inner {
             }
         }
         if let Some(e) = unreadable {
-            if !self.lease_current(runner) {
+            if !self.work_current(runner) {
                 return Ok(0);
             }
             if self.unreadable(runner, &e, slice, next).await? {
@@ -1105,7 +1301,7 @@ impl Inner {
         span.record("events", consumed);
         // The lease again before the read model's commit and the checkpoint: a manager that
         // stalled mid-batch must not write either once another may have taken over.
-        if consumed > 0 && !self.hold_lease(runner).await? {
+        if consumed > 0 && !self.keep_slice(runner, slice).await? {
             return Ok(0);
         }
         if consumed > 0 {
@@ -1116,8 +1312,7 @@ impl Inner {
                 }
                 return Err(projection_error(&runner.name, e));
             }
-            let key = runner.checkpoint_key(generation, slice);
-            if !self.save_fenced(runner, &key, next).await? {
+            if !self.save_slice(runner, generation, slice, next).await? {
                 return Ok(0);
             }
             match runner.rebuild.as_mut() {
@@ -1209,7 +1404,7 @@ impl Inner {
         let mut next = events[0].position.unwrap_or(1);
         for (i, event) in events.iter().enumerate() {
             let position = event.position.unwrap_or(next);
-            if !self.lease_current(runner) {
+            if !self.work_current(runner) {
                 // Past the lease by this manager's clock: stop here; the batch renews or
                 // gives up before it commits anything.
                 return Ok((i, position));

@@ -173,6 +173,10 @@ pub struct ProjectionStatus {
     pub heads: crate::Cursor,
     /// Events behind the heads, over all slices ([`slice_lag`](Self::slice_lag) per slice).
     pub lag_events: u64,
+    /// The slices the publishing manager applies itself: every slice, unless it shares them
+    /// with other managers ([`share_slices`](ProjectionManagerBuilder::share_slices)).
+    #[serde(default)]
+    pub held: Vec<u32>,
     /// Milliseconds between the last applied event's recording and its application.
     pub lag_ms: i64,
     /// Events processed by this manager (applied or skipped as not handled).

@@ -74,6 +74,8 @@ struct Inner {
     /// Position and the epoch of the fence it was saved under.
     checkpoints: DashMap<String, (u64, u64)>,
     leases: Mutex<std::collections::HashMap<String, HeldLease>>,
+    /// group -> member -> until when it takes part.
+    members: Mutex<std::collections::HashMap<String, std::collections::HashMap<String, Instant>>>,
     statuses: DashMap<String, ProjectionStatus>,
     requests: DashMap<String, Request>,
     dead_letters: DashMap<String, Vec<DeadLetter>>,
@@ -91,6 +93,7 @@ impl Inner {
             snapshots: DashMap::default(),
             checkpoints: DashMap::default(),
             leases: Mutex::default(),
+            members: Mutex::default(),
             statuses: DashMap::default(),
             requests: DashMap::default(),
             dead_letters: DashMap::default(),
@@ -493,6 +496,25 @@ impl LeaseStore for MemoryStore {
             }
             _ => Ok(false),
         }
+    }
+
+    async fn join(&self, group: &str, member: &str, ttl: Duration) -> Result<Vec<String>> {
+        let mut groups = self.inner.members.lock().unwrap_or_else(|p| p.into_inner());
+        let members = groups.entry(group.to_owned()).or_default();
+        let now = Instant::now();
+        members.insert(member.to_owned(), now + ttl);
+        members.retain(|_, until| *until > now);
+        let mut live: Vec<String> = members.keys().cloned().collect();
+        live.sort();
+        Ok(live)
+    }
+
+    async fn leave(&self, group: &str, member: &str) -> Result<()> {
+        let mut groups = self.inner.members.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(members) = groups.get_mut(group) {
+            members.remove(member);
+        }
+        Ok(())
     }
 }
 

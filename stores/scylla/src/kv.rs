@@ -141,6 +141,21 @@ impl LeaseStore for KeelScylla {
     async fn release(&self, lease: &Lease) -> Result<bool> {
         self.shared.release_lease(lease).await
     }
+
+    async fn join(&self, group: &str, member: &str, ttl: Duration) -> Result<Vec<String>> {
+        self.shared.join(group, member, ttl).await?;
+        let mut members = self.shared.members(group).await?;
+        if !members.iter().any(|m| m == member) {
+            members.push(member.to_owned()); // written at quorum; a lagging replica's read
+        }
+        members.sort();
+        Ok(members)
+    }
+
+    async fn leave(&self, group: &str, member: &str) -> Result<()> {
+        self.shared.leave(group, member).await;
+        Ok(())
+    }
 }
 
 #[async_trait]

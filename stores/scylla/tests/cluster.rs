@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use keel::{Error, EventStore, ExpectedVersion, NewEvent, RecordedEvent, StreamId};
 use keel_scylla::{KeelScylla, KeelScyllaBuilder, Replication};
 use uuid::Uuid;
@@ -634,6 +634,93 @@ async fn a_paused_feeder_is_fenced_out_when_it_resumes() {
     let held: Vec<usize> = status.held_by().into_values().collect();
     assert_eq!(held, [32, 32], "{:?}", status.held_by());
     println!("feeder a: {:?}; b: {:?}", a.lines(), b.lines());
+}
+
+/// Appends one event to each of `n` new streams (spread over the slices), recording each
+/// outcome as the writers do.
+async fn spread_writes(store: &KeelScylla, tag: &str, n: usize, outcomes: &Mutex<Outcomes>) {
+    futures::stream::iter(0..n)
+        .map(|i| async move {
+            let stream = StreamId::new(format!("{tag}-spread-{i:04}"));
+            let event = NewEvent::new("Posted", 1, &b"{\"Posted\":{}}"[..]);
+            let id = event.event_id;
+            let result = tokio::time::timeout(
+                HUNG,
+                store.append(&stream, ExpectedVersion::NoStream, vec![event]),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("an append to `{stream}` hung past {HUNG:?}"));
+            (id, stream, result)
+        })
+        .buffer_unordered(16)
+        .for_each(|(id, stream, result)| {
+            let mut o = outcomes.lock().unwrap();
+            match result {
+                Ok(_) => {
+                    o.acked.insert(id, stream);
+                    o.acked_at.push(Instant::now());
+                }
+                Err(e) => {
+                    *o.errors.entry(kind(&e).to_owned()).or_default() += 1;
+                    o.unsure.insert(id);
+                }
+            }
+            futures::future::ready(())
+        })
+        .await;
+}
+
+/// Two feeder processes share the slices; one is killed with SIGKILL in the middle of a burst
+/// of appends to many streams: the other takes all its slices within the lease TTL, the
+/// killed one, started again, gets its share back, and the feed holds every committed event
+/// once, each stream in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_feeder_loses_its_slices_to_the_other() {
+    let _heal = Heal;
+    let keyspace = common::fresh_keyspace("keel_cl_kill_feed");
+    let store = open(builder(&keyspace).feeder(false)).await;
+    let start = Instant::now();
+    let a = Worker::start("feeder", &keyspace, "a");
+    a.wait_for("feeding 64 slices", start, Duration::from_secs(30))
+        .await;
+    let b = Worker::start("feeder", &keyspace, "b");
+    b.wait_for("feeding 32 slices", start, Duration::from_secs(30))
+        .await;
+    let (store_ref, b_ref, restarted_worker) = (store.clone(), &b, Mutex::new(None));
+    let keep = &restarted_worker;
+    let (outcomes, from) = writing_through(store.clone(), "kill-feed", |outcomes| async move {
+        let b = b_ref;
+        let burst = {
+            let (store, outcomes) = (store_ref.clone(), outcomes.clone());
+            tokio::spawn(async move { spread_writes(&store, "kill-feed", 600, &outcomes).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let killed = Instant::now();
+        drop(a); // SIGKILL mid-burst
+        b.wait_for("feeding 64 slices", killed, Duration::from_secs(15))
+            .await;
+        println!(
+            "feeder b held every slice {:?} after a was killed",
+            killed.elapsed()
+        );
+        burst.await.unwrap();
+        let restarted = Instant::now();
+        let c = Worker::start("feeder", &keyspace, "c");
+        c.wait_for("feeding 32 slices", restarted, Duration::from_secs(30))
+            .await;
+        b.wait_for("feeding 32 slices", restarted, Duration::from_secs(10))
+            .await;
+        println!(
+            "a restarted process has its share {:?} after it started",
+            restarted.elapsed()
+        );
+        *keep.lock().unwrap() = Some(c); // runs until the end of the test
+    })
+    .await;
+    verify(&store, &outcomes, &from, "feeder killed mid-burst").await;
+    let status = store.feed_status().await.unwrap();
+    assert!(status.unheld().is_empty(), "{status:?}");
+    assert_eq!(status.held_by().len(), 2, "{:?}", status.held_by());
 }
 
 /// A projection's holder paused (SIGSTOP) past its lease while a second process takes the
