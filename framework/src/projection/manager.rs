@@ -209,9 +209,10 @@ struct Runner {
     slice_leases: std::collections::BTreeMap<u32, Lease>,
     /// Sharing: when the slice leases were last renewed (sent).
     slices_renewed: Instant,
-    /// Sharing: the request counters last seen (`resumed`), and the status's cursors of
-    /// every slice with when they were read.
+    /// Sharing: the count of resumes last seen (`<name>/resumed`).
     seen_resumes: u64,
+    /// Sharing, on the coordinator: every slice's checkpoint of the active generation and of
+    /// a rebuild's, for the status, and when they were read.
     shared_view: Option<(Instant, Cursor, Option<Cursor>)>,
     lag_ms: i64,
     last_error: Option<String>,
@@ -359,19 +360,12 @@ impl Runner {
                     Some((_, _, Some(rebuilt))) => rebuilt.total().max(r.done),
                     _ => r.done,
                 };
-                let r = Rebuild {
-                    generation: r.generation,
-                    cursor: Cursor::new(),
-                    started: r.started,
-                    done,
-                    total: r.total,
-                };
                 let secs = r.started.elapsed().as_secs_f64().max(1e-3);
-                let rate = r.done as f64 / secs;
-                let left = r.total.saturating_sub(r.done) as f64;
+                let rate = done as f64 / secs;
+                let left = r.total.saturating_sub(done) as f64;
                 RebuildProgress {
                     generation: r.generation,
-                    done: r.done,
+                    done,
                     total: r.total,
                     rate,
                     eta_secs: if rate > 0.0 { left / rate } else { 0.0 },

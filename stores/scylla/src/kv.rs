@@ -145,8 +145,10 @@ impl LeaseStore for KeelScylla {
     async fn join(&self, group: &str, member: &str, ttl: Duration) -> Result<Vec<String>> {
         self.shared.join(group, member, ttl).await?;
         let mut members = self.shared.members(group).await?;
+        // A read may miss the row just written (another consistency level, a lagging
+        // replica): the member counts itself anyway.
         if !members.iter().any(|m| m == member) {
-            members.push(member.to_owned()); // written at quorum; a lagging replica's read
+            members.push(member.to_owned());
         }
         members.sort();
         Ok(members)

@@ -58,10 +58,9 @@ fn assert_once_in_order(fed: &[RecordedEvent], count: usize, streams: &[(&Stream
     }
 }
 
-/// Waits until the feed from `from` holds `count` events of `streams`.
+/// Waits until the feed holds `count` events of `streams`.
 async fn feed_of(
     store: &KeelScylla,
-    from: &keel::Cursor,
     streams: &HashSet<StreamId>,
     count: usize,
     wait: Duration,
@@ -69,7 +68,7 @@ async fn feed_of(
     let deadline = Instant::now() + wait;
     loop {
         let seen: Vec<RecordedEvent> = store
-            .read_feed(from)
+            .read_feed(&keel::Cursor::new())
             .try_filter(|e| futures::future::ready(streams.contains(&e.stream)))
             .try_collect()
             .await
@@ -217,14 +216,7 @@ async fn events_of_a_writer_that_died_before_the_feed_heard_reach_the_feed_once(
     // A new process with a feeder finds the markers and publishes every event once.
     let feeder = common::open(common::builder(&keyspace)).await;
     let wanted: HashSet<StreamId> = streams.iter().cloned().collect();
-    let fed = feed_of(
-        &feeder,
-        &keel::Cursor::new(),
-        &wanted,
-        25,
-        Duration::from_secs(20),
-    )
-    .await;
+    let fed = feed_of(&feeder, &wanted, 25, Duration::from_secs(20)).await;
     let each: Vec<(&StreamId, u64)> = streams.iter().map(|s| (s, 5)).collect();
     assert_once_in_order(&fed, 25, &each);
     // Give the feeder more rounds: nothing is published again.
@@ -274,14 +266,7 @@ async fn a_feeder_that_dies_mid_plan_is_finished_by_the_next() {
         .await
         .unwrap();
     let wanted: HashSet<StreamId> = [stream.clone()].into();
-    let fed = feed_of(
-        &feeder,
-        &keel::Cursor::new(),
-        &wanted,
-        5,
-        Duration::from_secs(20),
-    )
-    .await;
+    let fed = feed_of(&feeder, &wanted, 5, Duration::from_secs(20)).await;
     let positions: Vec<(u64, u64)> = fed
         .iter()
         .map(|e| (e.position.unwrap(), e.version))
@@ -498,14 +483,7 @@ async fn a_damaged_row_holds_back_its_stream_only() {
     let wanted: HashSet<StreamId> = [good.clone(), bad.clone()].into_iter().collect();
     // The bad stream is held back from the read that met the damaged row: none of its
     // events yet, all four of the good one's.
-    let fed = feed_of(
-        &feeder,
-        &keel::Cursor::new(),
-        &wanted,
-        4,
-        Duration::from_secs(15),
-    )
-    .await;
+    let fed = feed_of(&feeder, &wanted, 4, Duration::from_secs(15)).await;
     let good_fed = fed.iter().filter(|e| e.stream == good).count();
     assert_eq!(
         good_fed, 4,
@@ -548,14 +526,7 @@ async fn a_damaged_row_holds_back_its_stream_only() {
         )
         .await
         .unwrap();
-    let fed = feed_of(
-        &feeder,
-        &keel::Cursor::new(),
-        &wanted,
-        7,
-        Duration::from_secs(15),
-    )
-    .await;
+    let fed = feed_of(&feeder, &wanted, 7, Duration::from_secs(15)).await;
     assert_eq!(fed.len(), 7, "the repaired stream was fed: {fed:?}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !feeder.feed_status().await.unwrap().stuck.is_empty() {
@@ -588,14 +559,7 @@ async fn a_damaged_row_holds_back_its_stream_only() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     feeder.skip_in_feed(&bad, 4).await.unwrap();
-    let fed = feed_of(
-        &feeder,
-        &keel::Cursor::new(),
-        &wanted,
-        8,
-        Duration::from_secs(15),
-    )
-    .await;
+    let fed = feed_of(&feeder, &wanted, 8, Duration::from_secs(15)).await;
     let versions: Vec<u64> = fed
         .iter()
         .filter(|e| e.stream == bad)
@@ -627,14 +591,7 @@ async fn feeder_lease_moves_to_the_next_store_on_shutdown() {
         .append(&stream, ExpectedVersion::NoStream, events(2))
         .await
         .unwrap();
-    let fed = feed_of(
-        &second,
-        &keel::Cursor::new(),
-        &[stream].into(),
-        2,
-        Duration::from_secs(10),
-    )
-    .await;
+    let fed = feed_of(&second, &[stream].into(), 2, Duration::from_secs(10)).await;
     assert_eq!(fed.len(), 2);
 }
 
@@ -652,7 +609,6 @@ async fn feed_progress_keeps_one_row_per_stream() {
             .unwrap();
         let fed = feed_of(
             &store,
-            &keel::Cursor::new(),
             &only,
             (round as usize + 1) * 2,
             Duration::from_secs(20),
@@ -707,14 +663,7 @@ async fn a_backlog_of_thousands_of_streams_reaches_the_feed_once_and_in_order() 
     let all: HashSet<StreamId> = short.iter().chain(&long).cloned().collect();
     // Well within `settle_after` (60 s): streams that did not fit a plan come back through
     // the feeder's own wake-ups, not through the second look at their markers.
-    let fed = feed_of(
-        &feeder,
-        &keel::Cursor::new(),
-        &all,
-        7_000,
-        Duration::from_secs(30),
-    )
-    .await;
+    let fed = feed_of(&feeder, &all, 7_000, Duration::from_secs(30)).await;
     let each: Vec<(&StreamId, u64)> = long.iter().map(|s| (s, 1_500)).collect();
     assert_once_in_order(&fed, 7_000, &each);
     let mut by_slice: std::collections::BTreeMap<u32, Vec<u64>> = Default::default();
@@ -791,14 +740,7 @@ async fn assert_feed_holds_only_a_fresh_event(feeder: &KeelScylla, why: &str) {
         .await
         .unwrap();
     let only_fresh: HashSet<StreamId> = [fresh].into();
-    let fed = feed_of(
-        feeder,
-        &keel::Cursor::new(),
-        &only_fresh,
-        1,
-        Duration::from_secs(20),
-    )
-    .await;
+    let fed = feed_of(feeder, &only_fresh, 1, Duration::from_secs(20)).await;
     assert_eq!(fed.len(), 1, "the feeder runs");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let all: Vec<RecordedEvent> = feeder
@@ -812,14 +754,7 @@ async fn assert_feed_holds_only_a_fresh_event(feeder: &KeelScylla, why: &str) {
 /// Asserts that the feed holds the 612 events of the two streams once each, in order.
 async fn assert_fed(feeder: &KeelScylla, long: &StreamId, short: &StreamId) {
     let wanted: HashSet<StreamId> = [long.clone(), short.clone()].into();
-    let fed = feed_of(
-        feeder,
-        &keel::Cursor::new(),
-        &wanted,
-        612,
-        Duration::from_secs(30),
-    )
-    .await;
+    let fed = feed_of(feeder, &wanted, 612, Duration::from_secs(30)).await;
     assert_once_in_order(&fed, 612, &[(long, 610), (short, 2)]);
 }
 

@@ -85,6 +85,8 @@ const MAX_PLAN: usize = 2_000;
 /// stream reads, its feed-row and progress writes, status and reconciliation reads). Read one
 /// after the other, a round of many one-event streams cost two round trips per stream.
 pub(crate) const IN_FLIGHT: usize = 32;
+/// Partition keys per `IN (...)` read: ScyllaDB refuses more than 100 in one by default.
+pub(crate) const IN_CHUNK: usize = 64;
 /// The fewest events a stream may bring to a round when many streams share its plan.
 const MIN_SHARE: usize = 64;
 /// How far back a new leader looks for markers: their time to live.

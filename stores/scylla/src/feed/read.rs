@@ -17,8 +17,7 @@ impl Shared {
         let op = "read feed heads";
         let ids: Vec<i32> = (0..self.feed_slices as i32).collect();
         let mut heads = keel::Cursor::new();
-        // ScyllaDB refuses more than 100 partition keys in one `IN` by default.
-        for chunk in ids.chunks(64) {
+        for chunk in ids.chunks(super::IN_CHUNK) {
             let rows = self
                 .select(&self.st.meta_heads, (chunk.to_vec(),), op)
                 .await?;

@@ -15,12 +15,9 @@ use futures::StreamExt;
 use keel::{Lease, Result};
 use scylla::value::CqlTimestamp;
 
-use super::{feeder_lease, FeederState, SliceFeeder, FEED_MEMBERS, IN_FLIGHT};
+use super::{feeder_lease, FeederState, SliceFeeder, FEED_MEMBERS, IN_CHUNK, IN_FLIGHT};
 use crate::error::store_err;
 use crate::Shared;
-
-/// Names per `IN (...)` read: ScyllaDB refuses more than 100 partition keys in one by default.
-const IN_CHUNK: usize = 64;
 
 /// The share of `slices` that each of `members` processes keeps at most.
 pub(super) fn fair_share(slices: u32, members: usize) -> usize {
@@ -94,19 +91,21 @@ impl FeederState {
     /// Renews every held lease at once; a slice whose lease is lost (or cannot be renewed) is
     /// dropped.
     async fn renew_held(&mut self) {
-        let leases: Vec<Lease> = self.leases().values().cloned().collect();
+        let leases: Vec<(u32, Lease)> = self
+            .leases()
+            .iter()
+            .map(|(&slice, lease)| (slice, lease.clone()))
+            .collect();
         let shared = &self.shared;
-        let renewed: Vec<(Lease, bool)> = futures::stream::iter(leases)
-            .map(|lease| async move {
-                let kept = matches!(shared.renew_lease(&lease).await, Ok(true));
-                (lease, kept)
+        let renewed: Vec<(u32, bool)> = futures::stream::iter(leases)
+            .map(|(slice, lease)| async move {
+                (slice, matches!(shared.renew_lease(&lease).await, Ok(true)))
             })
             .buffer_unordered(IN_FLIGHT)
             .collect()
             .await;
-        for (lease, kept) in renewed {
+        for (slice, kept) in renewed {
             if !kept {
-                let slice = self.slice_of_lease(&lease);
                 tracing::warn!(slice, "feeder lost a slice's lease");
                 self.drop_slice(slice);
             }
@@ -184,13 +183,6 @@ impl FeederState {
 
     fn leases(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u32, Lease>> {
         self.leases.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn slice_of_lease(&self, lease: &Lease) -> u32 {
-        self.leases()
-            .iter()
-            .find(|(_, l)| l.name == lease.name)
-            .map_or(0, |(&s, _)| s)
     }
 
     fn drop_slice(&mut self, slice: u32) {
