@@ -242,6 +242,19 @@ impl Fence {
         Fence::new(lease.name.clone(), lease.epoch)
     }
 
+    /// The feed slice this fence guards, when it is a slice lease's (a name ending in
+    /// `/s<slice>`): a manager sharing a projection's slices hands its read model one fence
+    /// per slice it holds, and a read model fenced per slice keys its epochs by this.
+    ///
+    /// ```
+    /// assert_eq!(keel::Fence::new("projection/orders/s12", 3).slice(), Some(12));
+    /// assert_eq!(keel::Fence::new("projection/orders", 3).slice(), None);
+    /// ```
+    pub fn slice(&self) -> Option<u32> {
+        let (_, tail) = self.name.rsplit_once("/s")?;
+        tail.parse().ok()
+    }
+
     /// Whether a write under this fence may follow one made under epoch `seen`.
     pub fn admits(&self, seen: u64) -> bool {
         self.epoch >= seen

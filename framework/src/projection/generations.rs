@@ -16,8 +16,9 @@ pub struct Generations<M> {
 struct State<M> {
     active: u64,
     models: BTreeMap<u64, M>,
-    /// The highest lease epoch a fenced update was made under.
-    epoch: u64,
+    /// The highest lease epoch a fenced update was made under, per lease: managers sharing a
+    /// projection's slices write under one lease per slice, each with its own epochs.
+    epochs: BTreeMap<String, u64>,
 }
 
 impl<M> Clone for Generations<M> {
@@ -34,7 +35,7 @@ impl<M: Default> Default for Generations<M> {
             inner: Arc::new(RwLock::new(State {
                 active: 1,
                 models: BTreeMap::new(),
-                epoch: 0,
+                epochs: BTreeMap::new(),
             })),
         }
     }
@@ -60,7 +61,9 @@ impl<M: Default> Generations<M> {
     /// Changes `generation` under `fence`, the lease of the manager writing: refused with
     /// [`Error::Fenced`](crate::Error::Fenced) (and nothing changed) once an update under a
     /// higher epoch was made, so a manager that stalled past its lease cannot write after its
-    /// successor. The check and the change happen under one lock.
+    /// successor. Epochs are compared per lease name, so managers sharing the projection's
+    /// slices (one lease per slice) fence each other slice by slice. The check and the change
+    /// happen under one lock.
     ///
     /// ```
     /// # use keel::{projection::Generations, Fence};
@@ -69,6 +72,9 @@ impl<M: Default> Generations<M> {
     /// let stale = counts.update_fenced(&Fence::new("projection/counts", 1), 1, |n| *n += 1);
     /// assert!(stale.unwrap_err().is_fenced());
     /// assert_eq!(counts.read(|n| *n), 1);
+    /// // Another slice's lease has epochs of its own.
+    /// counts.update_fenced(&Fence::new("projection/counts/s7", 1), 1, |n| *n += 1).unwrap();
+    /// assert_eq!(counts.read(|n| *n), 2);
     /// ```
     pub fn update_fenced<R>(
         &self,
@@ -77,7 +83,9 @@ impl<M: Default> Generations<M> {
         f: impl FnOnce(&mut M) -> R,
     ) -> crate::Result<R> {
         let mut state = self.write();
-        state.epoch = fence.check(state.epoch)?;
+        let seen = state.epochs.get(&fence.name).copied().unwrap_or(0);
+        let epoch = fence.check(seen)?;
+        state.epochs.insert(fence.name.clone(), epoch);
         Ok(f(state.models.entry(generation).or_default()))
     }
 

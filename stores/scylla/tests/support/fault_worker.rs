@@ -10,8 +10,15 @@
 //! `fence EPOCH CHECKPOINT` when it takes the lease, `write START_MS END_MS EPOCH POSITION
 //! applied|refused` for every write, and `state STATE` on every change.
 //!
+//! `keel-fault-worker shared KEYSPACE ID`: one of several managers sharing the projection
+//! `shared` slice by slice (`share_slices`), over a read model in `KEYSPACE.shared_model`
+//! with a partition per slice, each fenced by the epoch of that slice's lease (a static
+//! column). Prints `fence SLICE EPOCH` for every slice it takes, `write START_MS END_MS SLICE
+//! EPOCH POSITION applied|refused` for every write, and `holding N slices` on every change.
+//!
 //! Nodes: `KEEL_CLUSTER_NODES` (default 127.0.0.1-3:9042).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +31,8 @@ use scylla::statement::{Consistency, SerialConsistency};
 
 /// The projection's name, its checkpoint key and the read model's table.
 pub const PROJECTION: &str = "fenced";
+/// The projection the `shared` role runs.
+pub const SHARED: &str = "shared";
 const LEASE_TTL: Duration = Duration::from_secs(3);
 
 fn now() -> i64 {
@@ -162,11 +171,144 @@ impl Projection for FencedModel {
     }
 }
 
+/// A read model shared slice by slice: partition `slice` takes writes only under the epoch of
+/// that slice's lease, raised in its static `fence` column when a manager takes the slice.
+struct SharedModel {
+    store: Arc<KeelScylla>,
+    /// The epoch this process holds each slice under.
+    fences: Mutex<HashMap<u32, Fence>>,
+    claim: PreparedStatement,
+    claim_first: PreparedStatement,
+    write: PreparedStatement,
+}
+
+impl SharedModel {
+    async fn new(store: Arc<KeelScylla>, keyspace: &str) -> Result<Self, BoxError> {
+        let session = store.session();
+        session
+            .query_unpaged(
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {keyspace}.shared_model (slice int, position bigint, \
+                     stream text, version bigint, epoch bigint, fence bigint static, \
+                     PRIMARY KEY (slice, position))"
+                ),
+                (),
+            )
+            .await?;
+        let prep = |cql: String| async move { session.prepare(cql).await.map(lwt) };
+        Ok(SharedModel {
+            // `<=`: the manager hands its read model every held slice's fence again whenever
+            // its set of slices changes.
+            claim: prep(format!(
+                "UPDATE {keyspace}.shared_model SET fence = ? WHERE slice = ? IF fence <= ?"
+            ))
+            .await?,
+            claim_first: prep(format!(
+                "UPDATE {keyspace}.shared_model SET fence = ? WHERE slice = ? IF fence = null"
+            ))
+            .await?,
+            write: prep(format!(
+                "UPDATE {keyspace}.shared_model SET stream = ?, version = ?, epoch = ? \
+                 WHERE slice = ? AND position = ? IF fence = ?"
+            ))
+            .await?,
+            store: store.clone(),
+            fences: Mutex::new(HashMap::new()),
+        })
+    }
+}
+
+#[async_trait]
+impl Projection for SharedModel {
+    fn name(&self) -> &str {
+        SHARED
+    }
+
+    async fn fence(&self, fence: &Fence) -> Result<(), BoxError> {
+        let slice = fence
+            .slice()
+            .ok_or("a shared projection's fence names its slice")?;
+        let (epoch, s) = (fence.epoch as i64, slice as i32);
+        let session = self.store.session();
+        let raised = applied(
+            session
+                .execute_unpaged(&self.claim, (epoch, s, epoch))
+                .await?,
+        )? || applied(
+            session
+                .execute_unpaged(&self.claim_first, (epoch, s))
+                .await?,
+        )?;
+        if !raised {
+            return Err(Box::new(Error::Fenced {
+                name: fence.name.clone(),
+                epoch: fence.epoch,
+                current: u64::MAX,
+            }));
+        }
+        let before = self.fences.lock().unwrap().insert(slice, fence.clone());
+        if before.as_ref() != Some(fence) {
+            println!("fence {slice} {epoch}");
+        }
+        Ok(())
+    }
+
+    async fn apply(&self, _generation: u64, event: &RecordedEvent) -> Result<(), BoxError> {
+        let fence = self
+            .fences
+            .lock()
+            .unwrap()
+            .get(&event.slice)
+            .cloned()
+            .ok_or_else(|| format!("no fence for slice {}", event.slice))?;
+        let position = event.position.ok_or("an event without a feed position")? as i64;
+        let started = now();
+        let values = (
+            event.stream.as_str(),
+            event.version as i64,
+            fence.epoch as i64,
+            event.slice as i32,
+            position,
+            fence.epoch as i64,
+        );
+        let ok = applied(
+            self.store
+                .session()
+                .execute_unpaged(&self.write, values)
+                .await?,
+        )?;
+        let outcome = if ok { "applied" } else { "refused" };
+        println!(
+            "write {started} {} {} {} {position} {outcome}",
+            now(),
+            event.slice,
+            fence.epoch
+        );
+        if ok {
+            Ok(())
+        } else {
+            Err(Box::new(Error::Fenced {
+                name: fence.name,
+                epoch: fence.epoch,
+                current: fence.epoch + 1,
+            }))
+        }
+    }
+
+    async fn reset(&self, _generation: u64) -> Result<(), BoxError> {
+        Ok(())
+    }
+
+    async fn activate(&self, _generation: u64) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), BoxError> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [role, keyspace, id] = &args[..] else {
-        return Err("usage: keel-fault-worker feeder|projection KEYSPACE ID".into());
+        return Err("usage: keel-fault-worker feeder|projection|shared KEYSPACE ID".into());
     };
     let nodes: Vec<String> = std::env::var("KEEL_CLUSTER_NODES")
         .unwrap_or_else(|_| "127.0.0.1:9042,127.0.0.2:9042,127.0.0.3:9042".to_owned())
@@ -228,6 +370,33 @@ async fn main() -> Result<(), BoxError> {
                     if was != Some(state) {
                         println!("state {state:?}");
                         was = Some(state);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        "shared" => {
+            let model = Arc::new(SharedModel::new(store.clone(), keyspace).await?);
+            let manager = ProjectionManager::builder(
+                store.clone(),
+                store.clone(),
+                store.clone(),
+                store.clone(),
+            )
+            .projection(model)
+            .id(id.as_str())
+            .share_slices(true)
+            .batch_size(50)
+            .lease_ttl(LEASE_TTL)
+            .poll_interval(Duration::from_millis(50))
+            .build();
+            manager.start();
+            let mut was = None;
+            loop {
+                if let Ok(status) = manager.status(SHARED).await {
+                    if was != Some(status.held.len()) {
+                        println!("holding {} slices", status.held.len());
+                        was = Some(status.held.len());
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
