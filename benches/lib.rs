@@ -40,24 +40,47 @@ pub fn counter_bus(repo: Repository<Counter>) -> CommandBus {
 }
 
 /// A projection that sums the `by` of counter events: cheap, so a rebuild benchmark measures
-/// the manager and the feed rather than the read model.
-#[derive(Default)]
-pub struct Tally(pub AtomicU64);
+/// the manager and the feed rather than the read model. Other events are skipped.
+pub struct Tally {
+    name: String,
+    /// The sum so far.
+    pub sum: AtomicU64,
+}
+
+impl Tally {
+    /// A tally projection called `name` (several can run on one store).
+    pub fn named(name: impl Into<String>) -> Self {
+        Tally {
+            name: name.into(),
+            sum: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Default for Tally {
+    fn default() -> Self {
+        Tally::named("tally")
+    }
+}
 
 #[async_trait::async_trait]
 impl Projection for Tally {
     fn name(&self) -> &str {
-        "tally"
+        &self.name
+    }
+
+    fn handles(&self, event_type: &str) -> bool {
+        event_type == "Incremented"
     }
 
     async fn apply(&self, _generation: u64, event: &RecordedEvent) -> Result<(), BoxError> {
         let keel::doc::CounterEvent::Incremented { by } = event.decode()?;
-        self.0.fetch_add(by, Ordering::Relaxed);
+        self.sum.fetch_add(by, Ordering::Relaxed);
         Ok(())
     }
 
     async fn reset(&self, _generation: u64) -> Result<(), BoxError> {
-        self.0.store(0, Ordering::Relaxed);
+        self.sum.store(0, Ordering::Relaxed);
         Ok(())
     }
 

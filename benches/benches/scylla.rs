@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use keel::doc::{Counter, CounterEvent};
 use keel::{
     Aggregate, EventStore, ExpectedVersion, Metadata, NewEvent, Repository, SnapshotStore, StreamId,
@@ -370,25 +370,36 @@ fn feed(c: &mut Criterion, b: &Bench) {
         Option<Vec<u8>>,
         CqlTimestamp,
     );
+    // The feed's partitions: a bucket of each slice's positions, keyed `slice << 32 | bucket`.
+    let heads = b.rt.block_on(b.store.feed_heads()).unwrap();
+    let partitions: Vec<i64> = heads
+        .iter()
+        .filter(|(_, last)| *last > 0)
+        .flat_map(|(slice, last)| {
+            (0..=last as i64 / keel_scylla::DEFAULT_FEED_BUCKET_SIZE)
+                .map(move |bucket| (i64::from(slice) << 32) | bucket)
+        })
+        .collect();
     group.bench_function(
-        format!("baseline: raw driver paged scan, {head} rows"),
+        format!(
+            "baseline: raw driver paged scan, {head} rows, {} partitions at once",
+            partitions.len()
+        ),
         |bench| {
             bench.to_async(&b.rt).iter(|| async {
-                let mut n = 0u64;
-                let buckets = head as i64 / 100_000;
-                for bucket in 0..=buckets {
-                    let mut rows = b
-                        .session
-                        .execute_iter(raw.clone(), (bucket,))
+                let raw = &raw;
+                let scans = futures::future::try_join_all(partitions.iter().map(|&p| async move {
+                    b.session
+                        .execute_iter(raw.clone(), (p,))
                         .await
-                        .unwrap()
-                        .rows_stream::<FeedRow>()
-                        .unwrap();
-                    while let Some(row) = rows.next().await {
-                        row.unwrap();
-                        n += 1;
-                    }
-                }
+                        .map(|pager| pager.rows_stream::<FeedRow>().unwrap())
+                }))
+                .await
+                .unwrap();
+                let n = futures::stream::select_all(scans)
+                    .try_fold(0u64, |n, _| async move { Ok(n + 1) })
+                    .await
+                    .unwrap();
                 assert_eq!(n, head);
             })
         },
@@ -418,7 +429,82 @@ fn feed(c: &mut Criterion, b: &Bench) {
                 .iter(|| async { assert!(manager.rebuild("tally").await.unwrap() >= head) })
         },
     );
+    for workers in [1, 2, 4] {
+        shared_rebuild(&mut group, b, workers, head);
+    }
     group.finish();
+}
+
+/// A rebuild by `workers` managers sharing the projection's slices in this process, each its
+/// own lease holder, as processes would: timed from the request to the switch of the active
+/// generation, which the coordinator makes once every slice's new checkpoint is at its head.
+fn shared_rebuild(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    b: &Bench,
+    workers: usize,
+    head: u64,
+) {
+    use keel::projection::{Control, ProjectionManager};
+    use keel::CheckpointStore;
+    let name = format!("tally-shared-{workers}");
+    let all = Arc::new(b.store.clone());
+    let managers: Vec<ProjectionManager> = (0..workers)
+        .map(|w| {
+            ProjectionManager::builder(all.clone(), all.clone(), all.clone(), all.clone())
+                .projection(Arc::new(keel_benches::Tally::named(&name)))
+                .share_slices(true)
+                .id(format!("{name}-{w}"))
+                .poll_interval(Duration::from_millis(5))
+                .build()
+        })
+        .collect();
+    b.rt.block_on(async {
+        for m in &managers {
+            m.start();
+        }
+        // Untimed: each has its share of the slices and the projection has caught up.
+        let slices = b.store.feed_slices() as usize;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut held = Vec::new();
+            for m in &managers {
+                let status = m.status(&name).await.unwrap();
+                held.push(status.held.len());
+            }
+            if held.iter().all(|h| *h == slices.div_ceil(workers)) || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let generation_key = format!("{name}/generation");
+    group.bench_function(
+        format!("keel: rebuild shared by {workers} manager(s), {head} events"),
+        |bench| {
+            bench.to_async(&b.rt).iter(|| async {
+                let before = all
+                    .load_checkpoint(&generation_key)
+                    .await
+                    .unwrap()
+                    .unwrap_or(1);
+                managers[0].request(&name, Control::Rebuild).await.unwrap();
+                while all
+                    .load_checkpoint(&generation_key)
+                    .await
+                    .unwrap()
+                    .unwrap_or(1)
+                    <= before
+                {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        },
+    );
+    b.rt.block_on(async {
+        for m in &managers {
+            m.stop().await;
+        }
+    });
 }
 
 /// One 1 KB event per append, and reading and parsing a 1,000-event stream, with each payload

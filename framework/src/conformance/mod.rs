@@ -143,7 +143,7 @@ macro_rules! conformance_tests {
             projection_unreadable_events_follow_the_policy,
             projection_rebuild_on_a_fresh_manager,
             projection_live_generation_serves_during_rebuild,
-            projection_managers_share_the_slices);
+            projection_managers_share_the_slices, a_shared_rebuild_fills_every_slice);
     };
     (sagas, $factory:expr) => {
         $crate::conformance_tests!(@section sagas, $factory;

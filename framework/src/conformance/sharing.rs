@@ -159,3 +159,65 @@ pub async fn projection_managers_share_the_slices<S: ProjectionHost>(store: Arc<
     assert!(status[0].cursor.covers(&status[0].heads), "{:?}", status[0]);
     a.stop().await;
 }
+
+/// A blue/green rebuild of a projection shared by two managers: each fills its own slices of
+/// the new generation (events written after the request included), the generation switches
+/// on both, and the two read models together hold every event once, each stream in order.
+pub async fn a_shared_rebuild_fills_every_slice<S: ProjectionHost>(store: Arc<S>) {
+    let p = prefix();
+    let slices = store.feed_slices() as usize;
+    write(&store, &p, 8, 2).await;
+    let (ra, rb) = (Recorder::new(&p), Recorder::new(&p));
+    let name = ra.name.clone();
+    let (a, b) = (
+        sharing(&store, ra.clone(), &format!("{p}-a")),
+        sharing(&store, rb.clone(), &format!("{p}-b")),
+    );
+    let caught_up = |s: &[ProjectionStatus]| {
+        s.iter().map(|s| s.held.len()).sum::<usize>() == slices
+            && (slices == 1 || s.iter().all(|s| !s.held.is_empty()))
+            && s.iter().all(|s| s.cursor.covers(&s.heads))
+    };
+    let before = step_until(
+        &[&a, &b],
+        &name,
+        FEED_WAIT,
+        "shared and caught up",
+        caught_up,
+    )
+    .await;
+    let generation = before.iter().map(|s| s.generation).max().unwrap();
+    a.request(&name, crate::projection::Control::Rebuild)
+        .await
+        .unwrap();
+    write(&store, &p, 6, 3).await;
+    step_until(
+        &[&a, &b],
+        &name,
+        FEED_WAIT,
+        "the rebuilt generation active on both",
+        |s| {
+            s.iter().all(|s| {
+                s.generation == generation + 1
+                    && s.state == crate::projection::ProjectionState::Running
+            })
+        },
+    )
+    .await;
+    let mut both = ra.seen();
+    both.extend(rb.seen());
+    let (from_a, from_b) = (ra.seen().len(), rb.seen().len());
+    assert_eq!(
+        by_stream(both),
+        from_scratch(&store, &p).await,
+        "the new generation holds every event once between the two ({from_a} + {from_b})"
+    );
+    if slices > 1 {
+        assert!(
+            from_a > 0 && from_b > 0,
+            "both filled their slices: {from_a} and {from_b}"
+        );
+    }
+    a.stop().await;
+    b.stop().await;
+}
