@@ -176,7 +176,11 @@ pub async fn a_shared_rebuild_fills_every_slice<S: ProjectionHost>(store: Arc<S>
     let caught_up = |s: &[ProjectionStatus]| {
         s.iter().map(|s| s.held.len()).sum::<usize>() == slices
             && (slices == 1 || s.iter().all(|s| !s.held.is_empty()))
-            && s.iter().all(|s| s.cursor.covers(&s.heads))
+            && s.iter().all(|s| {
+                s.held
+                    .iter()
+                    .all(|&slice| s.cursor.get(slice) >= s.heads.get(slice))
+            })
     };
     let before = step_until(
         &[&a, &b],

@@ -26,6 +26,17 @@ const POLL_EVERY: Duration = Duration::from_millis(200);
 /// Events applied per step of a batch, while the feed reads on.
 const APPLY_CHUNK: usize = 250;
 
+/// What one batch applied in a slice: how many events it consumed, and the position the
+/// slice's checkpoint moves to.
+struct Applied {
+    slice: u32,
+    consumed: usize,
+    next: u64,
+}
+
+/// Lagging slices a step reads at once.
+const SLICES_AT_ONCE: usize = 8;
+
 /// What a projection does when `apply` fails.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ErrorPolicy {
@@ -1187,11 +1198,13 @@ impl Inner {
         Ok(())
     }
 
-    /// Applies batches of the slices in which `generation` is behind the heads, about `size`
-    /// events in all, taking the slices in turn across steps (a step is short, so status,
-    /// requests and the live generation during a rebuild are never kept waiting long);
-    /// returns how many events they consumed. Stops early when the lease is gone or the
-    /// projection failed.
+    /// Applies the slices in which `generation` is behind the heads, about `size` events in
+    /// all, and checkpoints each slice it moved; returns how many events were consumed. Up to
+    /// [`SLICES_AT_ONCE`] lagging slices are read at once, merged as they arrive (each in its
+    /// own order; there is no order across slices), taken in turn across steps: a step is
+    /// short, so status, requests and the live generation during a rebuild are never kept
+    /// waiting long, and a rebuild over many slices is not one slice's read latency after
+    /// another. Stops early when the lease is gone or the projection failed.
     async fn batches(
         &self,
         slot: &Slot,
@@ -1202,55 +1215,37 @@ impl Inner {
         let mut lagging = runner.lagging(generation);
         let turn = runner.turn;
         lagging.sort_by_key(|&slice| slice.wrapping_sub(turn) % runner.slices);
-        let mut consumed = 0;
-        for slice in lagging {
-            runner.turn = slice + 1;
-            let from = runner.cursor_of(generation).next(slice);
-            consumed += self
-                .batch(slot, runner, generation, slice, from, size - consumed)
-                .await?;
-            if consumed >= size || runner.lease.is_none() || runner.state == ProjectionState::Failed
-            {
-                break;
-            }
-        }
-        Ok(consumed)
-    }
-
-    /// Applies one batch of `slice` from `from` to `generation`; returns how many events it
-    /// consumed.
-    async fn batch(
-        &self,
-        slot: &Slot,
-        runner: &mut Runner,
-        generation: u64,
-        slice: u32,
-        from: u64,
-        size: usize,
-    ) -> Result<usize> {
+        lagging.truncate(SLICES_AT_ONCE);
+        let Some(&last_slice) = lagging.last() else {
+            return Ok(0);
+        };
+        runner.turn = last_slice + 1;
+        let cursor = runner.cursor_of(generation).clone();
+        // Where each slice's checkpoint goes, and how many events moved it.
+        let mut next: HashMap<u32, (u64, usize)> =
+            lagging.iter().map(|&s| (s, (cursor.next(s), 0))).collect();
         // Applied a chunk at a time as the feed delivers it, so a store that reads ahead (the
         // ScyllaDB feed fetches its next page while this one is consumed) reads while events
         // are applied, instead of reading the whole batch first.
         let mut chunks = self
             .events
-            .read_slice(slice, from)
+            .read_slices(&lagging, &cursor)
             .take(size)
             .try_chunks(APPLY_CHUNK);
-        let span = tracing::debug_span!("keel.project", projection = %runner.name, generation, slice, from,
-            events = tracing::field::Empty);
-        let (mut consumed, mut next) = (0, from);
-        // An event the feed could not read, at `next` (a store yields every event before an
+        let span = tracing::debug_span!("keel.project", projection = %runner.name, generation,
+            slices = lagging.len(), events = tracing::field::Empty);
+        // An event the feed could not read (a store yields every event of its slice before an
         // unreadable one, then its error): it goes to the error policy once what came before
-        // it is committed.
+        // it is applied.
         let mut unreadable = None;
-        let mut last = false;
+        let mut total = 0;
         loop {
-            let chunk = match chunks.try_next().await {
-                Ok(Some(chunk)) => chunk,
+            let (chunk, last) = match chunks.try_next().await {
+                Ok(Some(chunk)) => (chunk, false),
                 Ok(None) => break,
                 Err(futures::stream::TryChunksError(before, e)) => {
                     let about_one_event = e.event().is_some();
-                    if !about_one_event && before.is_empty() && consumed == 0 {
+                    if !about_one_event && before.is_empty() && total == 0 {
                         return Err(e); // not about one event: the step fails and is retried
                     }
                     if about_one_event {
@@ -1258,69 +1253,148 @@ impl Inner {
                     }
                     // Apply and commit what was read, and read nothing after the error; a
                     // failure that is not about one event comes back on the next step's read.
-                    last = true;
-                    before
+                    (before, true)
                 }
             };
-            if chunk.is_empty() {
-                break;
-            }
-            // Long batches renew as they go (a third of the TTL after the last renewal).
-            if !self.keep_slice(runner, slice).await? {
-                return Ok(0);
-            }
-            let (applied, at) = self
-                .apply_batch(slot, runner, generation, &chunk)
-                .instrument(span.clone())
-                .await?;
-            consumed += applied;
-            next = at;
-            if applied < chunk.len() {
-                unreadable = None; // stopped at a failed event before the unreadable one
-                break;
+            if !chunk.is_empty() {
+                // Long batches renew as they go (a third of the TTL after the last renewal);
+                // a slice lost meanwhile is neither applied nor checkpointed any more.
+                if !self.keep_working(runner).await? {
+                    return Ok(0);
+                }
+                next.retain(|&slice, _| runner.works_on(slice));
+                let chunk: Vec<RecordedEvent> = chunk
+                    .into_iter()
+                    .filter(|e| next.contains_key(&e.slice))
+                    .collect();
+                let (applied, _) = self
+                    .apply_batch(slot, runner, generation, &chunk)
+                    .instrument(span.clone())
+                    .await?;
+                for e in &chunk[..applied] {
+                    if let (Some(at), Some(position)) = (next.get_mut(&e.slice), e.position) {
+                        *at = (position + 1, at.1 + 1);
+                    }
+                }
+                total += applied;
+                if applied < chunk.len() {
+                    unreadable = None; // stopped at a failed event before the unreadable one
+                    break;
+                }
             }
             if last {
                 break;
             }
         }
         if let Some(e) = unreadable {
-            if !self.work_current(runner) {
-                return Ok(0);
-            }
-            if self.unreadable(runner, &e, slice, next).await? {
-                consumed += 1; // dead-lettered: the checkpoint moves past it
-                next += 1;
+            let slice = e
+                .event()
+                .map(|(stream, ..)| crate::feed::slice_of(stream, runner.slices));
+            if let Some((slice, &(at, n))) =
+                slice.and_then(|s| next.get(&s).map(|entry| (s, entry)))
+            {
+                if self.work_current(runner) && self.unreadable(runner, &e, slice, at).await? {
+                    // Dead-lettered: the checkpoint moves past it.
+                    next.insert(slice, (at + 1, n + 1));
+                    total += 1;
+                }
             }
         }
-        span.record("events", consumed);
-        // The lease again before the read model's commit and the checkpoint: a manager that
-        // stalled mid-batch must not write either once another may have taken over.
-        if consumed > 0 && !self.keep_slice(runner, slice).await? {
+        span.record("events", total);
+        let applied = next
+            .into_iter()
+            .map(|(slice, (next, consumed))| Applied {
+                slice,
+                consumed,
+                next,
+            })
+            .collect();
+        self.checkpoint(slot, runner, generation, applied).await
+    }
+
+    /// Renews what this manager applies under (its slice leases, or the projection's lease)
+    /// when due; `false` once it has lost the right to apply anything.
+    async fn keep_working(&self, runner: &mut Runner) -> Result<bool> {
+        if runner.share {
+            self.hold_slices(runner).await?;
+            Ok(self.work_current(runner))
+        } else {
+            self.hold_lease(runner).await
+        }
+    }
+
+    /// Commits `generation`'s read model and saves the checkpoints of the slices `applied` in
+    /// one step, concurrently (one checkpoint write after another cost a round trip per slice
+    /// in every step); returns the events those checkpoints cover. The leases are checked
+    /// again first: a manager that stalled mid-step must not write once another may have
+    /// taken over.
+    async fn checkpoint(
+        &self,
+        slot: &Slot,
+        runner: &mut Runner,
+        generation: u64,
+        applied: Vec<Applied>,
+    ) -> Result<usize> {
+        let mut kept = Vec::new();
+        for a in applied.into_iter().filter(|a| a.consumed > 0) {
+            if self.keep_slice(runner, a.slice).await? {
+                kept.push(a);
+            }
+        }
+        if kept.is_empty() {
             return Ok(0);
         }
-        if consumed > 0 {
-            if let Err(e) = slot.projection.commit(generation).await {
-                if is_keel(&*e, Error::is_fenced) {
-                    Self::let_go(runner, &e);
-                    return Ok(0);
-                }
-                return Err(projection_error(&runner.name, e));
-            }
-            if !self.save_slice(runner, generation, slice, next).await? {
+        if let Err(e) = slot.projection.commit(generation).await {
+            if is_keel(&*e, Error::is_fenced) {
+                Self::let_go(runner, &e);
                 return Ok(0);
+            }
+            return Err(projection_error(&runner.name, e));
+        }
+        let saves = kept.iter().map(|a| {
+            let fence = runner.fence_for(a.slice);
+            let key = runner.checkpoint_key(generation, a.slice);
+            async move {
+                match fence {
+                    Some(fence) => {
+                        Some(self.checkpoints.save_checkpoint(&key, a.next, &fence).await)
+                    }
+                    None => None,
+                }
+            }
+        });
+        let results = futures::future::join_all(saves).await;
+        let (mut total, mut failed) = (0, None);
+        for (a, result) in kept.into_iter().zip(results) {
+            let saved = match result {
+                None => false,
+                Some(result) => match self.saved(runner, a.slice, result) {
+                    Ok(saved) => saved,
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                        false
+                    }
+                },
+            };
+            if !saved {
+                continue;
             }
             match runner.rebuild.as_mut() {
                 Some(r) if r.generation == generation => {
-                    r.cursor.set(slice, next - 1);
-                    r.done += consumed as u64;
+                    r.cursor.set(a.slice, a.next - 1);
+                    r.done += a.consumed as u64;
                 }
-                _ => runner.cursor.set(slice, next - 1),
+                _ => runner.cursor.set(a.slice, a.next - 1),
             }
-            runner.processed += consumed as u64;
-            metrics::counter!("keel_projection_events_total", "projection" => runner.name.clone())
-                .increment(consumed as u64);
+            runner.processed += a.consumed as u64;
+            total += a.consumed;
         }
-        Ok(consumed)
+        metrics::counter!("keel_projection_events_total", "projection" => runner.name.clone())
+            .increment(total as u64);
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(total),
+        }
     }
 
     /// An event at `position` of `slice` that the feed could not read, under the error

@@ -89,20 +89,15 @@ impl Inner {
         Ok(runner.slice_leases.contains_key(&slice) && self.work_current(runner))
     }
 
-    /// Saves where `generation` resumes in `slice`, under that slice's fence; `false` when
-    /// the store refused it (the slice, or the projection, is another manager's now).
-    pub(super) async fn save_slice(
+    /// What a checkpoint save of `slice` came to: `false` when the store refused it (the
+    /// slice, or the projection, is another manager's now; this manager lets it go).
+    pub(super) fn saved(
         &self,
         runner: &mut Runner,
-        generation: u64,
         slice: u32,
-        next: u64,
+        result: Result<()>,
     ) -> Result<bool> {
-        let Some(fence) = runner.fence_for(slice) else {
-            return Ok(false);
-        };
-        let key = runner.checkpoint_key(generation, slice);
-        match self.checkpoints.save_checkpoint(&key, next, &fence).await {
+        match result {
             Ok(()) => Ok(true),
             Err(e) if e.is_fenced() && runner.share => {
                 tracing::warn!(projection = %runner.name, slice, error = %e, "slice fenced out; it is another manager's");
