@@ -360,6 +360,12 @@ impl Error {
         }
     }
 
+    /// Whether this is a [`Timeout`](Error::Timeout): the operation did not finish in time
+    /// (for a wait, what it waited for did not happen in time).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Timeout { .. })
+    }
+
     /// Whether this is [`Error::Fenced`]: a write under a stale lease epoch was refused.
     pub fn is_fenced(&self) -> bool {
         matches!(self, Error::Fenced { .. })

@@ -51,6 +51,25 @@ pub trait DomainEvent: Serialize + DeserializeOwned + Clone + Send + Sync + 'sta
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StreamId(Arc<str>);
 
+/// A stream id is its string, in JSON and every other serde format.
+impl serde::Serialize for StreamId {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for StreamId {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        let id = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        Ok(StreamId::new(id))
+    }
+}
+
 impl StreamId {
     /// The longest stream id a store accepts, in UTF-8 bytes: far above any id an
     /// application needs, and safely below ScyllaDB's and Cassandra's 64 KiB key limit with

@@ -41,6 +41,41 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::event::StreamId;
 
+/// Where a write landed: a stream and the version of its last event. A command's reply
+/// carries it ([`Executed::written`](crate::Executed::written)) so that a later query can wait
+/// until a projection has applied that write: read-your-writes, with
+/// [`Visibility`](crate::projection::Visibility) or
+/// [`ProjectionManager::wait_for`](crate::projection::ProjectionManager::wait_for).
+///
+/// It names the write, not a feed position: on a store whose feed is filled after the append
+/// (ScyllaDB), the position is not known when the command returns. It serialises as
+/// `{"stream": "...", "version": N}`, so a client can hand it back to the next request.
+///
+/// ```
+/// use keel::feed::Written;
+/// let written = Written::new("account-7", 3);
+/// let json = serde_json::to_string(&written).unwrap();
+/// assert_eq!(json, r#"{"stream":"account-7","version":3}"#);
+/// assert_eq!(serde_json::from_str::<Written>(&json).unwrap(), written);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Written {
+    /// The stream written to.
+    pub stream: StreamId,
+    /// The version of the write's last event.
+    pub version: u64,
+}
+
+impl Written {
+    /// The write that left `stream` at `version`.
+    pub fn new(stream: impl AsRef<str>, version: u64) -> Self {
+        Written {
+            stream: StreamId::new(stream),
+            version,
+        }
+    }
+}
+
 /// The number of slices a store uses unless configured otherwise.
 pub const DEFAULT_SLICES: u32 = 64;
 

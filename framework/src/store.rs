@@ -154,6 +154,27 @@ pub trait EventStore: Send + Sync + 'static {
     /// feed's heads, as a [`Cursor`], so a consumer's lag is `cursor.behind(&heads)`.
     async fn feed_heads(&self) -> Result<Cursor>;
 
+    /// A position of `stream`'s slice at or after the feed position of its event `version`,
+    /// once that event is in the feed (`None` before): a consumer whose checkpoint in that
+    /// slice has passed it has seen the event. Read-your-writes waits on it
+    /// ([`Visibility`](crate::projection::Visibility)).
+    ///
+    /// A store may answer a later position than the event's own (the slice's head once the
+    /// stream's feed progress has reached `version`, say); never an earlier one. The default
+    /// scans the stream's slice from its start: correct for any store, slow on a long feed,
+    /// so stores override it.
+    async fn fed_position(&self, stream: &StreamId, version: u64) -> Result<Option<u64>> {
+        use futures::TryStreamExt;
+        let slice = crate::feed::slice_of(stream, self.feed_slices());
+        let mut events = self.read_slice(slice, 1);
+        while let Some(event) = events.try_next().await? {
+            if event.stream == *stream && event.version >= version {
+                return Ok(event.position);
+            }
+        }
+        Ok(None)
+    }
+
     /// How many events the feed holds: the sum of its heads.
     async fn feed_head(&self) -> Result<u64> {
         Ok(self.feed_heads().await?.total())

@@ -411,7 +411,10 @@ impl Around for CacheLayer {
             },
             _ => return inner.call(request),
         };
-        if let Some((at, reply)) = self.entries.get(&key) {
+        // A query that must see a write (read-your-writes) is answered afresh; its answer
+        // replaces what was kept.
+        let fresh = request.metadata.user.contains_key(super::FRESH);
+        if let Some((at, reply)) = self.entries.get(&key).filter(|_| !fresh) {
             if at.elapsed() < self.ttl {
                 return Box::pin(async move { Ok(reply) });
             }

@@ -336,6 +336,32 @@ macro_rules! bus {
     };
 }
 
+/// The [`Metadata::user`] key that asks for an answer not taken from a [`CacheLayer`]:
+/// [`QueryBus::ask_after`] sets it, since an answer kept from before a write may not show it.
+pub const FRESH: &str = "keel.fresh";
+
+impl QueryBus {
+    /// Asks `query` once projection `projection` has applied `written` (read-your-writes:
+    /// the reply of the command that wrote carries it, see
+    /// [`Executed::written`](crate::Executed::written)). Waits with `visibility` up to
+    /// `timeout`; on a timeout the query is not asked and the error is
+    /// [`Error::Timeout`], naming the projection and the write. The query goes past any
+    /// [`CacheLayer`] (metadata key [`FRESH`]).
+    pub async fn ask_after<Q: Query>(
+        &self,
+        visibility: &crate::projection::Visibility,
+        projection: &str,
+        written: &crate::feed::Written,
+        timeout: Duration,
+        query: Q,
+    ) -> Result<Q::Output> {
+        visibility.wait_for(projection, written, timeout).await?;
+        let mut metadata = Metadata::default();
+        metadata.user.insert(FRESH.to_owned(), "1".to_owned());
+        self.ask_with(query, metadata).await
+    }
+}
+
 impl CommandBusBuilder {
     /// Adds the layers a [`BusConfig`](crate::config::BusConfig) asks for, outermost first:
     /// trace, validate, timeout, retry.

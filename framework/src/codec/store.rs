@@ -102,6 +102,10 @@ impl EventStore for EncodedEvents {
         self.inner.feed_heads().await
     }
 
+    async fn fed_position(&self, stream: &StreamId, version: u64) -> Result<Option<u64>> {
+        self.inner.fed_position(stream, version).await
+    }
+
     fn cache_epoch(&self) -> u64 {
         self.inner.cache_epoch() + self.codec.shreds()
     }

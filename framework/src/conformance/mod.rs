@@ -41,6 +41,7 @@ mod read_errors;
 mod sagas;
 mod sharing;
 mod upcasting;
+mod visibility;
 
 pub use cache::*;
 pub use codecs::*;
@@ -51,6 +52,7 @@ pub use read_errors::*;
 pub use sagas::*;
 pub use sharing::*;
 pub use upcasting::*;
+pub use visibility::*;
 
 use crate::doc::{Counter, CounterEvent};
 use crate::error::Error;
@@ -143,7 +145,8 @@ macro_rules! conformance_tests {
             projection_unreadable_events_follow_the_policy,
             projection_rebuild_on_a_fresh_manager,
             projection_live_generation_serves_during_rebuild,
-            projection_managers_share_the_slices, a_shared_rebuild_fills_every_slice);
+            projection_managers_share_the_slices, a_shared_rebuild_fills_every_slice,
+            a_write_is_visible_once_applied);
     };
     (sagas, $factory:expr) => {
         $crate::conformance_tests!(@section sagas, $factory;

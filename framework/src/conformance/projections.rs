@@ -98,7 +98,7 @@ impl Projection for Recorder {
     }
 }
 
-fn manager<S: ProjectionHost>(
+pub(super) fn manager<S: ProjectionHost>(
     store: &Arc<S>,
     projection: Arc<dyn Projection>,
 ) -> ProjectionManager {

@@ -83,6 +83,10 @@ impl<S: EventStore> EventStore for Unreliable<S> {
     async fn feed_heads(&self) -> Result<crate::Cursor> {
         self.inner.feed_heads().await
     }
+
+    async fn fed_position(&self, stream: &StreamId, version: u64) -> Result<Option<u64>> {
+        self.inner.fed_position(stream, version).await
+    }
 }
 
 fn unreliable<S: ProjectionHost>(store: &Arc<S>) -> Arc<Unreliable<S>> {

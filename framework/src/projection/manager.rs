@@ -655,6 +655,22 @@ impl ProjectionManager {
         health
     }
 
+    /// Waits until projection `name` has applied `written` (read-your-writes), or fails with
+    /// [`Error::Timeout`] after `timeout`; [`Error::Config`] for a projection this manager
+    /// does not run. It reads the stores, so it answers the same whichever manager applies
+    /// the projection; a process that runs no manager uses [`Visibility`](super::Visibility).
+    pub async fn wait_for(
+        &self,
+        name: &str,
+        written: &crate::feed::Written,
+        timeout: Duration,
+    ) -> Result<()> {
+        self.slot(name)?;
+        super::Visibility::new(self.inner.events.clone(), self.inner.checkpoints.clone())
+            .wait_for(name, written, timeout)
+            .await
+    }
+
     /// The current status of `name` in this manager.
     pub async fn status(&self, name: &str) -> Result<ProjectionStatus> {
         let slot = self.slot(name)?;

@@ -41,9 +41,11 @@
 
 mod generations;
 mod manager;
+mod visibility;
 
 pub use generations::Generations;
 pub use manager::{ErrorPolicy, ProjectionManager, ProjectionManagerBuilder};
+pub use visibility::{Visibility, DEFAULT_POLL};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};

@@ -60,8 +60,23 @@ pub struct Loaded<A> {
 pub struct Executed<E> {
     /// The events the command produced (empty: nothing to do, nothing appended).
     pub events: Vec<E>,
+    /// The aggregate's stream.
+    pub stream: StreamId,
     /// The stream's version after the append.
     pub version: u64,
+}
+
+impl<E> Executed<E> {
+    /// The write to wait for before reading a projection that should show it
+    /// (read-your-writes: [`Visibility`](crate::projection::Visibility)). A command that
+    /// appended nothing names the version it was decided on, which the projection may
+    /// already have.
+    pub fn written(&self) -> crate::feed::Written {
+        crate::feed::Written {
+            stream: self.stream.clone(),
+            version: self.version,
+        }
+    }
 }
 
 /// Counters of one repository, as a snapshot.
@@ -598,6 +613,7 @@ impl<A: Aggregate> Repository<A> {
             self.keep(stream, entry);
             return Ok(Executed {
                 events: Vec::new(),
+                stream: stream.clone(),
                 version,
             });
         }
@@ -614,7 +630,11 @@ impl<A: Aggregate> Repository<A> {
         };
         if events.is_empty() {
             self.keep(stream, entry);
-            return Ok(Executed { events, version });
+            return Ok(Executed {
+                events,
+                stream: stream.clone(),
+                version,
+            });
         }
         let expected = ExpectedVersion::from_version(version);
         // On any error the entry is dropped: a conflict means another writer moved the stream
@@ -655,6 +675,7 @@ impl<A: Aggregate> Repository<A> {
         }
         Ok(Executed {
             events,
+            stream: stream.clone(),
             version: appended.last_version,
         })
     }

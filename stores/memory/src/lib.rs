@@ -389,6 +389,16 @@ impl EventStore for MemoryStore {
             .filter(|&v| v > 0))
     }
 
+    async fn fed_position(&self, stream: &StreamId, version: u64) -> Result<Option<u64>> {
+        // An append is in the feed as it commits: the event's own position.
+        Ok(self
+            .inner
+            .streams
+            .get(stream)
+            .and_then(|log| log.copy_from(version.max(1), 1).into_iter().next())
+            .and_then(|event| event.position))
+    }
+
     async fn feed_heads(&self) -> Result<keel::Cursor> {
         Ok(self
             .inner

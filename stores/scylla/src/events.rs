@@ -721,4 +721,8 @@ impl EventStore for KeelScylla {
     async fn feed_heads(&self) -> Result<keel::Cursor> {
         self.shared.feed_heads().await
     }
+
+    async fn fed_position(&self, stream: &StreamId, version: u64) -> Result<Option<u64>> {
+        self.shared.fed_position(stream, version).await
+    }
 }

@@ -32,6 +32,32 @@ impl Shared {
         Ok(heads)
     }
 
+    /// A position of `stream`'s slice at or after its event `version`, once that is in the
+    /// feed: the slice's head, read after the stream's feed progress has reached `version`.
+    /// A feeder writes the progress only after the LWT that allocated the positions, so that
+    /// head covers the event (it may be later than the event's own position: never earlier).
+    pub(crate) async fn fed_position(
+        &self,
+        stream: &StreamId,
+        version: u64,
+    ) -> Result<Option<u64>> {
+        let fed = self.fed_version(stream.as_str()).await?.max(0) as u64;
+        if fed < version.max(1) {
+            return Ok(None);
+        }
+        let slice = keel::feed::slice_of(stream, self.feed_slices);
+        let op = "read a feed slice's head";
+        let rows = self
+            .select(&self.st.meta_heads, (vec![slice as i32],), op)
+            .await?;
+        let head = rows
+            .maybe_first_row::<(i32, Option<i64>)>()
+            .map_err(|e| store_err(op, e))?
+            .and_then(|(_, head)| head)
+            .unwrap_or(0);
+        Ok((head > 0).then_some(head as u64))
+    }
+
     /// The feed rows of `slice` at positions `start..end` (one feed bucket), up to the first
     /// gap, and the error of the first row that does not decode: the events before it are read.
     pub(super) async fn feed_range(
