@@ -143,7 +143,7 @@ macro_rules! conformance_tests {
             projection_stale_holder_stops_applying, projection_stale_writes_are_fenced,
             projection_requests_reach_the_holder, projection_feed_errors_stall_loudly,
             projection_unreadable_events_follow_the_policy,
-            projection_rebuild_on_a_fresh_manager,
+            projection_rebuild_on_a_fresh_manager, projection_rebuild_resumes_after_a_restart,
             projection_live_generation_serves_during_rebuild,
             projection_managers_share_the_slices, a_shared_rebuild_fills_every_slice,
             a_write_is_visible_once_applied);

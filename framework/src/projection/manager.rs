@@ -746,6 +746,22 @@ impl Inner {
             .activate(runner.generation)
             .await
             .map_err(|e| projection_error(&runner.name, e))?;
+        if !runner.share && runner.rebuild.is_none() {
+            // A rebuild the previous holder (or this manager, before a restart) left
+            // unfinished goes on from its checkpoints.
+            let target = self.load_shared(runner, SharedKey::Rebuild).await?;
+            if target > runner.generation {
+                tracing::info!(projection = %runner.name, generation = target, "resuming an unfinished rebuild");
+                let cursor = self.load_cursor(runner, target).await?;
+                runner.rebuild = Some(Rebuild {
+                    generation: target,
+                    done: cursor.total(),
+                    cursor,
+                    started: Instant::now(),
+                    total: self.events.feed_head().await?,
+                });
+            }
+        }
         // Before anything is applied under a new lease: a fenced read model learns its epoch
         // (sharing: the epoch of each slice's lease, whose name ends in the slice).
         let fences: Vec<Fence> = if runner.share {
@@ -887,12 +903,13 @@ impl Inner {
                         .reset(generation)
                         .await
                         .map_err(|e| projection_error(&runner.name, e))?;
-                    // Sharing: the other managers start on their slices when they read this
-                    // (after the reset, so none applies to the generation before it is clean).
-                    if runner.share
-                        && !self
-                            .save_shared(runner, SharedKey::Rebuild, generation)
-                            .await?
+                    // Recorded after the reset, so that nothing applies to the generation
+                    // before it is clean: sharing, the other managers start on their slices
+                    // when they read it; and a manager that takes the lease after a restart
+                    // resumes the rebuild from its checkpoints instead of losing it.
+                    if !self
+                        .save_shared(runner, SharedKey::Rebuild, generation)
+                        .await?
                     {
                         return Ok(());
                     }
@@ -1196,8 +1213,9 @@ impl Inner {
             || !self
                 .save_fenced(runner, &generation_key, generation)
                 .await?
+            || !self.save_shared(runner, SharedKey::Rebuild, 0).await?
         {
-            return Ok(()); // the next holder finishes (or restarts) the rebuild
+            return Ok(()); // the next holder finishes the rebuild
         }
         let Some(rebuild) = runner.rebuild.take() else {
             return Ok(());
@@ -1237,6 +1255,13 @@ impl Inner {
         };
         runner.turn = last_slice + 1;
         let cursor = runner.cursor_of(generation).clone();
+        // The lease each slice is applied under. A slice whose lease changes during the step
+        // (lost, even if taken again) is neither applied nor checkpointed any more: what this
+        // step read for it may be behind what a successor has since saved.
+        let under: HashMap<u32, Fence> = lagging
+            .iter()
+            .filter_map(|&slice| runner.fence_for(slice).map(|fence| (slice, fence)))
+            .collect();
         // Where each slice's checkpoint goes, and how many events moved it.
         let mut next: HashMap<u32, (u64, usize)> =
             lagging.iter().map(|&s| (s, (cursor.next(s), 0))).collect();
@@ -1278,7 +1303,7 @@ impl Inner {
                 if !self.keep_working(runner).await? {
                     return Ok(0);
                 }
-                next.retain(|&slice, _| runner.works_on(slice));
+                next.retain(|&slice, _| Self::still_under(runner, &under, slice));
                 let chunk: Vec<RecordedEvent> = chunk
                     .into_iter()
                     .filter(|e| next.contains_key(&e.slice))
@@ -1325,7 +1350,13 @@ impl Inner {
                 next,
             })
             .collect();
-        self.checkpoint(slot, runner, generation, applied).await
+        self.checkpoint(slot, runner, generation, applied, &under)
+            .await
+    }
+
+    /// Whether `slice` is still applied under the lease it was when the step began.
+    fn still_under(runner: &Runner, under: &HashMap<u32, Fence>, slice: u32) -> bool {
+        runner.fence_for(slice).as_ref() == under.get(&slice)
     }
 
     /// Renews what this manager applies under (its slice leases, or the projection's lease)
@@ -1343,20 +1374,23 @@ impl Inner {
     /// one step, concurrently (one checkpoint write after another cost a round trip per slice
     /// in every step); returns the events those checkpoints cover. The leases are checked
     /// again first: a manager that stalled mid-step must not write once another may have
-    /// taken over.
+    /// taken over, and a slice whose lease changed since the step began (`under`) is not
+    /// checkpointed, even when this manager has taken it again.
     async fn checkpoint(
         &self,
         slot: &Slot,
         runner: &mut Runner,
         generation: u64,
         applied: Vec<Applied>,
+        under: &HashMap<u32, Fence>,
     ) -> Result<usize> {
-        let mut kept = Vec::new();
-        for a in applied.into_iter().filter(|a| a.consumed > 0) {
-            if self.keep_slice(runner, a.slice).await? {
-                kept.push(a);
-            }
+        if applied.iter().all(|a| a.consumed == 0) || !self.keep_working(runner).await? {
+            return Ok(0);
         }
+        let kept: Vec<Applied> = applied
+            .into_iter()
+            .filter(|a| a.consumed > 0 && Self::still_under(runner, under, a.slice))
+            .collect();
         if kept.is_empty() {
             return Ok(0);
         }

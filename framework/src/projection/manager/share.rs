@@ -13,7 +13,8 @@
 //! as checkpoint rows beside the slices', written under the coordinator's fence and read by
 //! each manager at every poll: `<name>/paused`, `<name>/resumed` (a count: each resume
 //! retries every manager's failed event), `<name>/rebuild` (the generation being rebuilt;
-//! every manager fills its slices of it) and `<name>/generation` (the active one, which the
+//! every manager fills its slices of it; a manager that does not share reads it too, to resume
+//! a rebuild its predecessor left unfinished) and `<name>/generation` (the active one, which the
 //! coordinator moves once the rebuild's checkpoints cover every slice's head).
 
 use std::time::{Duration, Instant};
@@ -78,15 +79,6 @@ impl Inner {
         } else {
             self.lease_current(runner)
         }
-    }
-
-    /// Keeps the right to apply `slice` (renewing what is due); `false` once it is lost.
-    pub(super) async fn keep_slice(&self, runner: &mut Runner, slice: u32) -> Result<bool> {
-        if !runner.share {
-            return self.hold_lease(runner).await;
-        }
-        self.hold_slices(runner).await?;
-        Ok(runner.slice_leases.contains_key(&slice) && self.work_current(runner))
     }
 
     /// What a checkpoint save of `slice` came to: `false` when the store refused it (the
