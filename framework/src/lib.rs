@@ -74,6 +74,7 @@ pub mod error;
 pub mod event;
 pub mod feed;
 pub mod health;
+pub mod lifecycle;
 pub mod metrics;
 pub mod projection;
 pub mod repository;

@@ -447,6 +447,10 @@ impl ProjectionManager {
     /// Starts one background task per projection; they run until [`stop`](Self::stop).
     pub fn start(&self) {
         let mut tasks = self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        if tasks.iter().any(|t| !t.is_finished()) {
+            return; // already running
+        }
+        tasks.clear();
         for slot in self.inner.slots.values() {
             let (inner, slot) = (self.inner.clone(), slot.clone());
             tasks.push(tokio::spawn(async move {

@@ -23,6 +23,7 @@ struct Config {
     backoff: Backoff,
     lease_ttl: Duration,
     tick: Duration,
+    health_grace: Duration,
 }
 
 /// Counters of one orchestrator, as a snapshot.
@@ -103,6 +104,14 @@ impl SagaOrchestratorBuilder {
         self
     }
 
+    /// How long past its deadline a saga may wait before the orchestrator's health as a
+    /// [`Component`](crate::lifecycle::Component) reports it (default 60 s; see
+    /// [`SagaOrchestrator::health`]).
+    pub fn health_grace(mut self, grace: Duration) -> Self {
+        self.config.health_grace = grace;
+        self
+    }
+
     /// This orchestrator's identity in leases (default: a random UUID).
     pub fn id(mut self, id: impl Into<String>) -> Self {
         self.config.id = id.into();
@@ -140,12 +149,13 @@ struct Inner {
     bus: CommandBus,
     config: Config,
     counters: Counters,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The background task, and what tells it to end after its current pass.
+    task: Mutex<Option<(tokio::task::JoinHandle<()>, Arc<tokio::sync::Notify>)>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Some(task) = self.task.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some((task, _)) = self.task.lock().unwrap_or_else(|p| p.into_inner()).take() {
             task.abort();
         }
     }
@@ -289,6 +299,7 @@ impl SagaOrchestrator {
                 resends: 2,
                 backoff: Backoff::new(Duration::from_millis(100)),
                 lease_ttl: Duration::from_secs(30),
+                health_grace: Duration::from_secs(60),
                 tick: Duration::from_secs(1),
             },
         }
@@ -472,14 +483,24 @@ impl SagaOrchestrator {
         Ok(unfinished.len())
     }
 
-    /// Starts a background task that calls [`recover`](Self::recover) every tick. It stops
-    /// when the last clone of the orchestrator is dropped.
+    /// Starts a background task that calls [`recover`](Self::recover) every tick, until
+    /// [`stop`](Self::stop) or until the last clone of the orchestrator is dropped. Starting
+    /// one that runs does nothing.
     pub fn start(&self) {
+        let mut slot = self.inner.task.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().is_some_and(|(t, _)| !t.is_finished()) {
+            return;
+        }
         let weak = Arc::downgrade(&self.inner);
         let tick = self.inner.config.tick;
+        let stopping = Arc::new(tokio::sync::Notify::new());
+        let stop = stopping.clone();
         let task = tokio::spawn(async move {
             loop {
-                tokio::time::sleep(tick).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(tick) => {}
+                    _ = stopping.notified() => return,
+                }
                 let Some(inner) = weak.upgrade() else { return };
                 let orchestrator = SagaOrchestrator { inner };
                 if let Err(e) = orchestrator.recover().await {
@@ -487,7 +508,41 @@ impl SagaOrchestrator {
                 }
             }
         });
-        *self.inner.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        *slot = Some((task, stop));
+    }
+
+    /// Stops the background task of [`start`](Self::start) and returns once it has ended: a
+    /// recovery pass under way finishes first (a saga is left between steps, its lease
+    /// released), so nothing is cut off mid-transition. Sagas run by
+    /// [`start_saga`](Self::start_saga) and [`recover`](Self::recover) calls are not affected.
+    pub async fn stop(&self) {
+        let task = self
+            .inner
+            .task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some((task, stopping)) = task {
+            // Kept as a permit: a task in the middle of a pass takes it at its next wait.
+            stopping.notify_one();
+            let _ = task.await;
+        }
+    }
+
+    /// The grace [`health`](Self::health) is given as a component
+    /// ([`SagaOrchestratorBuilder::health_grace`]).
+    pub fn health_grace(&self) -> Duration {
+        self.inner.config.health_grace
+    }
+
+    /// Whether the background task of [`start`](Self::start) runs.
+    pub fn is_running(&self) -> bool {
+        self.inner
+            .task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|(t, _)| !t.is_finished())
     }
 
     /// Healthy unless a saga waits for an operator (`compensation_failed`) or a deadline

@@ -1255,3 +1255,24 @@ impl Statements {
         })
     }
 }
+
+/// The store as a part of a service: its feeder (when [`feeder`](KeelScyllaBuilder::feeder)
+/// is on) is what runs in the background. It starts with the store, so `start` does nothing;
+/// `stop` is [`shutdown`](KeelScylla::shutdown) (the feeder's slices go to the other
+/// processes at once); the store still reads and appends afterwards.
+#[async_trait::async_trait]
+impl keel::lifecycle::Component for KeelScylla {
+    fn name(&self) -> String {
+        format!("scylla store `{}`", self.shared.keyspace)
+    }
+
+    fn start(&self) {}
+
+    async fn stop(&self) {
+        self.shutdown().await;
+    }
+
+    async fn health(&self) -> keel::health::Health {
+        KeelScylla::health(self).await
+    }
+}
