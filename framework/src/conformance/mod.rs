@@ -144,6 +144,7 @@ macro_rules! conformance_tests {
             projection_requests_reach_the_holder, projection_feed_errors_stall_loudly,
             projection_unreadable_events_follow_the_policy,
             projection_rebuild_on_a_fresh_manager, projection_rebuild_resumes_after_a_restart,
+            a_replaced_generation_is_retired_after_the_grace,
             projection_live_generation_serves_during_rebuild,
             projection_managers_share_the_slices, a_shared_rebuild_fills_every_slice,
             a_write_is_visible_once_applied);

@@ -1069,3 +1069,93 @@ pub async fn projection_rebuild_resumes_after_a_restart<S: ProjectionHost>(store
     seen.dedup();
     assert_eq!(seen, from_scratch(&store, &p).await);
 }
+
+/// Counts nothing; writes down the generations it was told to retire.
+struct Retirements {
+    name: String,
+    retired: std::sync::Mutex<Vec<(u64, std::time::Instant)>>,
+}
+
+#[async_trait]
+impl Projection for Retirements {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    async fn apply(&self, _generation: u64, _event: &RecordedEvent) -> Result<(), BoxError> {
+        Ok(())
+    }
+    async fn reset(&self, _generation: u64) -> Result<(), BoxError> {
+        Ok(())
+    }
+    async fn activate(&self, _generation: u64) -> Result<(), BoxError> {
+        Ok(())
+    }
+    async fn retire(&self, generation: u64) -> Result<(), BoxError> {
+        self.retired
+            .lock()
+            .unwrap()
+            .push((generation, std::time::Instant::now()));
+        Ok(())
+    }
+}
+
+/// The generation a rebuild replaced is retired once, after the grace and not before, by
+/// whichever manager holds the projection then: the manager that switched may have stopped
+/// in between (the pending retirement is kept in the stores).
+pub async fn a_replaced_generation_is_retired_after_the_grace<S: ProjectionHost>(store: Arc<S>) {
+    let p = prefix();
+    write(&store, &p, 2, 2).await;
+    let grace = Duration::from_millis(800);
+    let build = |projection: Arc<Retirements>| {
+        ProjectionManager::builder(store.clone(), store.clone(), store.clone(), store.clone())
+            .projection(projection)
+            .batch_size(64)
+            .lease_ttl(Duration::from_secs(2))
+            .poll_interval(Duration::from_millis(20))
+            .retire_after(grace)
+            .build()
+    };
+    let log = |name: &str| {
+        Arc::new(Retirements {
+            name: name.to_owned(),
+            retired: Default::default(),
+        })
+    };
+    let name = format!("{p}-retire");
+    let (first_log, heir_log) = (log(&name), log(&name));
+    let first = build(first_log.clone());
+    tokio::time::timeout(FEED_WAIT, first.rebuild(&name))
+        .await
+        .expect("the rebuild finishes")
+        .unwrap();
+    let switched = std::time::Instant::now();
+    first.catch_up(&name).await.unwrap();
+    assert!(
+        first_log.retired.lock().unwrap().is_empty(),
+        "retired at once, before the grace"
+    );
+    first.stop().await;
+
+    let heir = build(heir_log.clone());
+    heir.start();
+    let deadline = switched + grace + FEED_WAIT;
+    while heir_log.retired.lock().unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replaced generation was never retired"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A little longer: nothing is retired twice.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    heir.stop().await;
+    let retired = heir_log.retired.lock().unwrap().clone();
+    assert_eq!(retired.len(), 1, "{retired:?}");
+    assert_eq!(retired[0].0, 1, "generation 1 was replaced");
+    assert!(
+        retired[0].1.duration_since(switched) >= grace - Duration::from_millis(50),
+        "retired {:?} after the switch, within the grace of {grace:?}",
+        retired[0].1.duration_since(switched)
+    );
+    assert!(first_log.retired.lock().unwrap().is_empty());
+}

@@ -34,6 +34,9 @@ struct Applied {
     next: u64,
 }
 
+/// How long after a switch the replaced generation is retired, unless configured otherwise.
+pub const DEFAULT_RETIRE_AFTER: Duration = Duration::from_secs(10);
+
 /// Lagging slices a step reads at once.
 const SLICES_AT_ONCE: usize = 8;
 
@@ -57,6 +60,7 @@ struct Config {
     policy: ErrorPolicy,
     stall_after: u32,
     share: bool,
+    retire_after: Duration,
 }
 
 /// Configures a [`ProjectionManager`].
@@ -108,6 +112,17 @@ impl ProjectionManagerBuilder {
     /// `apply`.
     pub fn stall_after(mut self, failures: u32) -> Self {
         self.config.stall_after = failures.max(1);
+        self
+    }
+
+    /// How long after a rebuild's switch the replaced generation is retired
+    /// ([`Projection::retire`], which drops its rows; default [`DEFAULT_RETIRE_AFTER`]).
+    /// Longer than readers in other processes cache the active generation
+    /// ([`ActiveGeneration`](super::ActiveGeneration), 1 s by default) plus their longest
+    /// query, so that no reader queries rows that are gone. Kept in the checkpoint store:
+    /// a manager restarted within the grace retires on time.
+    pub fn retire_after(mut self, grace: Duration) -> Self {
+        self.config.retire_after = grace;
         self
     }
 
@@ -233,6 +248,8 @@ struct Runner {
     renewed: Instant,
     rebuild: Option<Rebuild>,
     last_rebuild_events: u64,
+    /// A replaced generation waiting to be retired, and when (ms since the epoch).
+    retire: Option<(u64, i64)>,
     last_request: Option<AppliedRequest>,
     /// Failed steps of the background task in a row.
     failures: u32,
@@ -267,6 +284,7 @@ impl Runner {
             renewed: Instant::now(),
             rebuild: None,
             last_rebuild_events: 0,
+            retire: None,
             last_request: None,
             failures: 0,
             last_poll: Instant::now(),
@@ -275,7 +293,7 @@ impl Runner {
     }
 
     fn generation_key(&self) -> String {
-        format!("{}/generation", self.name)
+        super::generation_key(&self.name)
     }
 
     /// Where a generation's checkpoint of one slice is saved (the position to resume from).
@@ -425,6 +443,7 @@ impl ProjectionManager {
                 lease_ttl: Duration::from_secs(10),
                 policy: ErrorPolicy::Stop,
                 stall_after: 3,
+                retire_after: DEFAULT_RETIRE_AFTER,
                 share: false,
             },
         }
@@ -750,6 +769,13 @@ impl Inner {
             .activate(runner.generation)
             .await
             .map_err(|e| projection_error(&runner.name, e))?;
+        let retire = self.load_shared(runner, SharedKey::Retire).await?;
+        runner.retire = if retire > 0 {
+            let at = self.load_shared(runner, SharedKey::RetireAt).await? as i64;
+            Some((retire, at))
+        } else {
+            None
+        };
         if !runner.share && runner.rebuild.is_none() {
             // A rebuild the previous holder (or this manager, before a restart) left
             // unfinished goes on from its checkpoints.
@@ -1118,6 +1144,9 @@ impl Inner {
             if runner.share {
                 self.sync_shared(slot, runner).await?;
             }
+            if coordinator {
+                self.retire_due(slot, runner).await?;
+            }
         }
         if runner.state == ProjectionState::Standby || runner.state == ProjectionState::Stopped {
             runner.state = if runner.rebuild.is_some() {
@@ -1203,6 +1232,42 @@ impl Inner {
         Ok(step)
     }
 
+    /// Notes that generation `replaced` is to be retired `retire_after` from now (the note
+    /// survives a restart). A generation replaced before the last one was retired is
+    /// covered: `retire` drops every generation up to the one it is given.
+    async fn schedule_retire(&self, runner: &mut Runner, replaced: u64) -> Result<()> {
+        let at = now_millis() + self.config.retire_after.as_millis() as i64;
+        if self
+            .save_shared(runner, SharedKey::RetireAt, at.max(0) as u64)
+            .await?
+            && self
+                .save_shared(runner, SharedKey::Retire, replaced)
+                .await?
+        {
+            runner.retire = Some((replaced, at));
+        }
+        Ok(())
+    }
+
+    /// Retires the replaced generation once its grace is over (the holder, at a poll).
+    async fn retire_due(&self, slot: &Slot, runner: &mut Runner) -> Result<()> {
+        let Some((generation, at)) = runner.retire else {
+            return Ok(());
+        };
+        if now_millis() < at || generation >= runner.generation {
+            return Ok(());
+        }
+        slot.projection
+            .retire(generation)
+            .await
+            .map_err(|e| projection_error(&runner.name, e))?;
+        tracing::info!(projection = %runner.name, generation, "replaced generation retired");
+        if self.save_shared(runner, SharedKey::Retire, 0).await? {
+            runner.retire = None;
+        }
+        Ok(())
+    }
+
     /// The rebuilt generation has caught up: make it the active one.
     async fn swap(&self, slot: &Slot, runner: &mut Runner) -> Result<()> {
         let Some(rebuild) = runner.rebuild.as_ref() else {
@@ -1228,6 +1293,8 @@ impl Inner {
             .activate(rebuild.generation)
             .await
             .map_err(|e| projection_error(&runner.name, e))?;
+        let replaced = runner.generation;
+        self.schedule_retire(runner, replaced).await?;
         tracing::info!(projection = %runner.name, generation = rebuild.generation, events = rebuild.done, "rebuild complete; generation active");
         runner.generation = rebuild.generation;
         runner.cursor = rebuild.cursor;

@@ -39,12 +39,14 @@
 //! # Ok(()) }
 //! ```
 
+mod active;
 mod generations;
 mod manager;
 mod visibility;
 
+pub use active::ActiveGeneration;
 pub use generations::Generations;
-pub use manager::{ErrorPolicy, ProjectionManager, ProjectionManagerBuilder};
+pub use manager::{ErrorPolicy, ProjectionManager, ProjectionManagerBuilder, DEFAULT_RETIRE_AFTER};
 pub use visibility::{Visibility, DEFAULT_POLL};
 
 use async_trait::async_trait;
@@ -95,8 +97,22 @@ pub trait Projection: Send + Sync + 'static {
     /// Starts `generation` empty (a rebuild begins with this).
     async fn reset(&self, generation: u64) -> Result<(), BoxError>;
 
-    /// Makes `generation` the one queries read; older generations may be dropped.
+    /// Makes `generation` the one queries read. Readers in this process switch at once;
+    /// readers elsewhere follow within their cache time
+    /// ([`ActiveGeneration`]), so the rows of older
+    /// generations are best dropped in [`retire`](Projection::retire), not here.
     async fn activate(&self, generation: u64) -> Result<(), BoxError>;
+
+    /// Drops what is left of every generation up to and including `generation`, which no
+    /// query reads any more: the manager calls it
+    /// [`retire_after`](crate::projection::ProjectionManagerBuilder::retire_after) the
+    /// switch to a newer generation (also after a restart in between), so that readers that
+    /// cached the old generation have moved on first. Called with the last generation
+    /// replaced when several rebuilds switched within the grace. The default drops nothing.
+    async fn retire(&self, generation: u64) -> Result<(), BoxError> {
+        let _ = generation;
+        Ok(())
+    }
 }
 
 /// What a projection is doing.
@@ -216,6 +232,17 @@ impl ProjectionStatus {
             })
             .collect()
     }
+}
+
+/// Where the generation that queries of `projection` read is saved (in the
+/// [`CheckpointStore`](crate::CheckpointStore); absent means 1): `<projection>/generation`.
+/// The manager moves it when a rebuild switches; [`ActiveGeneration`] follows it.
+///
+/// ```
+/// assert_eq!(keel::projection::generation_key("orders"), "orders/generation");
+/// ```
+pub fn generation_key(projection: &str) -> String {
+    format!("{projection}/generation")
 }
 
 /// The [`CheckpointStore`](crate::CheckpointStore) name under which a projection's manager

@@ -76,7 +76,7 @@ impl Visibility {
         let slice = slice_of(&written.stream, slices);
         let generation = self
             .checkpoints
-            .load_checkpoint(&format!("{projection}/generation"))
+            .load_checkpoint(&crate::projection::generation_key(projection))
             .await?
             .unwrap_or(1);
         let next = self

@@ -38,6 +38,10 @@ pub(super) enum SharedKey {
     Resumed,
     /// The generation being rebuilt (0: none).
     Rebuild,
+    /// The last generation replaced whose rows are not retired yet (0: none).
+    Retire,
+    /// When (ms since the epoch) [`Retire`](SharedKey::Retire) is due.
+    RetireAt,
 }
 
 impl SharedKey {
@@ -46,6 +50,8 @@ impl SharedKey {
             SharedKey::Paused => format!("{projection}/paused"),
             SharedKey::Resumed => format!("{projection}/resumed"),
             SharedKey::Rebuild => format!("{projection}/rebuild"),
+            SharedKey::Retire => format!("{projection}/retire"),
+            SharedKey::RetireAt => format!("{projection}/retire_at"),
         }
     }
 }
@@ -281,6 +287,8 @@ impl Inner {
             .activate(generation)
             .await
             .map_err(|e| projection_error(&runner.name, e))?;
+        let replaced = runner.generation;
+        self.schedule_retire(runner, replaced).await?;
         tracing::info!(projection = %runner.name, generation, "rebuild complete on every slice; generation active");
         runner.last_rebuild_events = rebuilt.total();
         runner.rebuild = None;
