@@ -23,6 +23,17 @@ fn sharing<S: ProjectionHost>(
         .build()
 }
 
+/// A recorder for `prefix` and a manager `<prefix>-<id>` sharing its slices.
+fn sharer<S: ProjectionHost>(
+    store: &Arc<S>,
+    prefix: &str,
+    id: &str,
+) -> (Arc<Recorder>, ProjectionManager) {
+    let recorder = Recorder::new(prefix);
+    let manager = sharing(store, recorder.clone(), &format!("{prefix}-{id}"));
+    (recorder, manager)
+}
+
 /// Steps both managers until `done` holds for their statuses, or fails after `within`.
 async fn step_until(
     managers: &[&ProjectionManager],
@@ -56,12 +67,8 @@ pub async fn projection_managers_share_the_slices<S: ProjectionHost>(store: Arc<
     let p = prefix();
     let slices = store.feed_slices() as usize;
     write(&store, &p, 8, 2).await;
-    let (ra, rb) = (Recorder::new(&p), Recorder::new(&p));
+    let ((ra, a), (rb, b)) = (sharer(&store, &p, "a"), sharer(&store, &p, "b"));
     let name = ra.name.clone();
-    let (a, b) = (
-        sharing(&store, ra.clone(), &format!("{p}-a")),
-        sharing(&store, rb.clone(), &format!("{p}-b")),
-    );
     let split = step_until(&[&a, &b], &name, FEED_WAIT, "the slices split", |s| {
         !s[0].held.is_empty()
             && !s[1].held.is_empty()
@@ -167,12 +174,8 @@ pub async fn a_shared_rebuild_fills_every_slice<S: ProjectionHost>(store: Arc<S>
     let p = prefix();
     let slices = store.feed_slices() as usize;
     write(&store, &p, 8, 2).await;
-    let (ra, rb) = (Recorder::new(&p), Recorder::new(&p));
+    let ((ra, a), (rb, b)) = (sharer(&store, &p, "a"), sharer(&store, &p, "b"));
     let name = ra.name.clone();
-    let (a, b) = (
-        sharing(&store, ra.clone(), &format!("{p}-a")),
-        sharing(&store, rb.clone(), &format!("{p}-b")),
-    );
     let caught_up = |s: &[ProjectionStatus]| {
         s.iter().map(|s| s.held.len()).sum::<usize>() == slices
             && (slices == 1 || s.iter().all(|s| !s.held.is_empty()))
