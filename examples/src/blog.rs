@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
-use keel::projection::{Generations, Projection};
+use keel::projection::{ActiveGeneration, Generations, Projection};
 use keel::{Aggregate, BoxError, DomainEvent, RecordedEvent};
 use keel_scylla::{KeelScylla, ViewBatch};
 use scylla::statement::prepared::PreparedStatement;
@@ -177,7 +177,11 @@ enum Backend {
 /// generation so a rebuild fills new partitions while queries read the old ones.
 struct ScyllaIndex {
     store: KeelScylla,
+    /// The generation this process activated (its own manager's switch, seen at once).
     active: AtomicU64,
+    /// The generation the projection's manager made active, wherever it runs (read from the
+    /// store, cached for a second): readers in a process without the manager follow it.
+    shared: ActiveGeneration,
     read_post: PreparedStatement,
     put_post: PreparedStatement,
     drop_post: PreparedStatement,
@@ -224,6 +228,7 @@ impl PostIndex {
         let scylla = ScyllaIndex {
             store: store.clone(),
             active: AtomicU64::new(1),
+            shared: ActiveGeneration::new(Arc::new(store.clone()), by.name()),
             read_post: prep(format!(
                 "SELECT author, title, tags FROM {posts} WHERE generation = ? AND post = ?"
             ))
@@ -261,28 +266,47 @@ impl PostIndex {
 
     /// Titles of the posts under `key` (an author or a tag), sorted, from the active generation.
     pub async fn titles(&self, key: &str) -> Result<Vec<String>, BoxError> {
-        let mut titles = match &self.backend {
-            Backend::Memory(model) => model.read(|m| {
-                m.index
+        Ok(self.query(key).await?.1)
+    }
+
+    /// The generation that answered, and the titles of the posts under `key`, sorted. One
+    /// read of one generation: an answer is never a mix of two.
+    pub async fn query(&self, key: &str) -> Result<(u64, Vec<String>), BoxError> {
+        let (generation, mut titles) = match &self.backend {
+            Backend::Memory(model) => model.read_active(|generation, m| {
+                let titles = m
+                    .index
                     .get(key)
                     .map(|posts| posts.values().cloned().collect())
-                    .unwrap_or_default()
+                    .unwrap_or_default();
+                (generation, titles)
             }),
             Backend::Scylla(s) => {
-                let generation = s.active.load(Ordering::SeqCst) as i64;
+                let generation = self.active_generation().await?;
                 let rows = s
                     .store
                     .session()
-                    .execute_unpaged(&s.query, (generation, key))
+                    .execute_unpaged(&s.query, (generation as i64, key))
                     .await?
                     .into_rows_result()?;
-                rows.rows::<(String,)>()?
+                let titles = rows
+                    .rows::<(String,)>()?
                     .map(|r| r.map(|(t,)| t))
-                    .collect::<Result<Vec<_>, _>>()?
+                    .collect::<Result<Vec<_>, _>>()?;
+                (generation, titles)
             }
         };
         titles.sort();
-        Ok(titles)
+        Ok((generation, titles))
+    }
+
+    /// The generation queries read now: the newest of the one this process activated and the
+    /// one the projection's manager (in any process) made active.
+    pub async fn active_generation(&self) -> Result<u64, BoxError> {
+        match &self.backend {
+            Backend::Memory(model) => Ok(model.active()),
+            Backend::Scylla(s) => Ok(s.active.load(Ordering::SeqCst).max(s.shared.get().await?)),
+        }
     }
 
     /// The generations that have rows in the ScyllaDB tables (empty for the memory backend,
@@ -303,10 +327,14 @@ impl PostIndex {
         Ok(found)
     }
 
-    /// Deletes the rows of generations older than `active`: every post row, and its index
-    /// entries (found from the post row's author or tags). A paged scan of the posts table,
-    /// once per rebuild, which itself read the whole history.
-    async fn drop_generations_before(&self, s: &ScyllaIndex, active: u64) -> Result<u64, BoxError> {
+    /// Deletes the rows of generations up to `retired`: every post row, and its index entries
+    /// (found from the post row's author or tags). A paged scan of the posts table, once per
+    /// rebuild, which itself read the whole history.
+    async fn drop_generations_through(
+        &self,
+        s: &ScyllaIndex,
+        retired: u64,
+    ) -> Result<u64, BoxError> {
         let session = s.store.session();
         let mut rows = session
             .execute_iter(s.scan_posts.clone(), ())
@@ -314,7 +342,7 @@ impl PostIndex {
             .rows_stream::<(i64, String, Option<String>, Option<Vec<String>>)>()?;
         let mut dropped = 0;
         while let Some((generation, post, author, tags)) = rows.try_next().await? {
-            if generation as u64 >= active {
+            if generation as u64 > retired {
                 continue;
             }
             let row = Row {
@@ -505,11 +533,16 @@ impl Projection for PostIndex {
     async fn activate(&self, generation: u64) -> Result<(), BoxError> {
         match &self.backend {
             Backend::Memory(model) => model.activate(generation),
-            Backend::Scylla(s) => {
-                s.active.store(generation, Ordering::SeqCst);
-                // Queries read the new generation from now on: drop the older ones' rows.
-                self.drop_generations_before(s, generation).await?;
-            }
+            // Queries of this process read the new generation from now on; those of other
+            // processes within a second. The old rows stay until `retire`.
+            Backend::Scylla(s) => s.active.store(generation, Ordering::SeqCst),
+        }
+        Ok(())
+    }
+
+    async fn retire(&self, generation: u64) -> Result<(), BoxError> {
+        if let Backend::Scylla(s) = &self.backend {
+            self.drop_generations_through(s, generation).await?;
         }
         Ok(())
     }

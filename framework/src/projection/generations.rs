@@ -106,6 +106,15 @@ impl<M: Default> Generations<M> {
         }
     }
 
+    /// Reads the active generation, and says which one it is (one lock: the two agree).
+    pub fn read_active<R>(&self, f: impl FnOnce(u64, &M) -> R) -> R {
+        let state = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        match state.models.get(&state.active) {
+            Some(model) => f(state.active, model),
+            None => f(state.active, &M::default()),
+        }
+    }
+
     /// The active generation.
     pub fn active(&self) -> u64 {
         self.inner.read().unwrap_or_else(|p| p.into_inner()).active
