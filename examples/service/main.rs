@@ -15,7 +15,7 @@ use keel_examples::service::{init_tracing, run, shutdown_signal, Options};
 #[tokio::main]
 async fn main() {
     let options = Options::parse();
-    init_tracing(options.log_json);
+    init_tracing(&options);
     if let Err(e) = run(options, shutdown_signal()).await {
         eprintln!("service: {e}");
         std::process::exit(1);

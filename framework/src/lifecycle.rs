@@ -1,4 +1,4 @@
-//! One shape for the long-running parts of a service: [`Component`] (start, stop, health) and
+//! One shape for the long-running parts of a service: [`Component`] (start, shutdown, health) and
 //! [`Components`], the parts of one process started together and stopped in reverse order.
 //!
 //! A service process runs some of: a [`ProjectionManager`](crate::projection::ProjectionManager),
@@ -33,7 +33,7 @@ use crate::health::Health;
 
 /// A long-running part of a service.
 ///
-/// `start` returns at once (the work runs in background tasks); `stop` returns once the work
+/// `start` returns at once (the work runs in background tasks); `shutdown` returns once the work
 /// has ended and the component's leases are released, so another process can take over
 /// without waiting for them to expire. Both may be called more than once.
 #[async_trait]
@@ -45,7 +45,7 @@ pub trait Component: Send + Sync {
     fn start(&self);
 
     /// Stops its background work and releases its leases; returns when that is done.
-    async fn stop(&self);
+    async fn shutdown(&self);
 
     /// What it checked and found.
     async fn health(&self) -> Health;
@@ -90,10 +90,10 @@ impl Components {
     }
 
     /// Stops every component, in reverse order, each after the one added after it.
-    pub async fn stop(&self) {
+    pub async fn shutdown(&self) {
         for part in self.parts.iter().rev() {
             tracing::info!(component = %part.name(), "stopping");
-            part.stop().await;
+            part.shutdown().await;
         }
     }
 
@@ -115,7 +115,7 @@ impl Components {
     pub async fn run_until(&self, shutdown: impl Future<Output = ()>) {
         self.start();
         shutdown.await;
-        self.stop().await;
+        self.shutdown().await;
     }
 }
 
@@ -137,7 +137,7 @@ impl Component for crate::projection::ProjectionManager {
         crate::projection::ProjectionManager::start(self);
     }
 
-    async fn stop(&self) {
+    async fn shutdown(&self) {
         crate::projection::ProjectionManager::stop(self).await;
     }
 
@@ -156,7 +156,7 @@ impl Component for crate::saga::SagaOrchestrator {
         crate::saga::SagaOrchestrator::start(self);
     }
 
-    async fn stop(&self) {
+    async fn shutdown(&self) {
         crate::saga::SagaOrchestrator::stop(self).await;
     }
 

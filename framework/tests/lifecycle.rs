@@ -31,7 +31,7 @@ impl Component for Probe {
             .push(format!("start {}", self.name));
     }
 
-    async fn stop(&self) {
+    async fn shutdown(&self) {
         self.log.lock().unwrap().push(format!("stop {}", self.name));
     }
 
@@ -135,7 +135,7 @@ async fn a_stopped_manager_and_orchestrator_have_let_go() {
     assert!(orchestrator.is_running());
     assert!(components.is_healthy().await);
 
-    components.stop().await;
+    components.shutdown().await;
     assert!(!orchestrator.is_running(), "the orchestrator's task ended");
     assert_eq!(
         manager.status("count").await.unwrap().state,
@@ -150,5 +150,5 @@ async fn a_stopped_manager_and_orchestrator_have_let_go() {
     // And it starts again.
     components.start();
     assert!(orchestrator.is_running());
-    components.stop().await;
+    components.shutdown().await;
 }

@@ -112,17 +112,29 @@ pub struct Options {
     /// Logs as JSON lines instead of text (the filter is `RUST_LOG`, default `info`).
     #[arg(long, env = "KEEL_LOG_JSON")]
     pub log_json: bool,
+    /// Also logs each span as it closes, with its time: a request's `http` span, and inside
+    /// it the bus's `keel.dispatch` span of its command or query.
+    #[arg(long, env = "KEEL_LOG_SPANS")]
+    pub log_spans: bool,
 }
 
-/// Installs the `tracing` subscriber: `RUST_LOG` filters (default `info`), text or JSON.
-pub fn init_tracing(json: bool) {
+/// Installs the `tracing` subscriber: `RUST_LOG` filters (default `info`), text or JSON
+/// (`options.log_json`), spans logged as they close (`options.log_spans`).
+pub fn init_tracing(options: &Options) {
+    use tracing_subscriber::fmt::format::FmtSpan;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let spans = if options.log_spans {
+        FmtSpan::CLOSE
+    } else {
+        FmtSpan::NONE
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_span_events(spans)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if json {
+    if options.log_json {
         builder.json().with_current_span(true).init();
     } else {
         builder.init();
@@ -185,7 +197,7 @@ pub async fn run(
     let _ = stopping.send(());
     let drained = tokio::time::timeout(bound, async {
         let _ = server.await;
-        app.components.stop().await;
+        app.components.shutdown().await;
     })
     .await;
     match drained {

@@ -1258,7 +1258,7 @@ impl Statements {
 
 /// The store as a part of a service: its feeder (when [`feeder`](KeelScyllaBuilder::feeder)
 /// is on) is what runs in the background. It starts with the store, so `start` does nothing;
-/// `stop` is [`shutdown`](KeelScylla::shutdown) (the feeder's slices go to the other
+/// `shutdown` is [`KeelScylla::shutdown`] (the feeder's slices go to the other
 /// processes at once); the store still reads and appends afterwards.
 #[async_trait::async_trait]
 impl keel::lifecycle::Component for KeelScylla {
@@ -1268,7 +1268,7 @@ impl keel::lifecycle::Component for KeelScylla {
 
     fn start(&self) {}
 
-    async fn stop(&self) {
+    async fn shutdown(&self) {
         self.shutdown().await;
     }
 
