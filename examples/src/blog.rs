@@ -272,6 +272,18 @@ impl PostIndex {
     /// The generation that answered, and the titles of the posts under `key`, sorted. One
     /// read of one generation: an answer is never a mix of two.
     pub async fn query(&self, key: &str) -> Result<(u64, Vec<String>), BoxError> {
+        self.query_in(key, false).await
+    }
+
+    /// [`query`](Self::query), with the active generation read from the store rather than
+    /// from its one-second cache: for a read after waiting for a write
+    /// (`QueryBus::ask_after`), which the projection's manager may have applied to a
+    /// generation it switched to since.
+    pub async fn query_fresh(&self, key: &str) -> Result<(u64, Vec<String>), BoxError> {
+        self.query_in(key, true).await
+    }
+
+    async fn query_in(&self, key: &str, fresh: bool) -> Result<(u64, Vec<String>), BoxError> {
         let (generation, mut titles) = match &self.backend {
             Backend::Memory(model) => model.read_active(|generation, m| {
                 let titles = m
@@ -282,7 +294,13 @@ impl PostIndex {
                 (generation, titles)
             }),
             Backend::Scylla(s) => {
-                let generation = self.active_generation().await?;
+                let generation = match fresh {
+                    true => s
+                        .active
+                        .load(Ordering::SeqCst)
+                        .max(s.shared.refresh().await?),
+                    false => self.active_generation().await?,
+                };
                 let rows = s
                     .store
                     .session()

@@ -133,3 +133,30 @@ async fn a_query_after_a_write_sees_it_and_a_cache_does_not_hide_it() {
     );
     manager.stop().await;
 }
+
+#[tokio::test]
+async fn a_cached_active_generation_is_kept_until_it_is_refreshed() {
+    use keel::projection::{generation_key, ActiveGeneration};
+    use keel::{CheckpointStore, Fence};
+    let store = Arc::new(MemoryStore::new());
+    let active = ActiveGeneration::new(store.clone(), "posts").cache_for(Duration::from_secs(3600));
+    assert_eq!(
+        active.get().await.unwrap(),
+        1,
+        "no switch yet: generation 1"
+    );
+    let fence = Fence::new("projection posts", 1);
+    store
+        .save_checkpoint(&generation_key("posts"), 2, &fence)
+        .await
+        .unwrap();
+    assert_eq!(active.get().await.unwrap(), 1, "within the cache time");
+    assert_eq!(active.refresh().await.unwrap(), 2, "read from the store");
+    assert_eq!(
+        active.get().await.unwrap(),
+        2,
+        "the refreshed one is cached"
+    );
+    let uncached = ActiveGeneration::new(store, "posts").cache_for(Duration::ZERO);
+    assert_eq!(uncached.get().await.unwrap(), 2);
+}

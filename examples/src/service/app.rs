@@ -309,14 +309,18 @@ fn query_bus(
     by_tag: Arc<PostIndex>,
 ) -> keel::Result<QueryBus> {
     let accounts = Repository::<Account>::new(all);
+    // A read that waited for its write (`ask_after` marks it fresh) reads the active
+    // generation from the store: a rebuild may have switched it since the cached read.
     let titles = |index: Arc<PostIndex>, what: &'static str| {
-        move |key: String| {
+        move |key: String, meta: keel::Metadata| {
             let index = index.clone();
             async move {
-                let (generation, titles) = index
-                    .query(&key)
-                    .await
-                    .map_err(|e| keel::Error::store("blog", what, e))?;
+                let fresh = meta.user.contains_key(keel::bus::FRESH);
+                let read = match fresh {
+                    true => index.query_fresh(&key).await,
+                    false => index.query(&key).await,
+                };
+                let (generation, titles) = read.map_err(|e| keel::Error::store("blog", what, e))?;
                 Ok(Titles { generation, titles })
             }
         }
@@ -340,7 +344,7 @@ fn query_bus(
                 }))
             }
         })?
-        .query(move |PostsWithTag(tag), _| with_tag(tag))?
-        .query(move |PostsBy(author), _| by(author))?
+        .query(move |PostsWithTag(tag), meta| with_tag(tag, meta))?
+        .query(move |PostsBy(author), meta| by(author, meta))?
         .build())
 }

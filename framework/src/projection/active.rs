@@ -62,6 +62,12 @@ impl ActiveGeneration {
                 return Ok(generation);
             }
         }
+        self.refresh().await
+    }
+
+    /// The generation to query now, read from the store whatever the cache holds (for a read
+    /// that must see a write the projection just applied: its generation may have switched).
+    pub async fn refresh(&self) -> Result<u64> {
         let generation = self
             .checkpoints
             .load_checkpoint(&self.key)
