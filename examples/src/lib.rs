@@ -10,6 +10,7 @@
 
 pub mod bank;
 pub mod blog;
+#[cfg(feature = "prometheus")]
 pub mod metrics;
 pub mod orders;
 pub mod privacy;

@@ -88,7 +88,7 @@ impl Service {
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
+        .timeout(Duration::from_secs(90))
         .build()
         .unwrap()
 }
@@ -295,8 +295,20 @@ impl Keyspace {
         ))
     }
 
+    /// The arguments of a process on this keyspace. Reads wait up to a minute for their
+    /// writes: a loaded two-core machine can stall the node for seconds, and a write that is
+    /// lost still fails the test.
     fn args<'a>(&'a self, role: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-        let mut args = vec!["--store", "scylla", "--keyspace", &self.0, "--role", role];
+        let mut args = vec![
+            "--store",
+            "scylla",
+            "--keyspace",
+            &self.0,
+            "--role",
+            role,
+            "--wait-limit-ms",
+            "60000",
+        ];
         args.extend_from_slice(extra);
         args
     }
@@ -356,7 +368,7 @@ async fn seed_posts(api: &Service, tag: &str, count: usize) -> Vec<String> {
     for after in afters {
         let (status, body) = send(
             http.get(api.url(&format!("/tags/{tag}/posts")))
-                .query(&[("after", after.as_str())]),
+                .query(&[("after", after.as_str()), ("wait_ms", "60000")]),
         )
         .await;
         assert_eq!(status, StatusCode::OK, "{body}");

@@ -9,6 +9,18 @@
 //! ScyllaDB (or Cassandra 5). A [`codec::Codec`] in front of a store compresses payloads and
 //! encrypts them with a key per subject, and forgets a subject by deleting its key.
 //!
+//! # Features
+//!
+//! | feature | default | what it adds | pulls in |
+//! |---|---|---|---|
+//! | `encryption` | yes | payload encryption and crypto-shredding: `codec::{DataKey, MasterKey, KeyStore}`, `CodecBuilder::encrypt_*`, `Codec::shred` | aes-gcm, zeroize |
+//! | `compression` | yes | LZ4 payloads: `CodecBuilder::compress_above` (without it, a compressed payload reads as corrupt, naming the feature) | lz4_flex |
+//! | `sagas` | yes | the [`saga::SagaOrchestrator`], saga steps and commands (the `SagaStore` trait is always there, for stores) | typetag |
+//! | `conformance` | no | the store conformance suite (implies the three above) | proptest, tokio's multi-thread runtime |
+//! | `test-util` | no | the given/when/then aggregate fixture | |
+//!
+//! The library needs tokio's `rt`, `sync` and `time` only; the application picks its runtime.
+//!
 //! # Example
 //!
 //! ```

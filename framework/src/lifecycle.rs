@@ -146,6 +146,7 @@ impl Component for crate::projection::ProjectionManager {
     }
 }
 
+#[cfg(feature = "sagas")]
 #[async_trait]
 impl Component for crate::saga::SagaOrchestrator {
     fn name(&self) -> String {

@@ -10,7 +10,6 @@ use keel::lifecycle::Components;
 use keel::projection::{Projection, ProjectionManager, ProjectionStore, Visibility};
 use keel::{Command, CommandBus, Query, QueryBus, Repository};
 use keel_scylla::{KeelScylla, ScyllaConfig};
-use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 
 use super::throttle::RebuildThrottle;
@@ -156,8 +155,8 @@ pub struct App {
     pub components: Components,
     /// The ScyllaDB store, when on it.
     pub scylla: Option<KeelScylla>,
-    /// Renders `/metrics`.
-    pub metrics: Option<PrometheusHandle>,
+    /// Renders `/metrics` (the Prometheus text format).
+    pub metrics: Option<super::Metrics>,
     /// The longest a read waits for its write (`?after=`).
     pub wait_limit: Duration,
 }
@@ -166,7 +165,7 @@ impl App {
     /// Opens the store and assembles the parts of `options.role`.
     pub async fn build(
         options: &Options,
-        metrics: Option<PrometheusHandle>,
+        metrics: Option<super::Metrics>,
     ) -> Result<App, keel::BoxError> {
         let manager_id = format!(
             "{}-{}",

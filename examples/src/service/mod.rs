@@ -30,6 +30,13 @@ use serde::Serialize;
 
 pub use app::App;
 
+/// What renders `/metrics`: the Prometheus recorder's handle (feature `prometheus`).
+#[cfg(feature = "prometheus")]
+pub type Metrics = metrics_exporter_prometheus::PrometheusHandle;
+/// Without the `prometheus` feature there is no recorder: `/metrics` answers 404.
+#[cfg(not(feature = "prometheus"))]
+pub type Metrics = std::convert::Infallible;
+
 /// What a process runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -169,9 +176,12 @@ pub async fn run(
     options: Options,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), keel::BoxError> {
+    #[cfg(feature = "prometheus")]
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .ok();
+    #[cfg(not(feature = "prometheus"))]
+    let metrics = None;
     let app = Arc::new(App::build(&options, metrics).await?);
     let listener = tokio::net::TcpListener::bind(&options.listen)
         .await

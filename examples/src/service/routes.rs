@@ -329,7 +329,10 @@ async fn health(State(app): Shared) -> impl IntoResponse {
 
 async fn metrics(State(app): Shared) -> Response {
     match &app.metrics {
+        #[cfg(feature = "prometheus")]
         Some(handle) => handle.render().into_response(),
+        #[cfg(not(feature = "prometheus"))]
+        Some(never) => match *never {},
         None => ApiError::NotFound("metrics recorder in this process".into()).into_response(),
     }
 }

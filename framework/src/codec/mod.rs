@@ -43,6 +43,10 @@
 //! when flagged, encrypted with its tag when flagged. Everything before the nonce is
 //! authenticated with the body.
 
+// Without `encryption`, the envelope's key fields and the seal context are parsed, not used.
+#![cfg_attr(not(feature = "encryption"), allow(dead_code, unused_imports))]
+
+#[cfg(feature = "encryption")]
 mod keys;
 mod store;
 
@@ -50,11 +54,14 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "encryption")]
 use aes_gcm::aead::{Aead, OsRng, Payload};
+#[cfg(feature = "encryption")]
 use aes_gcm::{AeadCore, Aes256Gcm, Nonce};
 use bytes::Bytes;
 use uuid::Uuid;
 
+#[cfg(feature = "encryption")]
 pub use keys::{DataKey, KeyStore, MasterKey};
 pub use store::{EncodedEvents, EncodedSnapshots};
 
@@ -183,6 +190,7 @@ impl Context<'_> {
         }
     }
 
+    #[cfg(feature = "encryption")]
     fn aad(&self, header: &[u8]) -> Vec<u8> {
         let mut aad = Vec::with_capacity(header.len() + 64);
         aad.extend_from_slice(header);
@@ -288,6 +296,14 @@ fn decompress(body: &[u8], max: usize) -> std::result::Result<Vec<u8>, Unreadabl
         )));
     }
     let mut out = vec![0u8; len];
+    #[cfg(not(feature = "compression"))]
+    {
+        let _ = &mut out;
+        Err(Unreadable::corrupt(
+            "the payload is LZ4-compressed, and this build of Keel has no `compression` feature",
+        ))
+    }
+    #[cfg(feature = "compression")]
     match lz4_flex::block::decompress_into(&body[4..], &mut out) {
         Ok(n) if n == len => Ok(out),
         Ok(n) => Err(Unreadable::corrupt(format!(
@@ -330,8 +346,10 @@ fn inflate(
     decompress(&body, max).map(Cow::Owned)
 }
 
+#[cfg(feature = "encryption")]
 type SubjectFn = dyn Fn(&StreamId) -> Option<String> + Send + Sync;
 
+#[cfg(feature = "encryption")]
 struct Encryption {
     keys: Arc<dyn KeyStore>,
     subject: Arc<SubjectFn>,
@@ -344,6 +362,7 @@ struct Encryption {
     ttl: Duration,
 }
 
+#[cfg(feature = "encryption")]
 /// Why a sealed payload's key reference leads to no key.
 enum Missing {
     /// Its key was shredded.
@@ -352,6 +371,7 @@ enum Missing {
     Unknown,
 }
 
+#[cfg(feature = "encryption")]
 impl Encryption {
     fn cached(&self, subject: &str) -> Option<DataKey> {
         let (key, at) = self.cache.get(subject)?;
@@ -410,6 +430,7 @@ impl Encryption {
 pub struct Codec {
     compress_above: Option<usize>,
     max_payload: usize,
+    #[cfg(feature = "encryption")]
     encryption: Option<Encryption>,
     compressed: metrics::Counter,
     encrypted: metrics::Counter,
@@ -423,7 +444,7 @@ impl std::fmt::Debug for Codec {
         f.debug_struct("Codec")
             .field("compress_above", &self.compress_above)
             .field("max_payload", &self.max_payload)
-            .field("encrypted", &self.encryption.is_some())
+            .field("encrypted", &self.encrypts())
             .finish()
     }
 }
@@ -432,18 +453,21 @@ impl std::fmt::Debug for Codec {
 pub struct CodecBuilder {
     compress_above: Option<usize>,
     max_payload: usize,
+    #[cfg(feature = "encryption")]
     keys: Option<(Arc<dyn KeyStore>, Arc<SubjectFn>)>,
     ttl: Duration,
 }
 
 impl CodecBuilder {
     /// Compresses (LZ4) payloads longer than `bytes`, when that makes them smaller.
+    #[cfg(feature = "compression")]
     pub fn compress_above(mut self, bytes: usize) -> Self {
         self.compress_above = Some(bytes);
         self
     }
 
     /// Encrypts every stream's payloads with a key of its own (the subject is the stream id).
+    #[cfg(feature = "encryption")]
     pub fn encrypt_streams(self, keys: Arc<dyn KeyStore>) -> Self {
         self.encrypt_subjects(keys, |stream: &StreamId| Some(stream.as_str().to_owned()))
     }
@@ -451,6 +475,7 @@ impl CodecBuilder {
     /// Encrypts payloads with the key of the subject `subject` names for their stream (say, the
     /// customer that several aggregates' streams belong to). Streams it gives `None` for are
     /// not encrypted.
+    #[cfg(feature = "encryption")]
     pub fn encrypt_subjects<F>(mut self, keys: Arc<dyn KeyStore>, subject: F) -> Self
     where
         F: Fn(&StreamId) -> Option<String> + Send + Sync + 'static,
@@ -480,6 +505,7 @@ impl CodecBuilder {
         Arc::new(Codec {
             compress_above: self.compress_above,
             max_payload: self.max_payload,
+            #[cfg(feature = "encryption")]
             encryption: self.keys.map(|(keys, subject)| Encryption {
                 keys,
                 subject,
@@ -500,6 +526,7 @@ impl Codec {
         CodecBuilder {
             compress_above: None,
             max_payload: DEFAULT_MAX_PAYLOAD,
+            #[cfg(feature = "encryption")]
             keys: None,
             ttl: Duration::from_secs(60),
         }
@@ -507,6 +534,7 @@ impl Codec {
 
     /// A codec from [`PayloadConfig`](crate::config::PayloadConfig); `keys` is required when
     /// the configuration encrypts.
+    #[cfg(all(feature = "encryption", feature = "compression"))]
     pub fn from_config(
         config: &crate::config::PayloadConfig,
         keys: Option<Arc<dyn KeyStore>>,
@@ -538,8 +566,17 @@ impl Codec {
         Arc::new(EncodedSnapshots::new(inner, self.clone()))
     }
 
+    /// Whether this codec encrypts some streams' payloads.
+    pub fn encrypts(&self) -> bool {
+        #[cfg(feature = "encryption")]
+        return self.encryption.is_some();
+        #[cfg(not(feature = "encryption"))]
+        false
+    }
+
     /// How many subjects' keys this codec holds in memory now (at most
     /// [`KEY_CACHE_CAPACITY`]).
+    #[cfg(feature = "encryption")]
     pub fn cached_keys(&self) -> usize {
         self.encryption.as_ref().map_or(0, |e| e.cache.len())
     }
@@ -547,6 +584,7 @@ impl Codec {
     /// Crypto-shredding: deletes `subject`'s key, so that its events and snapshots can no
     /// longer be read (they read as [`Error::Shredded`]). Returns whether the subject had a
     /// key. Fails with [`Error::Config`] when this codec does not encrypt.
+    #[cfg(feature = "encryption")]
     pub async fn shred(&self, subject: &str) -> Result<bool> {
         let encryption = self.encryption.as_ref().ok_or_else(|| Error::Config {
             field: "payloads.encrypt".to_owned(),
@@ -568,15 +606,24 @@ impl Codec {
 
     /// Encodes one payload.
     pub(crate) async fn seal(&self, context: Context<'_>, plain: Bytes) -> Result<Bytes> {
+        #[cfg(feature = "compression")]
         let compressed = self
             .compress_above
             .filter(|&limit| plain.len() > limit && plain.len() <= u32::MAX as usize)
             .map(|_| lz4_flex::block::compress(&plain))
             .filter(|c| c.len() + 4 < plain.len());
+        #[cfg(not(feature = "compression"))]
+        let compressed: Option<Vec<u8>> = None;
+        #[cfg(feature = "encryption")]
         let subject = self
             .encryption
             .as_ref()
             .and_then(|e| (e.subject)(context.stream()).map(|s| (e, s)));
+        #[cfg(not(feature = "encryption"))]
+        let subject: Option<((), String)> = {
+            let _ = &context;
+            None
+        };
         if compressed.is_none() && subject.is_none() {
             return Ok(plain);
         }
@@ -598,6 +645,25 @@ impl Codec {
             out.extend_from_slice(&body);
             return Ok(Bytes::from(out));
         };
+        self.sealed(context, encryption, subject, flags, &body)
+            .await
+    }
+
+    #[cfg(not(feature = "encryption"))]
+    async fn sealed(&self, _: Context<'_>, _: (), _: String, _: u8, _: &[u8]) -> Result<Bytes> {
+        unreachable!("a codec without the `encryption` feature has no subjects to seal for")
+    }
+
+    /// Encrypts `body` (already compressed when `flags` say so) with `subject`'s key.
+    #[cfg(feature = "encryption")]
+    async fn sealed(
+        &self,
+        context: Context<'_>,
+        encryption: &Encryption,
+        subject: String,
+        mut flags: u8,
+        body: &[u8],
+    ) -> Result<Bytes> {
         if subject.len() > u16::MAX as usize {
             return Err(Error::Encode {
                 what: format!("a payload of stream `{}`", context.stream()),
@@ -619,7 +685,7 @@ impl Codec {
             .encrypt(
                 &nonce,
                 Payload {
-                    msg: &body,
+                    msg: body,
                     aad: &aad,
                 },
             )
@@ -649,6 +715,14 @@ impl Codec {
         };
         let body: Cow<'_, [u8]> = match envelope.key {
             None => Cow::Borrowed(envelope.body),
+            #[cfg(not(feature = "encryption"))]
+            Some((subject, _)) => {
+                let _ = &context;
+                return Ok(Err(Unreadable::Sealed {
+                    subject: subject.to_owned(),
+                }));
+            }
+            #[cfg(feature = "encryption")]
             Some((subject, key_id)) => {
                 let Some(encryption) = &self.encryption else {
                     return Ok(Err(Unreadable::Sealed {

@@ -23,22 +23,30 @@
 //! keel::saga_command!(ReserveStock);
 //! ```
 
+#[cfg(feature = "sagas")]
 mod orchestrator;
 
+#[cfg(feature = "sagas")]
 pub use orchestrator::{SagaMetrics, SagaOrchestrator, SagaOrchestratorBuilder};
 
+#[cfg(feature = "sagas")]
 use std::fmt::Debug;
+#[cfg(feature = "sagas")]
 use std::time::Duration;
 
 use async_trait::async_trait;
+#[cfg(feature = "sagas")]
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+#[cfg(feature = "sagas")]
 use crate::bus::CommandBus;
 use crate::error::Result;
+#[cfg(feature = "sagas")]
 use crate::event::Metadata;
 
+#[cfg(feature = "sagas")]
 /// A command a saga can store and send. Implement it with [`saga_command!`](crate::saga_command).
 #[typetag::serde(tag = "command")]
 pub trait SagaCommand: Send + Sync + Debug {
@@ -47,6 +55,7 @@ pub trait SagaCommand: Send + Sync + Debug {
         -> BoxFuture<'a, Result<()>>;
 }
 
+#[cfg(feature = "sagas")]
 /// Implements [`SagaCommand`] for a bus command type that is `Serialize + Deserialize`: the
 /// saga stores it by its type name and sends it through the command bus.
 ///
@@ -68,11 +77,14 @@ macro_rules! saga_command {
     )+};
 }
 
+#[cfg(feature = "sagas")]
 #[doc(hidden)]
 pub use futures::future::BoxFuture as __BoxFuture;
+#[cfg(feature = "sagas")]
 #[doc(hidden)]
 pub use typetag as __typetag;
 
+#[cfg(feature = "sagas")]
 /// One step of a saga.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SagaStep {
@@ -90,6 +102,7 @@ pub struct SagaStep {
     pub awaits_reply: bool,
 }
 
+#[cfg(feature = "sagas")]
 impl SagaStep {
     /// A step sending `command`, completed when the command succeeds, with a 30 s timeout.
     pub fn new(id: impl Into<String>, command: impl SagaCommand + 'static) -> Self {
@@ -185,6 +198,7 @@ pub struct StepOutcome {
     pub at: i64,
 }
 
+#[cfg(feature = "sagas")]
 /// A saga's persisted state: its definition and its progress.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Saga {

@@ -497,9 +497,12 @@ impl SagaOrchestrator {
         let stop = stopping.clone();
         let task = tokio::spawn(async move {
             loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(tick) => {}
-                    _ = stopping.notified() => return,
+                // Sleep a tick, or return at once when asked to stop.
+                if tokio::time::timeout(tick, stopping.notified())
+                    .await
+                    .is_ok()
+                {
+                    return;
                 }
                 let Some(inner) = weak.upgrade() else { return };
                 let orchestrator = SagaOrchestrator { inner };
@@ -664,9 +667,12 @@ impl SagaOrchestrator {
             return self.get_saga_state(id).await;
         };
         let span = tracing::info_span!("keel.saga", saga = id, epoch = lease.epoch);
-        let result = tokio::select! {
-            result = self.drive_held(id, lease.epoch).instrument(span) => result,
-            lost = self.keep(&lease) => Err(lost),
+        // Drive while keeping the lease; whichever ends first ends both.
+        let drive = std::pin::pin!(self.drive_held(id, lease.epoch).instrument(span));
+        let keep = std::pin::pin!(self.keep(&lease));
+        let result = match futures::future::select(drive, keep).await {
+            futures::future::Either::Left((result, _)) => result,
+            futures::future::Either::Right((lost, _)) => Err(lost),
         };
         if let Err(e) = &result {
             if e.is_fenced() || matches!(e, Error::HeldElsewhere { .. }) {

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use dashmap::DashMap;
 use futures::stream;
+#[cfg(feature = "encryption")]
 use keel::codec::{DataKey, KeyStore};
 use keel::projection::{DeadLetter, ProjectionStatus, ProjectionStore, Request};
 use keel::saga::{SagaRecord, SagaStore};
@@ -80,8 +81,10 @@ struct Inner {
     requests: DashMap<String, Request>,
     dead_letters: DashMap<String, Vec<DeadLetter>>,
     sagas: DashMap<String, SagaRecord>,
+    #[cfg(feature = "encryption")]
     keys: DashMap<String, DataKey>,
     /// Ids of shredded keys (never their subjects).
+    #[cfg(feature = "encryption")]
     shredded_keys: DashMap<uuid::Uuid, ()>,
 }
 
@@ -98,7 +101,9 @@ impl Inner {
             requests: DashMap::default(),
             dead_letters: DashMap::default(),
             sagas: DashMap::default(),
+            #[cfg(feature = "encryption")]
             keys: DashMap::default(),
+            #[cfg(feature = "encryption")]
             shredded_keys: DashMap::default(),
         }
     }
@@ -613,6 +618,7 @@ impl SagaStore for MemoryStore {
     }
 }
 
+#[cfg(feature = "encryption")]
 #[async_trait]
 impl KeyStore for MemoryStore {
     async fn key_for(&self, subject: &str) -> Result<DataKey> {

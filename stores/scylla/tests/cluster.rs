@@ -7,7 +7,7 @@
 //!
 //! Run by `./scripts/test` after `scripts/scylla-node cluster start`, one case at a time
 //! (each leaves the cluster whole again):
-//! `cargo test -p keel-scylla --features cluster-tests --test cluster -- --test-threads=1`.
+//! `cargo test -p keel-cqrs-scylla --features cluster-tests --test cluster -- --test-threads=1`.
 //! The nodes are `KEEL_CLUSTER_NODES` (default 127.0.0.1-3:9042); faults go through
 //! `scripts/scylla-node cluster kill|pause|resume|restart N`.
 

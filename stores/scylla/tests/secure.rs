@@ -3,7 +3,7 @@
 //! a CA the script made). The right credentials over TLS work; a wrong password, no password,
 //! an untrusted CA and plain text are clear errors within the connect bound, never hangs.
 //!
-//! `cargo test -p keel-scylla --features secure-tests --test secure` (`./scripts/test` runs
+//! `cargo test -p keel-cqrs-scylla --features secure-tests --test secure` (`./scripts/test` runs
 //! it). The node is `KEEL_SECURE_NODE` (default `127.0.0.4:9042`), its CA files in
 //! `KEEL_SECURE_TLS_DIR` (default `$KEEL_CACHE/secure/tls`, `KEEL_CACHE` being
 //! `~/.cache/keel` unless set).

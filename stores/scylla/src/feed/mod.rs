@@ -402,12 +402,13 @@ impl FeederState {
                 self.config.gather,
                 self.config.gather_max,
             );
-            tokio::select! {
-                _ = self.shared.wake.notify.notified() => {
-                    // Let a burst of appends gather so one allocation covers them all.
-                    tokio::time::sleep(self.gather).await;
-                }
-                _ = tokio::time::sleep(self.config.interval) => {}
+            let woken = self.shared.wake.notify.notified();
+            if tokio::time::timeout(self.config.interval, woken)
+                .await
+                .is_ok()
+            {
+                // Let a burst of appends gather so one allocation covers them all.
+                tokio::time::sleep(self.gather).await;
             }
         }
     }
