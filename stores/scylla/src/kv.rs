@@ -278,3 +278,77 @@ impl CheckpointStore for KeelScylla {
         ))
     }
 }
+
+/// One lease as the operator's tool lists it ([`KeelScylla::leases`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LeaseInfo {
+    /// What it guards (`projection posts_by_tag`, `feeder/12 of 64`, a saga...).
+    pub name: String,
+    /// Who holds it; `None`: free (expired or released).
+    pub holder: Option<String>,
+    /// Its fencing epoch: the next holder gets a higher one.
+    pub epoch: u64,
+    /// Seconds until the holder's claim expires unless renewed.
+    pub ttl_secs: Option<u32>,
+}
+
+impl KeelScylla {
+    /// Every lease of the keyspace: holder, epoch and time to live (one scan of the small
+    /// `leases` table).
+    pub async fn leases(&self) -> Result<Vec<LeaseInfo>> {
+        let op = "list leases";
+        let cql = format!(
+            "SELECT name, holder, epoch, TTL(holder) FROM {}.leases",
+            self.shared.keyspace
+        );
+        let mut rows = self
+            .shared
+            .session
+            .query_iter(cql, ())
+            .await
+            .map_err(|e| store_err(op, e))?
+            .rows_stream::<(String, Option<String>, Option<i64>, Option<i32>)>()
+            .map_err(|e| store_err(op, e))?;
+        let mut leases = Vec::new();
+        while let Some((name, holder, epoch, ttl)) = futures::TryStreamExt::try_next(&mut rows)
+            .await
+            .map_err(|e| store_err(op, e))?
+        {
+            leases.push(LeaseInfo {
+                name,
+                holder,
+                epoch: epoch.unwrap_or(0).max(0) as u64,
+                ttl_secs: ttl.map(|t| t.max(0) as u32),
+            });
+        }
+        leases.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(leases)
+    }
+
+    /// Takes lease `name` from its holder, for an operator (a holder that hangs without
+    /// dying): released only if it is still held at the epoch just read, so a holder that
+    /// changed meanwhile keeps it. The old holder's next renewal fails and its writes are
+    /// fenced off; the next holder takes the lease at a higher epoch. Returns the holder it
+    /// was taken from, or `None` when the lease was free.
+    pub async fn force_release(&self, name: &str) -> Result<Option<String>> {
+        let Some((Some(holder), epoch)) = self.shared.read_lease(name).await? else {
+            return Ok(None);
+        };
+        let lease = Lease {
+            name: name.to_owned(),
+            holder: holder.clone(),
+            epoch: epoch as u64,
+            ttl: Duration::ZERO,
+        };
+        if self.shared.release_lease(&lease).await? {
+            tracing::warn!(lease = name, %holder, epoch, "lease released by an operator");
+            Ok(Some(holder))
+        } else {
+            Err(keel::Error::HeldElsewhere {
+                name: format!("lease `{name}`"),
+                holder,
+                detail: "; it changed hands while it was being released: list it again".into(),
+            })
+        }
+    }
+}

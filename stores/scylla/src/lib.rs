@@ -51,6 +51,7 @@ pub use error::Error;
 pub use feed::Reconciled;
 pub use feed::{FeedStatus, FEED_DEAD_LETTERS};
 pub use keys::Rewrapped;
+pub use kv::LeaseInfo;
 pub use projections::ViewBatch;
 pub use schema::{validate_identifier, Replication, SCHEMA_VERSION};
 

@@ -1,8 +1,83 @@
 //! `keel feed`: the feed's status, reconciliation, and skipping a damaged row.
 
 use clap::Subcommand;
-use keel::StreamId;
+use futures::TryStreamExt;
+use keel::{EventStore, StreamId};
 use keel_scylla::KeelScylla;
+use serde::Serialize;
+
+/// One event of the feed, as `keel feed show` prints it.
+#[derive(Serialize)]
+struct FeedEntry {
+    slice: u32,
+    position: u64,
+    stream: String,
+    version: u64,
+    event_type: String,
+    /// Milliseconds since the epoch.
+    recorded_at: i64,
+}
+
+async fn show(
+    store: &KeelScylla,
+    slice: Option<u32>,
+    from: u64,
+    limit: usize,
+    json: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let slices = store.feed_slices();
+    let wanted: Vec<u32> = match slice {
+        Some(s) if s >= slices => {
+            return Err(Box::new(crate::failure::Failure::Usage(format!(
+                "the feed has {slices} slice(s), 0 to {}: there is no slice {s}",
+                slices - 1
+            ))))
+        }
+        Some(s) => vec![s],
+        None => (0..slices).collect(),
+    };
+    let mut entries = Vec::new();
+    for s in wanted {
+        let mut events = store.read_slice(s, from.max(1));
+        while entries.len() < limit {
+            let Some(e) = events.try_next().await? else {
+                break;
+            };
+            entries.push(FeedEntry {
+                slice: s,
+                position: e.position.unwrap_or_default(),
+                stream: e.stream.to_string(),
+                version: e.version,
+                event_type: e.event_type.to_string(),
+                recorded_at: e.recorded_at,
+            });
+        }
+        if entries.len() >= limit {
+            break;
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(());
+    }
+    println!(
+        "{:>5} {:>9}  {:<24} {:>7}  {:<20} RECORDED",
+        "SLICE", "POSITION", "STREAM", "VERSION", "TYPE"
+    );
+    for e in &entries {
+        println!(
+            "{:>5} {:>9}  {:<24} {:>7}  {:<20} {}",
+            e.slice,
+            e.position,
+            e.stream,
+            e.version,
+            e.event_type,
+            crate::time::rfc3339(e.recorded_at)
+        );
+    }
+    println!("{} event(s)", entries.len());
+    Ok(())
+}
 
 #[derive(Subcommand)]
 pub(crate) enum FeedAction {
@@ -12,6 +87,21 @@ pub(crate) enum FeedAction {
         /// One line per slice: its head, feeder and lease epoch.
         #[arg(long)]
         slices: bool,
+        /// Print again every second until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// The feed's events by position: one slice's from `--from`, or every slice's in turn.
+    Show {
+        /// The slice to read (default: every slice, in order).
+        #[arg(long)]
+        slice: Option<u32>,
+        /// The first position to show, in each slice read.
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        /// At most this many events.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
     },
     /// Compare every stream's head with the feed and mark the streams that are behind, so the
     /// running feeder publishes their missing events. Needed after writers ran for over an
@@ -151,7 +241,10 @@ pub(crate) async fn feed(
     json: bool,
 ) -> Result<(), Box<dyn std::error::Error>> {
     match action {
-        FeedAction::Status { slices } => feed_status(store, json, slices).await,
+        FeedAction::Status { slices, watch } => {
+            crate::watch::every_second(watch, json, || feed_status(store, json, slices)).await
+        }
+        FeedAction::Show { slice, from, limit } => show(store, slice, from, limit, json).await,
         FeedAction::Reconcile => reconcile(store, json).await,
         FeedAction::Skip {
             stream,

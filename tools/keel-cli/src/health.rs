@@ -71,6 +71,6 @@ pub(crate) async fn health(
     if healthy {
         Ok(())
     } else {
-        Err("unhealthy".into())
+        Err(Box::new(crate::failure::Failure::Unhealthy))
     }
 }

@@ -1,10 +1,10 @@
 //! `keel`: the operator's command for a Keel store on ScyllaDB.
 //!
 //! ```text
-//! keel projections list
+//! keel projections list [--watch]
 //! keel projections status NAME
 //! keel projections rebuild NAME        # waits, with a progress bar
-//! keel projections pause NAME | resume NAME | reset NAME POSITION
+//! keel projections pause NAME | resume NAME | reset NAME POSITION   # wait for the manager; --no-wait
 //! keel projections dead-letters NAME
 //! keel sagas list [--unfinished] | show ID | retry ID
 //! keel health
@@ -12,9 +12,11 @@
 //! keel subjects show SUBJECT
 //! keel subjects shred SUBJECT --yes    # crypto-shredding: deletes the subject's key
 //! keel subjects rewrap                 # master key rotation (KEEL_MASTER_KEY, KEEL_PREVIOUS_MASTER_KEYS)
-//! keel feed status                     # head, feeder, last heartbeat, unfinished plan
+//! keel feed status [--watch]           # head, feeder, last heartbeat, unfinished plan
 //! keel feed reconcile                  # finds committed events missing from the feed
 //! keel feed skip STREAM VERSION --yes  # lets the feed go past a damaged row
+//! keel feed show [--slice S] [--from N] [--limit K]   # the feed's events by position
+//! keel leases list | release NAME --yes   # holders, epochs, TTLs; take one from a hung holder
 //! ```
 //!
 //! Where: `--nodes host:port,...` (or `KEEL_SCYLLA_NODES`, default `127.0.0.1:9042`) and
@@ -25,21 +27,30 @@
 //! Requests (pause, resume, reset, rebuild) are left in the store and carried out by whichever
 //! `ProjectionManager` runs the projection. The memory store lives inside its process, so this
 //! command works on ScyllaDB only.
+//!
+//! Exit codes: 0 done, 1 failed, 2 unhealthy (`keel health`), 3 cannot connect, 64 bad
+//! arguments; under `--json` a failure prints `{"error": {"kind", "message", "exit_code"}}`.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use keel_scylla::KeelScylla;
 
+mod failure;
 mod feed;
 mod health;
+mod leases;
 mod projections;
 mod sagas;
 mod streams;
 mod subjects;
+mod time;
+mod watch;
 
+use failure::Failure;
 use feed::{feed, FeedAction};
 use health::health;
+use leases::{leases, LeaseAction};
 use projections::{projections, ProjectionAction};
 use sagas::{sagas, SagaAction};
 use streams::{show_stream, StreamAction};
@@ -125,21 +136,37 @@ enum Command {
         #[command(subcommand)]
         action: FeedAction,
     },
+    /// Leases: holders, epochs, time to live; taking one from a holder that hangs.
+    Leases {
+        #[command(subcommand)]
+        action: LeaseAction,
+    },
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `--json` decides how even a refused command line is reported.
+    let json = std::env::args().any(|a| a == "--json");
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version: not failures.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) if json => return Failure::Usage(e.to_string().trim().to_owned()).report(true),
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(Failure::Usage(String::new()).code());
+        }
+    };
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("keel: {e}");
-            ExitCode::FAILURE
-        }
+        Err(failure) => failure.report(json),
     }
 }
 
-async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+async fn run(cli: Cli) -> Result<(), Failure> {
     let connection = keel_scylla::ScyllaConfig {
         nodes: cli.nodes.split(',').map(|n| n.trim().to_owned()).collect(),
         keyspace: Some(cli.keyspace.clone()),
@@ -153,18 +180,20 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         ..Default::default()
     };
     let mut builder = KeelScylla::builder()
-        .config(&connection)?
+        .config(&connection)
+        .map_err(Failure::of_setup)?
         .create_schema(false)
         .feeder(false);
     if let Command::Subjects {
         action: SubjectAction::Rewrap,
     } = cli.command
     {
-        let (current, previous) = master_keys_from_env()?;
+        let (current, previous) =
+            master_keys_from_env().map_err(|e| Failure::Usage(e.to_string()))?;
         builder = builder.master_key(current).previous_master_keys(previous);
     }
-    let store = builder.build().await?;
-    match cli.command {
+    let store = builder.build().await.map_err(Failure::of_setup)?;
+    let done = match cli.command {
         Command::Projections { action } => projections(&store, action, cli.json).await,
         Command::Sagas { action } => sagas(&store, action, cli.json).await,
         Command::Health => health(&store, cli.json).await,
@@ -173,5 +202,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         } => show_stream(&store, &id, from, cli.json).await,
         Command::Subjects { action } => subjects(&store, action, cli.json).await,
         Command::Feed { action } => feed(&store, action, cli.json).await,
-    }
+        Command::Leases { action } => leases(&store, action, cli.json).await,
+    };
+    done.map_err(Failure::from)
 }

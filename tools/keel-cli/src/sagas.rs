@@ -112,8 +112,11 @@ pub(crate) async fn sagas(
             println!("history:");
             for h in s["history"].as_array().cloned().unwrap_or_default() {
                 println!(
-                    "  {:>14} {:<24} {:<20} {}",
-                    h["at"],
+                    "  {:<24} {:<24} {:<20} {}",
+                    h["at"]
+                        .as_i64()
+                        .map(crate::time::rfc3339)
+                        .unwrap_or_default(),
                     h["step"].as_str().unwrap_or_default(),
                     h["outcome"].as_str().unwrap_or_default(),
                     h["detail"].as_str().unwrap_or("")

@@ -62,7 +62,7 @@ pub(crate) async fn show_stream(
             e.event_type,
             e.schema_version,
             e.event_id,
-            e.recorded_at,
+            crate::time::rfc3339(e.recorded_at),
             if meta.is_empty() {
                 String::new()
             } else {

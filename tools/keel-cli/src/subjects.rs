@@ -54,7 +54,10 @@ pub(crate) async fn subjects(
             } else {
                 match row {
                     Some((id, at)) => {
-                        println!("subject {subject}: key {id}, created at {} ms", at.0)
+                        println!(
+                            "subject {subject}: key {id}, created at {}",
+                            crate::time::rfc3339(at.0)
+                        )
                     }
                     None => {
                         println!("subject {subject}: no key (never encrypted for, or shredded)")

@@ -70,6 +70,21 @@ async fn keel_with_env(
     )
 }
 
+/// Runs `keel`; returns (exit code, stdout, stderr).
+async fn keel_code(keyspace: &str, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel"));
+    cmd.args(["--nodes", &nodes(), "--keyspace", keyspace])
+        .args(args);
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run keel"))
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Counts the events it sees, per generation.
 #[derive(Default)]
 struct Tally(AtomicU64);
@@ -481,9 +496,9 @@ async fn health_and_feed_reconcile_find_events_no_feeder_published() {
         .append(&stream, ExpectedVersion::NoStream, events)
         .await
         .unwrap();
-    // No process runs a feeder: the health check says what waits.
-    let (ok, out, _) = keel(&keyspace, &["health"]).await;
-    assert!(!ok, "no feeder while appends wait is unhealthy: {out}");
+    // No process runs a feeder: the health check says what waits, and exits 2 (unhealthy).
+    let (code, out, _) = keel_code(&keyspace, &["health"]).await;
+    assert_eq!(code, 2, "no feeder while appends wait is unhealthy: {out}");
     assert!(
         out.contains("some slices have no feeder, and 3 event(s) of 1 stream(s)"),
         "{out}"
@@ -537,4 +552,205 @@ async fn health_and_feed_reconcile_find_events_no_feeder_published() {
         "{status}"
     );
     drop_keyspace(&feeder, &keyspace).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exit_codes_tell_failures_apart_and_json_errors_are_json() {
+    // Bad arguments: 64, under --json as a JSON error.
+    let (code, _, err) = keel_code("keel", &["projections", "bogus"]).await;
+    assert_eq!(code, 64, "{err}");
+    let (code, out, _) = keel_code("keel", &["--json", "projections", "bogus"]).await;
+    assert_eq!(code, 64);
+    let error: serde_json::Value = serde_json::from_str(&out).expect("a JSON error");
+    assert_eq!(error["error"]["kind"], "bad_arguments", "{out}");
+    assert_eq!(error["error"]["exit_code"], 64);
+    let (code, _, err) = keel_code("Not-A-Keyspace", &["health"]).await;
+    assert_eq!(
+        code, 64,
+        "a keyspace name CQL refuses is a bad argument: {err}"
+    );
+
+    // Nothing listens: 3.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel"));
+    cmd.args(["--nodes", "127.0.0.1:1", "--json", "health"]);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let error: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON error");
+    assert_eq!(error["error"]["kind"], "cannot_connect");
+
+    // Any other failure: 1, named.
+    let keyspace = fresh_keyspace("keel_exit");
+    let store = open(KeelScylla::builder().keyspace(&keyspace).feeder(false)).await;
+    let (code, out, _) = keel_code(&keyspace, &["--json", "projections", "status", "nope"]).await;
+    assert_eq!(code, 1, "{out}");
+    let error: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no projection `nope`"),
+        "{out}"
+    );
+    let (code, _, err) = keel_code(&keyspace, &["--help"]).await;
+    assert_eq!(code, 0, "{err}");
+    drop_keyspace(&store, &keyspace).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_feed_is_browsed_and_leases_are_listed_released_and_retaken() {
+    let keyspace = fresh_keyspace("keel_ops");
+    let store = open(
+        KeelScylla::builder()
+            .keyspace(&keyspace)
+            .feeder_interval(Duration::from_millis(20)),
+    )
+    .await;
+    let stream = StreamId::new("order-9");
+    let events = (0..3)
+        .map(|n| NewEvent::new(["Placed", "Paid", "Shipped"][n], 1, &b"{}"[..]))
+        .collect();
+    store
+        .append(&stream, ExpectedVersion::NoStream, events)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while store.feed_head().await.unwrap() < 3 {
+        assert!(Instant::now() < deadline, "the feeder published the events");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The feed by position, with its slice.
+    let (code, out, err) = keel_code(&keyspace, &["--json", "feed", "show"]).await;
+    assert_eq!(code, 0, "{err}");
+    let shown: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let seen: Vec<(String, u64, u64)> = shown
+        .iter()
+        .map(|e| {
+            (
+                e["event_type"].as_str().unwrap().to_owned(),
+                e["version"].as_u64().unwrap(),
+                e["position"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("Placed".to_owned(), 1, 1),
+            ("Paid".to_owned(), 2, 2),
+            ("Shipped".to_owned(), 3, 3)
+        ]
+    );
+    let slice = shown[0]["slice"].as_u64().unwrap().to_string();
+    let (_, out, _) = keel_code(
+        &keyspace,
+        &[
+            "feed", "show", "--slice", &slice, "--from", "2", "--limit", "1",
+        ],
+    )
+    .await;
+    assert!(out.contains("order-9") && out.contains("Paid"), "{out}");
+    assert!(!out.contains("Placed") && !out.contains("Shipped"), "{out}");
+    assert!(out.contains("1 event(s)"), "{out}");
+    let rfc3339 = |w: &str| w.len() == 24 && w.ends_with('Z') && w.as_bytes()[10] == b'T';
+    assert!(
+        out.split_whitespace().any(rfc3339),
+        "recorded times in RFC 3339: {out}"
+    );
+    let (code, _, err) = keel_code(&keyspace, &["feed", "show", "--slice", "64"]).await;
+    assert_eq!(code, 64, "{err}");
+
+    // A projection manager holds the projection's lease.
+    let all = Arc::new(store.clone());
+    let manager = ProjectionManager::builder(all.clone(), all.clone(), all.clone(), all)
+        .projection(Arc::new(Tally::default()))
+        .poll_interval(Duration::from_millis(20))
+        .id("manager-a")
+        .build();
+    manager.start();
+    wait_for_state(&store, ProjectionState::Running).await;
+    let lease_of = |out: &str| -> serde_json::Value {
+        let all: Vec<serde_json::Value> = serde_json::from_str(out).unwrap();
+        all.into_iter()
+            .find(|l| l["holder"] == "manager-a")
+            .expect("the manager's lease is listed")
+    };
+    let (code, out, err) = keel_code(&keyspace, &["--json", "leases", "list"]).await;
+    assert_eq!(code, 0, "{err}");
+    let before = lease_of(&out);
+    assert!(before["ttl_secs"].as_u64().unwrap() > 0, "{before}");
+    let name = before["name"].as_str().unwrap().to_owned();
+    let (_, text, _) = keel_code(&keyspace, &["leases", "list"]).await;
+    assert!(text.contains(&name) && text.contains("manager-a"), "{text}");
+
+    let (code, _, err) = keel_code(&keyspace, &["leases", "release", &name]).await;
+    assert_eq!(code, 64, "releasing needs --yes: {err}");
+    let (code, out, err) = keel_code(&keyspace, &["leases", "release", &name, "--yes"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("taken from `manager-a`"), "{out}");
+    // The manager loses it and takes it again, at a higher epoch.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, out, _) = keel_code(&keyspace, &["--json", "leases", "list"]).await;
+        let all: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        let now = all.iter().find(|l| l["name"] == name.as_str()).unwrap();
+        if now["holder"] == "manager-a" && now["epoch"].as_u64() > before["epoch"].as_u64() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the lease was not taken again: {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Requests: --no-wait only leaves them; otherwise the command waits for the manager.
+    let (code, out, err) =
+        keel_code(&keyspace, &["projections", "pause", "tally", "--no-wait"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("Pause requested") && !out.contains("applied"),
+        "{out}"
+    );
+    wait_for_state(&store, ProjectionState::Paused).await;
+    let (code, out, err) = keel_code(&keyspace, &["projections", "resume", "tally"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("Resume applied by manager manager-a"), "{out}");
+
+    // --watch prints a frame a second until Ctrl-C.
+    let watcher = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args([
+            "--nodes",
+            &nodes(),
+            "--keyspace",
+            &keyspace,
+            "projections",
+            "list",
+            "--watch",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2_600)).await;
+    let pid = watcher.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = tokio::task::spawn_blocking(move || watcher.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.matches("\x1b[2J").count() >= 2,
+        "at least two frames: {text}"
+    );
+    assert!(text.contains("tally"), "{text}");
+
+    manager.stop().await;
+    drop_keyspace(&store, &keyspace).await;
 }
