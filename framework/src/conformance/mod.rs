@@ -138,6 +138,7 @@ macro_rules! conformance_tests {
             projection_store_round_trip, projection_catches_up_in_order,
             projection_resumes_from_checkpoint, projection_reports_lag,
             projection_stops_on_poison_event, projection_dead_letters_when_told,
+            dead_letters_are_replayed_and_skipped,
             projection_pause_resume_reset, projection_rebuilds_while_writes_continue,
             projection_has_one_active_instance, projection_takeover_after_holder_dies,
             projection_stale_holder_stops_applying, projection_stale_writes_are_fenced,

@@ -383,6 +383,98 @@ pub async fn projection_dead_letters_when_told<S: ProjectionHost>(store: Arc<S>)
     );
 }
 
+/// Dead letters are replayed through the manager (one, then all; a letter whose event fails
+/// again stays) and skipped by removing them.
+pub async fn dead_letters_are_replayed_and_skipped<S: ProjectionHost>(store: Arc<S>) {
+    let p = prefix();
+    let streams = write(&store, &p, 3, 2).await;
+    let (bad, worse) = (streams[0].to_string(), streams[1].to_string());
+    let recorder = Recorder::poisoned_on(&p, Some(bad.clone()));
+    let m = ProjectionManager::builder(store.clone(), store.clone(), store.clone(), store.clone())
+        .projection(recorder.clone())
+        .on_error(ErrorPolicy::DeadLetter)
+        .build();
+    m.catch_up(&recorder.name).await.unwrap();
+    let letters = store.dead_letters(&recorder.name).await.unwrap();
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    let at = |i: usize| (letters[i].event.slice, letters[i].event.position);
+
+    // Still poisoned: a replay changes nothing, and says why.
+    m.request(&recorder.name, Control::ReplayDeadLetters)
+        .await
+        .unwrap();
+    let status = m.catch_up(&recorder.name).await.unwrap();
+    assert_eq!(store.dead_letters(&recorder.name).await.unwrap().len(), 2);
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("failed again"),
+        "{status:?}"
+    );
+
+    // Fixed: the one named is applied and its letter removed; the other stays.
+    recorder.poisoned.store(false, Ordering::SeqCst);
+    let (slice, position) = at(1);
+    m.request(&recorder.name, Control::ReplayDeadLetter(slice, position))
+        .await
+        .unwrap();
+    m.catch_up(&recorder.name).await.unwrap();
+    let left = store.dead_letters(&recorder.name).await.unwrap();
+    assert_eq!(left, vec![letters[0].clone()]);
+    let applied_bad = |recorder: &Recorder| {
+        recorder
+            .seen()
+            .iter()
+            .filter(|(stream, _)| stream == &bad)
+            .map(|(_, version)| *version)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(applied_bad(&recorder), vec![letters[1].event.version]);
+
+    // All: the rest is applied.
+    m.request(&recorder.name, Control::ReplayDeadLetters)
+        .await
+        .unwrap();
+    let status = m.catch_up(&recorder.name).await.unwrap();
+    assert!(store.dead_letters(&recorder.name).await.unwrap().is_empty());
+    assert_eq!(status.dead_letters, 0, "{status:?}");
+    let mut versions = applied_bad(&recorder);
+    versions.sort();
+    assert_eq!(versions, vec![1, 2]);
+
+    // Skipping removes a letter without applying it.
+    let letter = DeadLetter {
+        projection: recorder.name.clone(),
+        event: FailedEvent {
+            stream: worse.clone(),
+            version: 1,
+            event_type: "Noted".into(),
+            position: 9,
+            slice: 0,
+        },
+        error: "refused".into(),
+        at: 1,
+    };
+    store.add_dead_letter(&letter).await.unwrap();
+    assert_eq!(
+        store
+            .remove_dead_letter(&recorder.name, 0, 8)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        store
+            .remove_dead_letter(&recorder.name, 0, 9)
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(store.dead_letters(&recorder.name).await.unwrap().is_empty());
+}
+
 /// Pause stops, resume continues, reset replays from a position.
 pub async fn projection_pause_resume_reset<S: ProjectionHost>(store: Arc<S>) {
     let p = prefix();

@@ -926,6 +926,11 @@ impl Inner {
                     runner.state = ProjectionState::Running;
                 }
             }
+            Control::ReplayDeadLetters => self.replay_dead_letters(slot, runner, None).await?,
+            Control::ReplayDeadLetter(slice, position) => {
+                self.replay_dead_letters(slot, runner, Some((slice, position)))
+                    .await?
+            }
             Control::Rebuild => {
                 if runner.rebuild.is_none() {
                     let generation = runner.generation + 1;
@@ -955,6 +960,74 @@ impl Inner {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Applies dead letters' events again (all, or the one at `only`: slice and position) to
+    /// the active generation, and removes each letter whose event now applies. A letter whose
+    /// event fails again stays; its error becomes the status's `last_error`. The events are
+    /// applied after later events of their streams: replaying suits projections whose writes
+    /// do not depend on the order within a stream, or an operator who knows the event now
+    /// fits.
+    async fn replay_dead_letters(
+        &self,
+        slot: &Slot,
+        runner: &mut Runner,
+        only: Option<(u32, u64)>,
+    ) -> Result<()> {
+        let letters = self.store.dead_letters(&runner.name).await?;
+        let generation = runner.generation;
+        let mut seen = std::collections::HashSet::new();
+        let (mut replayed, mut failing) = (0u64, 0u64);
+        for letter in letters {
+            let at = (letter.event.slice, letter.event.position);
+            if only.is_some_and(|o| o != at) || !seen.insert(at) {
+                continue;
+            }
+            let (slice, position) = at;
+            let mut events = self.events.read_slice(slice, position);
+            let event = match futures::TryStreamExt::try_next(&mut events).await? {
+                Some(e) if e.position == Some(position) => e,
+                _ => {
+                    failing += 1;
+                    runner.last_error = Some(format!(
+                        "dead letter `{}` version {}: no event at position {position} of slice                          {slice} any more",
+                        letter.event.stream, letter.event.version
+                    ));
+                    continue;
+                }
+            };
+            let applied = match slot.projection.apply(generation, &event).await {
+                Ok(()) => slot.projection.commit(generation).await,
+                Err(e) => Err(e),
+            };
+            match applied {
+                Ok(()) => {
+                    self.store
+                        .remove_dead_letter(&runner.name, slice, position)
+                        .await?;
+                    replayed += 1;
+                }
+                Err(e) => {
+                    failing += 1;
+                    runner.last_error = Some(format!(
+                        "replaying dead letter `{}` version {} failed again: {e}",
+                        event.stream, event.version
+                    ));
+                }
+            }
+        }
+        if let (Some((slice, position)), 0, 0) = (only, replayed, failing) {
+            return Err(Error::Invalid {
+                type_name: "Control::ReplayDeadLetter",
+                reason: format!(
+                    "projection `{}` has no dead letter at position {position} of slice {slice}",
+                    runner.name
+                ),
+            });
+        }
+        runner.dead_letters = runner.dead_letters.saturating_sub(replayed);
+        tracing::info!(projection = %runner.name, replayed, failing, "dead letters replayed");
         Ok(())
     }
 

@@ -311,6 +311,12 @@ pub enum Control {
     ResetTo(u64),
     /// Move the checkpoint of one feed slice (the first number) to a position in it.
     ResetSliceTo(u32, u64),
+    /// Apply every dead letter's event again (to the active generation), removing the letters
+    /// that now apply; the others stay, with their new error.
+    ReplayDeadLetters,
+    /// [`ReplayDeadLetters`](Control::ReplayDeadLetters) for the one dead letter of the event
+    /// at this feed slice (first number) and position.
+    ReplayDeadLetter(u32, u64),
 }
 
 /// An event a projection could not apply and skipped under [`ErrorPolicy::DeadLetter`].
@@ -345,4 +351,7 @@ pub trait ProjectionStore: Send + Sync + 'static {
     async fn add_dead_letter(&self, letter: &DeadLetter) -> Result<()>;
     /// The dead letters of `name`, oldest first.
     async fn dead_letters(&self, name: &str) -> Result<Vec<DeadLetter>>;
+    /// Removes `name`'s dead letters of the event at `position` of feed slice `slice` (an
+    /// operator skipped it, or it was replayed); returns how many there were.
+    async fn remove_dead_letter(&self, name: &str, slice: u32, position: u64) -> Result<usize>;
 }

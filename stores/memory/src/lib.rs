@@ -579,6 +579,18 @@ impl ProjectionStore for MemoryStore {
             .map(|l| l.clone())
             .unwrap_or_default())
     }
+
+    async fn remove_dead_letter(&self, name: &str, slice: u32, position: u64) -> Result<usize> {
+        let mut removed = 0;
+        if let Some(mut letters) = self.inner.dead_letters.get_mut(name) {
+            letters.retain(|l| {
+                let hit = l.event.slice == slice && l.event.position == position;
+                removed += usize::from(hit);
+                !hit
+            });
+        }
+        Ok(removed)
+    }
 }
 
 #[async_trait]

@@ -80,6 +80,15 @@ impl KeelScylla {
     /// then the previous master keys can be dropped from the configuration. Keys that open
     /// with none of the master keys are listed in `unopenable` and left as they are.
     pub async fn rewrap_keys(&self) -> Result<Rewrapped> {
+        self.rewrap_keys_with(&|_| {}).await
+    }
+
+    /// [`rewrap_keys`](Self::rewrap_keys), calling `progress` with the number of keys looked
+    /// at so far as the scan goes (for a progress bar).
+    pub async fn rewrap_keys_with(
+        &self,
+        progress: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<Rewrapped> {
         use futures::TryStreamExt;
         let shared = &self.shared;
         let master = shared
@@ -102,6 +111,7 @@ impl KeelScylla {
             rows.try_next().await.map_err(|e| store_err(op, e))?
         {
             done.scanned += 1;
+            progress(done.scanned);
             let key = match shared.unwrap_key(&subject, id, &wrapped) {
                 Ok((_, false)) => continue,
                 Ok((key, true)) => key,

@@ -1075,6 +1075,8 @@ pub(crate) struct Statements {
     pub(crate) request_take: PreparedStatement,
     pub(crate) add_dead_letter: PreparedStatement,
     pub(crate) dead_letters: PreparedStatement,
+    pub(crate) dead_letter_keys: PreparedStatement,
+    pub(crate) remove_dead_letter: PreparedStatement,
     pub(crate) saga_create: PreparedStatement,
     pub(crate) saga_update: PreparedStatement,
     pub(crate) saga_load: PreparedStatement,
@@ -1230,6 +1232,11 @@ impl Statements {
                 "INSERT INTO {ks}.dead_letters (projection, at, id, letter) VALUES (?, ?, ?, ?)"
             )).await?,
             dead_letters: prep(format!("SELECT letter FROM {ks}.dead_letters WHERE projection = ?")).await?,
+            dead_letter_keys: prep(format!("SELECT at, id, letter FROM {ks}.dead_letters WHERE projection = ?")).await?,
+            remove_dead_letter: prep(format!(
+                "DELETE FROM {ks}.dead_letters WHERE projection = ? AND at = ? AND id = ?"
+            ))
+            .await?,
             saga_create: lwt(prep(format!(
                 "INSERT INTO {ks}.sagas (id, revision, status, deadline, data) VALUES (?, ?, ?, ?, ?) IF NOT EXISTS"
             )).await?),

@@ -153,6 +153,32 @@ impl ProjectionStore for KeelScylla {
             .map(|row| decode("dead letter", &row.map_err(|e| store_err(op(), e))?.0))
             .collect()
     }
+
+    async fn remove_dead_letter(&self, name: &str, slice: u32, position: u64) -> Result<usize> {
+        let op =
+            || format!("remove dead letter of `{name}` at position {position} of slice {slice}");
+        let rows = self
+            .shared
+            .select(&self.shared.st.dead_letter_keys, (name,), op())
+            .await?;
+        let mut removed = 0;
+        for row in rows
+            .rows::<(i64, Uuid, Vec<u8>)>()
+            .map_err(|e| store_err(op(), e))?
+        {
+            let (at, id, blob) = row.map_err(|e| store_err(op(), e))?;
+            let letter: DeadLetter = decode("dead letter", &blob)?;
+            if letter.event.slice == slice && letter.event.position == position {
+                self.shared
+                    .session
+                    .execute_unpaged(&self.shared.st.remove_dead_letter, (name, at, id))
+                    .await
+                    .map_err(|e| store_err(op(), e))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
 }
 
 impl KeelScylla {

@@ -204,7 +204,9 @@ async fn feed_status(
 }
 
 async fn reconcile(store: &KeelScylla, json: bool) -> Result<(), Box<dyn std::error::Error>> {
-    let found = store.reconcile_feed().await?;
+    let bar = crate::progress::counter("event partitions looked at", json);
+    let found = store.reconcile_feed_with(&|n| bar.set_position(n)).await?;
+    bar.finish_and_clear();
     if json {
         println!(
             "{}",

@@ -5,7 +5,7 @@
 //! keel projections status NAME
 //! keel projections rebuild NAME        # waits, with a progress bar
 //! keel projections pause NAME | resume NAME | reset NAME POSITION   # wait for the manager; --no-wait
-//! keel projections dead-letters NAME
+//! keel dead-letters list NAME | show NAME SLICE:POSITION | replay NAME (SLICE:POSITION | --all) | skip NAME SLICE:POSITION --yes
 //! keel sagas list [--unfinished] | show ID | retry ID
 //! keel health
 //! keel stream show ID [--from VERSION]
@@ -36,10 +36,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use keel_scylla::KeelScylla;
 
+mod dead_letters;
 mod failure;
 mod feed;
 mod health;
 mod leases;
+mod progress;
 mod projections;
 mod sagas;
 mod streams;
@@ -47,6 +49,7 @@ mod subjects;
 mod time;
 mod watch;
 
+use dead_letters::{dead_letters, DeadLetterAction};
 use failure::Failure;
 use feed::{feed, FeedAction};
 use health::health;
@@ -136,6 +139,11 @@ enum Command {
         #[command(subcommand)]
         action: FeedAction,
     },
+    /// Events projections skipped under the dead-letter policy: list, show, replay, skip.
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
     /// Leases: holders, epochs, time to live; taking one from a holder that hangs.
     Leases {
         #[command(subcommand)]
@@ -203,6 +211,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Subjects { action } => subjects(&store, action, cli.json).await,
         Command::Feed { action } => feed(&store, action, cli.json).await,
         Command::Leases { action } => leases(&store, action, cli.json).await,
+        Command::DeadLetters { action } => dead_letters(&store, action, cli.json).await,
     };
     done.map_err(Failure::from)
 }

@@ -50,8 +50,6 @@ pub(crate) enum ProjectionAction {
         #[command(flatten)]
         wait: Wait,
     },
-    /// Events skipped under the dead-letter policy.
-    DeadLetters { name: String },
 }
 
 /// How long a request waits for the manager that carries it out.
@@ -102,7 +100,6 @@ pub(crate) async fn projections(
             };
             request(store, &name, control, wait, json).await?
         }
-        ProjectionAction::DeadLetters { name } => dead_letters(store, &name, json).await?,
         ProjectionAction::Rebuild {
             name,
             no_wait,
@@ -135,31 +132,6 @@ async fn list(store: &KeelScylla, json: bool) -> Result<(), Box<dyn std::error::
                 s.last_error.as_deref().unwrap_or("-")
             );
         }
-    }
-    Ok(())
-}
-
-async fn dead_letters(
-    store: &KeelScylla,
-    name: &str,
-    json: bool,
-) -> Result<(), Box<dyn std::error::Error>> {
-    let letters = store.dead_letters(name).await?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&letters)?);
-    } else {
-        for l in &letters {
-            println!(
-                "{} v{} {} at position {} of slice {}: {}",
-                l.event.stream,
-                l.event.version,
-                l.event.event_type,
-                l.event.position,
-                l.event.slice,
-                l.error
-            );
-        }
-        println!("{} dead letter(s)", letters.len());
     }
     Ok(())
 }

@@ -85,7 +85,9 @@ pub(crate) async fn subjects(
             }
         }
         SubjectAction::Rewrap => {
-            let done = store.rewrap_keys().await?;
+            let bar = crate::progress::counter("data keys looked at", json);
+            let done = store.rewrap_keys_with(&|n| bar.set_position(n)).await?;
+            bar.finish_and_clear();
             if json {
                 println!(
                     "{}",

@@ -754,3 +754,129 @@ async fn the_feed_is_browsed_and_leases_are_listed_released_and_retaken() {
     manager.stop().await;
     drop_keyspace(&store, &keyspace).await;
 }
+
+/// Refuses events of type `Bad` while `poisoned`, counts the rest.
+struct Picky {
+    poisoned: std::sync::atomic::AtomicBool,
+    applied: AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl Projection for Picky {
+    fn name(&self) -> &str {
+        "picky"
+    }
+    async fn apply(&self, _generation: u64, event: &RecordedEvent) -> Result<(), BoxError> {
+        if &*event.event_type == "Bad" && self.poisoned.load(Ordering::SeqCst) {
+            return Err("Bad is refused".into());
+        }
+        self.applied.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    async fn reset(&self, _generation: u64) -> Result<(), BoxError> {
+        Ok(())
+    }
+    async fn activate(&self, _generation: u64) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_letters_are_listed_shown_replayed_and_skipped() {
+    let keyspace = fresh_keyspace("keel_dl");
+    let store = open(
+        KeelScylla::builder()
+            .keyspace(&keyspace)
+            .feeder_interval(Duration::from_millis(20)),
+    )
+    .await;
+    let events = vec![
+        NewEvent::new("Good", 1, &br#"{"n":1}"#[..]),
+        NewEvent::new("Bad", 1, &br#"{"why":"poison"}"#[..]),
+        NewEvent::new("Good", 1, &br#"{"n":3}"#[..]),
+    ];
+    store
+        .append(&StreamId::new("job-1"), ExpectedVersion::NoStream, events)
+        .await
+        .unwrap();
+    let picky = Arc::new(Picky {
+        poisoned: true.into(),
+        applied: AtomicU64::new(0),
+    });
+    let all = Arc::new(store.clone());
+    let manager = ProjectionManager::builder(all.clone(), all.clone(), all.clone(), all)
+        .projection(picky.clone())
+        .on_error(keel::projection::ErrorPolicy::DeadLetter)
+        .poll_interval(Duration::from_millis(20))
+        .build();
+    manager.start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while picky.applied.load(Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "the good events were applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let (code, out, err) = keel_code(&keyspace, &["--json", "dead-letters", "list", "picky"]).await;
+    assert_eq!(code, 0, "{err}");
+    let letters: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(letters.len(), 1, "{out}");
+    assert_eq!(letters[0]["event"]["version"], 2);
+    let at = format!(
+        "{}:{}",
+        letters[0]["event"]["slice"], letters[0]["event"]["position"]
+    );
+    let (code, out, _) = keel_code(&keyspace, &["dead-letters", "show", "picky", &at]).await;
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("job-1 v2 Bad") && out.contains(r#"{"why":"poison"}"#),
+        "{out}"
+    );
+    let (code, _, _) = keel_code(&keyspace, &["dead-letters", "show", "picky", "nowhere"]).await;
+    assert_eq!(code, 64);
+
+    // Still refused: the replay is applied by the manager, and the letter stays.
+    let (code, out, err) = keel_code(&keyspace, &["dead-letters", "replay", "picky", &at]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("applied by manager"), "{out}");
+    let (_, out, _) = keel_code(&keyspace, &["dead-letters", "list", "picky"]).await;
+    assert!(out.contains("1 dead letter(s)"), "{out}");
+
+    // Fixed: replaying all applies it and removes the letter.
+    picky.poisoned.store(false, Ordering::SeqCst);
+    let (code, out, err) =
+        keel_code(&keyspace, &["dead-letters", "replay", "picky", "--all"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ReplayDeadLetters applied"), "{out}");
+    assert_eq!(picky.applied.load(Ordering::SeqCst), 3);
+    let (_, out, _) = keel_code(&keyspace, &["dead-letters", "list", "picky"]).await;
+    assert!(out.contains("0 dead letter(s)"), "{out}");
+
+    // Skipping: needs --yes, then the letter is gone without being applied.
+    let letter = keel::projection::DeadLetter {
+        projection: "picky".into(),
+        event: keel::projection::FailedEvent {
+            stream: "job-2".into(),
+            version: 1,
+            event_type: "Bad".into(),
+            position: 40,
+            slice: 7,
+        },
+        error: "refused".into(),
+        at: 0,
+    };
+    store.add_dead_letter(&letter).await.unwrap();
+    let (code, _, _) = keel_code(&keyspace, &["dead-letters", "skip", "picky", "7:40"]).await;
+    assert_eq!(code, 64, "skipping needs --yes");
+    let (code, out, err) = keel_code(
+        &keyspace,
+        &["dead-letters", "skip", "picky", "7:40", "--yes"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("skipped"), "{out}");
+    assert!(store.dead_letters("picky").await.unwrap().is_empty());
+    assert_eq!(picky.applied.load(Ordering::SeqCst), 3);
+
+    manager.stop().await;
+    drop_keyspace(&store, &keyspace).await;
+}

@@ -46,12 +46,24 @@ impl KeelScylla {
     /// partition, so its cost grows with the number of streams, not events. `keel feed
     /// reconcile` runs it from the command line.
     pub async fn reconcile_feed(&self) -> keel::Result<Reconciled> {
-        self.shared.reconcile_feed().await
+        self.shared.reconcile_feed(&|_| {}).await
+    }
+
+    /// [`reconcile_feed`](Self::reconcile_feed), calling `progress` with the number of
+    /// partitions looked at so far as the scan goes (for a progress bar).
+    pub async fn reconcile_feed_with(
+        &self,
+        progress: &(dyn Fn(u64) + Send + Sync),
+    ) -> keel::Result<Reconciled> {
+        self.shared.reconcile_feed(progress).await
     }
 }
 
 impl Shared {
-    pub(crate) async fn reconcile_feed(&self) -> keel::Result<Reconciled> {
+    pub(crate) async fn reconcile_feed(
+        &self,
+        progress: &(dyn Fn(u64) + Send + Sync),
+    ) -> keel::Result<Reconciled> {
         let op = "scan the event partitions' heads";
         let heads = self
             .session
@@ -74,6 +86,7 @@ impl Shared {
             .try_buffer_unordered(crate::feed::IN_FLIGHT));
         while let Some((stream, head, fed)) = behind.try_next().await? {
             found.partitions += 1;
+            progress(found.partitions);
             if head > fed {
                 let entry = lagging.entry(stream).or_insert((head, fed));
                 entry.0 = entry.0.max(head);

@@ -43,7 +43,7 @@ impl FeederState {
         }
         let shared = self.shared.clone();
         let task = tokio::spawn(async move {
-            match shared.reconcile_feed().await {
+            match shared.reconcile_feed(&|_| {}).await {
                 Ok(found) if !found.lagging.is_empty() => tracing::warn!(
                     streams = found.lagging.len(),
                     events = found.unfed_events,
