@@ -39,9 +39,10 @@ fn now() -> i64 {
     keel::event::now_millis()
 }
 
-struct FencedModel {
-    store: Arc<KeelScylla>,
-    fence: Mutex<Option<Fence>>,
+/// A read-model table whose partitions take writes only under the newest lease epoch: each
+/// partition's static `fence` column is raised when a manager takes the lease (or the slice)
+/// the partition belongs to, and every write is conditional on it.
+struct FencedTable {
     claim: PreparedStatement,
     claim_first: PreparedStatement,
     write: PreparedStatement,
@@ -65,36 +66,120 @@ fn applied(result: scylla::response::query_result::QueryResult) -> Result<bool, 
     ))
 }
 
-impl FencedModel {
-    async fn new(store: Arc<KeelScylla>, keyspace: &str) -> Result<Self, BoxError> {
-        let session = store.session();
+impl FencedTable {
+    /// Creates `table` (partitioned by the int column `key`) and prepares its statements. A
+    /// fence is raised when the new epoch is above the stored one (`raise_if` `<`) or at
+    /// least it (`<=`, for a holder that hands the same fence again).
+    async fn new(
+        session: &scylla::client::session::Session,
+        table: &str,
+        key: &str,
+        raise_if: &str,
+    ) -> Result<Self, BoxError> {
         session
             .query_unpaged(
                 format!(
-                    "CREATE TABLE IF NOT EXISTS {keyspace}.fenced_model (p int, position bigint, \
+                    "CREATE TABLE IF NOT EXISTS {table} ({key} int, position bigint, \
                      stream text, version bigint, epoch bigint, fence bigint static, \
-                     PRIMARY KEY (p, position))"
+                     PRIMARY KEY ({key}, position))"
                 ),
                 (),
             )
             .await?;
         let prep = |cql: String| async move { session.prepare(cql).await.map(lwt) };
-        Ok(FencedModel {
+        Ok(FencedTable {
             claim: prep(format!(
-                "UPDATE {keyspace}.fenced_model SET fence = ? WHERE p = 0 IF fence < ?"
+                "UPDATE {table} SET fence = ? WHERE {key} = ? IF fence {raise_if} ?"
             ))
             .await?,
             claim_first: prep(format!(
-                "UPDATE {keyspace}.fenced_model SET fence = ? WHERE p = 0 IF fence = null"
+                "UPDATE {table} SET fence = ? WHERE {key} = ? IF fence = null"
             ))
             .await?,
             write: prep(format!(
-                "UPDATE {keyspace}.fenced_model SET stream = ?, version = ?, epoch = ? \
-                 WHERE p = 0 AND position = ? IF fence = ?"
+                "UPDATE {table} SET stream = ?, version = ?, epoch = ? \
+                 WHERE {key} = ? AND position = ? IF fence = ?"
             ))
             .await?,
-            store: store.clone(),
+        })
+    }
+
+    /// Raises partition `key`'s fence to `fence`'s epoch; refused (`Error::Fenced`) when a
+    /// newer epoch holds it.
+    async fn raise(&self, store: &KeelScylla, key: i32, fence: &Fence) -> Result<(), BoxError> {
+        let epoch = fence.epoch as i64;
+        let session = store.session();
+        let raised = applied(
+            session
+                .execute_unpaged(&self.claim, (epoch, key, epoch))
+                .await?,
+        )? || applied(
+            session
+                .execute_unpaged(&self.claim_first, (epoch, key))
+                .await?,
+        )?;
+        if raised {
+            Ok(())
+        } else {
+            Err(Box::new(Error::Fenced {
+                name: fence.name.clone(),
+                epoch: fence.epoch,
+                current: u64::MAX,
+            }))
+        }
+    }
+
+    /// Writes `event` into partition `key` under `fence`: `Ok(false)` when a newer epoch holds
+    /// the partition and the write was refused.
+    async fn write(
+        &self,
+        store: &KeelScylla,
+        key: i32,
+        fence: &Fence,
+        event: &RecordedEvent,
+    ) -> Result<bool, BoxError> {
+        let position = event.position.ok_or("an event without a feed position")? as i64;
+        let values = (
+            event.stream.as_str(),
+            event.version as i64,
+            fence.epoch as i64,
+            key,
+            position,
+            fence.epoch as i64,
+        );
+        applied(store.session().execute_unpaged(&self.write, values).await?)
+    }
+}
+
+/// What a refused write returns: the projection lost its lease.
+fn fenced(fence: Fence) -> BoxError {
+    Box::new(Error::Fenced {
+        epoch: fence.epoch,
+        current: fence.epoch + 1,
+        name: fence.name,
+    })
+}
+
+/// A read model in one partition, fenced by the projection's lease.
+struct FencedModel {
+    store: Arc<KeelScylla>,
+    fence: Mutex<Option<Fence>>,
+    table: FencedTable,
+}
+
+impl FencedModel {
+    async fn new(store: Arc<KeelScylla>, keyspace: &str) -> Result<Self, BoxError> {
+        let table = FencedTable::new(
+            store.session(),
+            &format!("{keyspace}.fenced_model"),
+            "p",
+            "<",
+        )
+        .await?;
+        Ok(FencedModel {
+            store,
             fence: Mutex::new(None),
+            table,
         })
     }
 }
@@ -106,18 +191,9 @@ impl Projection for FencedModel {
     }
 
     async fn fence(&self, fence: &Fence) -> Result<(), BoxError> {
-        let epoch = fence.epoch as i64;
-        let session = self.store.session();
         // Raise the partition's fence to this epoch; from then on a lower one cannot write.
-        let raised = applied(session.execute_unpaged(&self.claim, (epoch, epoch)).await?)?
-            || applied(session.execute_unpaged(&self.claim_first, (epoch,)).await?)?;
-        if !raised {
-            return Err(Box::new(Error::Fenced {
-                name: fence.name.clone(),
-                epoch: fence.epoch,
-                current: u64::MAX,
-            }));
-        }
+        self.table.raise(&self.store, 0, fence).await?;
+        let epoch = fence.epoch;
         let checkpoint = self
             .store
             .load_checkpoint(&format!("{PROJECTION}/1"))
@@ -130,21 +206,9 @@ impl Projection for FencedModel {
 
     async fn apply(&self, _generation: u64, event: &RecordedEvent) -> Result<(), BoxError> {
         let fence = self.fence.lock().unwrap().clone().ok_or("no fence yet")?;
-        let position = event.position.ok_or("an event without a feed position")? as i64;
+        let position = event.position.ok_or("an event without a feed position")?;
         let started = now();
-        let values = (
-            event.stream.as_str(),
-            event.version as i64,
-            fence.epoch as i64,
-            position,
-            fence.epoch as i64,
-        );
-        let ok = applied(
-            self.store
-                .session()
-                .execute_unpaged(&self.write, values)
-                .await?,
-        )?;
+        let ok = self.table.write(&self.store, 0, &fence, event).await?;
         let outcome = if ok { "applied" } else { "refused" };
         println!(
             "write {started} {} {} {position} {outcome}",
@@ -154,11 +218,7 @@ impl Projection for FencedModel {
         if ok {
             Ok(())
         } else {
-            Err(Box::new(Error::Fenced {
-                name: fence.name,
-                epoch: fence.epoch,
-                current: fence.epoch + 1,
-            }))
+            Err(fenced(fence))
         }
     }
 
@@ -172,48 +232,29 @@ impl Projection for FencedModel {
 }
 
 /// A read model shared slice by slice: partition `slice` takes writes only under the epoch of
-/// that slice's lease, raised in its static `fence` column when a manager takes the slice.
+/// that slice's lease.
 struct SharedModel {
     store: Arc<KeelScylla>,
     /// The epoch this process holds each slice under.
     fences: Mutex<HashMap<u32, Fence>>,
-    claim: PreparedStatement,
-    claim_first: PreparedStatement,
-    write: PreparedStatement,
+    table: FencedTable,
 }
 
 impl SharedModel {
     async fn new(store: Arc<KeelScylla>, keyspace: &str) -> Result<Self, BoxError> {
-        let session = store.session();
-        session
-            .query_unpaged(
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {keyspace}.shared_model (slice int, position bigint, \
-                     stream text, version bigint, epoch bigint, fence bigint static, \
-                     PRIMARY KEY (slice, position))"
-                ),
-                (),
-            )
-            .await?;
-        let prep = |cql: String| async move { session.prepare(cql).await.map(lwt) };
+        // `<=`: the manager hands its read model every held slice's fence again whenever
+        // its set of slices changes.
+        let table = FencedTable::new(
+            store.session(),
+            &format!("{keyspace}.shared_model"),
+            "slice",
+            "<=",
+        )
+        .await?;
         Ok(SharedModel {
-            // `<=`: the manager hands its read model every held slice's fence again whenever
-            // its set of slices changes.
-            claim: prep(format!(
-                "UPDATE {keyspace}.shared_model SET fence = ? WHERE slice = ? IF fence <= ?"
-            ))
-            .await?,
-            claim_first: prep(format!(
-                "UPDATE {keyspace}.shared_model SET fence = ? WHERE slice = ? IF fence = null"
-            ))
-            .await?,
-            write: prep(format!(
-                "UPDATE {keyspace}.shared_model SET stream = ?, version = ?, epoch = ? \
-                 WHERE slice = ? AND position = ? IF fence = ?"
-            ))
-            .await?,
-            store: store.clone(),
+            store,
             fences: Mutex::new(HashMap::new()),
+            table,
         })
     }
 }
@@ -228,24 +269,8 @@ impl Projection for SharedModel {
         let slice = fence
             .slice()
             .ok_or("a shared projection's fence names its slice")?;
-        let (epoch, s) = (fence.epoch as i64, slice as i32);
-        let session = self.store.session();
-        let raised = applied(
-            session
-                .execute_unpaged(&self.claim, (epoch, s, epoch))
-                .await?,
-        )? || applied(
-            session
-                .execute_unpaged(&self.claim_first, (epoch, s))
-                .await?,
-        )?;
-        if !raised {
-            return Err(Box::new(Error::Fenced {
-                name: fence.name.clone(),
-                epoch: fence.epoch,
-                current: u64::MAX,
-            }));
-        }
+        self.table.raise(&self.store, slice as i32, fence).await?;
+        let epoch = fence.epoch;
         let before = self.fences.lock().unwrap().insert(slice, fence.clone());
         if before.as_ref() != Some(fence) {
             println!("fence {slice} {epoch}");
@@ -261,22 +286,12 @@ impl Projection for SharedModel {
             .get(&event.slice)
             .cloned()
             .ok_or_else(|| format!("no fence for slice {}", event.slice))?;
-        let position = event.position.ok_or("an event without a feed position")? as i64;
+        let position = event.position.ok_or("an event without a feed position")?;
         let started = now();
-        let values = (
-            event.stream.as_str(),
-            event.version as i64,
-            fence.epoch as i64,
-            event.slice as i32,
-            position,
-            fence.epoch as i64,
-        );
-        let ok = applied(
-            self.store
-                .session()
-                .execute_unpaged(&self.write, values)
-                .await?,
-        )?;
+        let ok = self
+            .table
+            .write(&self.store, event.slice as i32, &fence, event)
+            .await?;
         let outcome = if ok { "applied" } else { "refused" };
         println!(
             "write {started} {} {} {} {position} {outcome}",
@@ -287,11 +302,7 @@ impl Projection for SharedModel {
         if ok {
             Ok(())
         } else {
-            Err(Box::new(Error::Fenced {
-                name: fence.name,
-                epoch: fence.epoch,
-                current: fence.epoch + 1,
-            }))
+            Err(fenced(fence))
         }
     }
 
