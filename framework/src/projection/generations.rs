@@ -99,11 +99,7 @@ impl<M: Default> Generations<M> {
 
     /// Reads the active generation.
     pub fn read<R>(&self, f: impl FnOnce(&M) -> R) -> R {
-        let state = self.inner.read().unwrap_or_else(|p| p.into_inner());
-        match state.models.get(&state.active) {
-            Some(model) => f(model),
-            None => f(&M::default()),
-        }
+        self.read_active(|_, model| f(model))
     }
 
     /// Reads the active generation, and says which one it is (one lock: the two agree).
