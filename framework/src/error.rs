@@ -236,6 +236,52 @@ pub enum Error {
         reason: String,
     },
 
+    /// The stream was deleted or archived: it takes no more appends, and (deleted hard,
+    /// archived) its events are no longer in its table. Nothing was written.
+    #[error("stream `{stream}` is {status} (at version {version}): it takes no appends{}", closed_hint(*status))]
+    StreamClosed {
+        /// The stream.
+        stream: StreamId,
+        /// Its last version (the notice's).
+        version: u64,
+        /// How it ended.
+        status: crate::ending::StreamStatus,
+    },
+
+    /// A read from a version the stream no longer holds: it was truncated, and its events
+    /// from `first_version` on are still there (a load starts from a snapshot at or after it).
+    #[error("stream `{stream}` was truncated: version {from} is gone, it holds versions from {first_version} on")]
+    Truncated {
+        /// The stream.
+        stream: StreamId,
+        /// The version asked for.
+        from: u64,
+        /// The first version still held.
+        first_version: u64,
+    },
+
+    /// An operation on a stream as a whole (delete, truncate, archive) was refused before
+    /// anything was written: the stream is missing, no snapshot covers what a truncation
+    /// would remove, the stream is closed already.
+    #[error("{operation} of stream `{stream}` refused: {reason}")]
+    Refused {
+        /// The stream.
+        stream: StreamId,
+        /// What was asked (`delete`, `truncate`, `archive`).
+        operation: &'static str,
+        /// Why it was refused.
+        reason: String,
+    },
+
+    /// The store does not implement this operation.
+    #[error("the {store} store does not support {operation}")]
+    Unsupported {
+        /// The store's name.
+        store: &'static str,
+        /// What was asked.
+        operation: String,
+    },
+
     /// A write made under a lease whose epoch is no longer the newest: another worker took the
     /// lease over (this one stalled past its TTL) and the store refused the stale write.
     /// The worker has lost its lease; nothing was written.
@@ -280,6 +326,13 @@ pub enum Error {
         /// Why it was refused.
         reason: String,
     },
+}
+
+fn closed_hint(status: crate::ending::StreamStatus) -> &'static str {
+    match status {
+        crate::ending::StreamStatus::Archived => "; its events are in the archive",
+        _ => "",
+    }
 }
 
 fn fmt_actual(actual: Option<u64>) -> String {

@@ -82,6 +82,7 @@ pub mod aggregate;
 pub mod bus;
 pub mod codec;
 pub mod config;
+pub mod ending;
 pub mod error;
 pub mod event;
 pub mod feed;

@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
+use crate::ending::{unsupported, Deletion, Ended, StreamInfo};
 use crate::error::Result;
 use crate::event::{AppendResult, ExpectedVersion, NewEvent, RecordedEvent, StreamId};
 use crate::feed::Cursor;
@@ -186,6 +187,65 @@ pub trait EventStore: Send + Sync + 'static {
     /// default, for stores whose events never change, is always 0.
     fn cache_epoch(&self) -> u64 {
         0
+    }
+
+    /// Where `stream` stands: its version and whether it was ended (see
+    /// [`ending`](crate::ending)). The default, for a store whose streams never end, reads
+    /// [`stream_version`](EventStore::stream_version).
+    async fn stream_info(&self, stream: &StreamId) -> Result<StreamInfo> {
+        Ok(StreamInfo::open(stream, self.stream_version(stream).await?))
+    }
+
+    /// Deletes `stream`: appends a [`StreamNotice::Deleted`](crate::ending::StreamNotice)
+    /// at its next version, after which appends are refused with
+    /// [`Error::StreamClosed`](crate::Error::StreamClosed). [`Deletion::Hard`] then removes
+    /// its events once the feed has carried them (the notice stays, so the stream keeps its
+    /// version and its ending).
+    ///
+    /// Idempotent: a second soft delete changes nothing, a hard delete of a soft-deleted
+    /// stream appends a hard notice and removes, and one that an earlier call left unfinished
+    /// (the feed had not caught up) finishes. A missing stream is refused.
+    async fn delete_stream(&self, stream: &StreamId, deletion: Deletion) -> Result<Ended> {
+        let _ = (stream, deletion);
+        Err(unsupported(
+            std::any::type_name::<Self>(),
+            "deleting streams",
+        ))
+    }
+
+    /// Removes `stream`'s events before version `before` once the feed has carried them,
+    /// after appending a [`StreamNotice::Truncated`](crate::ending::StreamNotice) (which the
+    /// stream's version counts). Refused unless the store holds a snapshot of the stream that
+    /// includes every removed event (at version `before - 1` or later), so that loads still
+    /// work; a read from an earlier version is [`Error::Truncated`](crate::Error::Truncated).
+    /// Refused on a closed stream.
+    async fn truncate_stream(&self, stream: &StreamId, before: u64) -> Result<Ended> {
+        let _ = (stream, before);
+        Err(unsupported(
+            std::any::type_name::<Self>(),
+            "truncating streams",
+        ))
+    }
+
+    /// Closes `stream` with a [`StreamNotice::Archived`](crate::ending::StreamNotice) and
+    /// moves its events to the archive once the feed has carried them:
+    /// [`read_archive`](EventStore::read_archive) reads them back. Appends are refused
+    /// afterwards. Idempotent, as [`delete_stream`](EventStore::delete_stream).
+    async fn archive_stream(&self, stream: &StreamId) -> Result<Ended> {
+        let _ = stream;
+        Err(unsupported(
+            std::any::type_name::<Self>(),
+            "archiving streams",
+        ))
+    }
+
+    /// The archived events of `stream` from `from_version` on (empty: never archived).
+    fn read_archive<'a>(&'a self, stream: &'a StreamId, from_version: u64) -> EventStream<'a> {
+        let _ = (stream, from_version);
+        Box::pin(futures::stream::once(std::future::ready(Err(unsupported(
+            std::any::type_name::<Self>(),
+            "archiving streams",
+        )))))
     }
 }
 

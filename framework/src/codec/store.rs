@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt};
 
 use super::{is_envelope, Codec, Context, Unreadable};
+use crate::ending::{Deletion, Ended, StreamInfo};
 use crate::error::{Error, Result};
 use crate::event::{AppendResult, ExpectedVersion, NewEvent, StreamId};
 use crate::store::{EventPage, EventStore, EventStream, PageStream, Snapshot, SnapshotStore};
@@ -108,6 +109,31 @@ impl EventStore for EncodedEvents {
 
     fn cache_epoch(&self) -> u64 {
         self.inner.cache_epoch() + self.codec.shreds()
+    }
+
+    // Endings go to the store underneath: their notices carry no personal data, so they are
+    // never sealed, and the store appends them itself.
+    async fn stream_info(&self, stream: &StreamId) -> Result<StreamInfo> {
+        self.inner.stream_info(stream).await
+    }
+
+    async fn delete_stream(&self, stream: &StreamId, deletion: Deletion) -> Result<Ended> {
+        self.inner.delete_stream(stream, deletion).await
+    }
+
+    async fn truncate_stream(&self, stream: &StreamId, before: u64) -> Result<Ended> {
+        self.inner.truncate_stream(stream, before).await
+    }
+
+    async fn archive_stream(&self, stream: &StreamId) -> Result<Ended> {
+        self.inner.archive_stream(stream).await
+    }
+
+    fn read_archive<'a>(&'a self, stream: &'a StreamId, from_version: u64) -> EventStream<'a> {
+        self.inner
+            .read_archive(stream, from_version)
+            .and_then(move |event| self.codec.open_event(event))
+            .boxed()
     }
 }
 

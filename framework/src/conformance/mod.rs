@@ -35,6 +35,7 @@ use uuid::Uuid;
 mod cache;
 mod codecs;
 mod commands;
+mod endings;
 mod histories;
 mod projections;
 mod read_errors;
@@ -46,6 +47,7 @@ mod visibility;
 pub use cache::*;
 pub use codecs::*;
 pub use commands::*;
+pub use endings::*;
 pub use histories::*;
 pub use projections::*;
 pub use read_errors::*;
@@ -93,9 +95,9 @@ where
 
 /// Generates one `#[test]` per conformance case of a section, in a module named after it.
 ///
-/// `conformance_tests!(section, factory)`: `section` is one of the seven below; `factory` is
+/// `conformance_tests!(section, factory)`: `section` is one of the eight below; `factory` is
 /// an expression of type `Fn() -> impl Future<Output = Arc<S>>`. A store that implements
-/// every trait runs all seven:
+/// every trait runs all eight:
 ///
 /// - `events`: appends, version rules, conflicts, the feed, bad payloads and stream ids,
 ///   random histories against a model, the aggregate cache, upcasting;
@@ -129,6 +131,12 @@ macro_rules! conformance_tests {
             snapshot_latest_wins, snapshot_missing_is_none, repository_loads_from_snapshot,
             command_ids_survive_snapshots, command_window_is_the_last_k_commands);
     };
+    (endings, $factory:expr) => {
+        $crate::conformance_tests!(@section endings, $factory;
+            soft_deleted_streams_refuse_appends, hard_deleted_streams_lose_their_events,
+            truncated_streams_still_load, archived_streams_read_back,
+            endings_refuse_what_would_lose_data);
+    };
     (checkpoints, $factory:expr) => {
         $crate::conformance_tests!(@section checkpoints, $factory;
             checkpoint_round_trip, checkpoint_refuses_a_stale_epoch);
@@ -148,7 +156,7 @@ macro_rules! conformance_tests {
             a_replaced_generation_is_retired_after_the_grace,
             projection_live_generation_serves_during_rebuild,
             projection_managers_share_the_slices, a_shared_rebuild_fills_every_slice,
-            a_write_is_visible_once_applied);
+            a_write_is_visible_once_applied, projections_hear_of_stream_endings);
     };
     (sagas, $factory:expr) => {
         $crate::conformance_tests!(@section sagas, $factory;

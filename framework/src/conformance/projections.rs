@@ -1120,7 +1120,14 @@ pub async fn projection_rebuild_resumes_after_a_restart<S: ProjectionHost>(store
     // Slow from generation 2 on: the rebuild is still running when its manager stops.
     let recorder = Recorder::slow_from(&p, 2, Duration::from_millis(30));
     let name = recorder.name.clone();
-    let first = manager(&store, recorder.clone());
+    // Small batches: a stop takes effect between batches, well before the switch.
+    let first =
+        ProjectionManager::builder(store.clone(), store.clone(), store.clone(), store.clone())
+            .projection(recorder.clone())
+            .batch_size(2)
+            .lease_ttl(Duration::from_secs(2))
+            .poll_interval(Duration::from_millis(20))
+            .build();
     first.catch_up(&name).await.unwrap();
     first.request(&name, Control::Rebuild).await.unwrap();
     first.start();

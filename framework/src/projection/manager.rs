@@ -997,7 +997,7 @@ impl Inner {
                     continue;
                 }
             };
-            let applied = match slot.projection.apply(generation, &event).await {
+            let applied = match super::deliver(&*slot.projection, generation, &event).await {
                 Ok(()) => slot.projection.commit(generation).await,
                 Err(e) => Err(e),
             };
@@ -1671,8 +1671,9 @@ impl Inner {
                 // gives up before it commits anything.
                 return Ok((i, position));
             }
-            if projection.handles(&event.event_type) {
-                if let Err(e) = projection.apply(generation, event).await {
+            if projection.handles(&event.event_type) || crate::ending::is_notice(&event.event_type)
+            {
+                if let Err(e) = super::deliver(&**projection, generation, event).await {
                     if is_keel(&*e, Error::is_fenced) {
                         // The read model refused a write under this lease: another manager
                         // has it. Nothing of this batch is committed.

@@ -52,6 +52,7 @@ pub use visibility::{Visibility, DEFAULT_POLL};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use crate::ending::StreamNotice;
 use crate::error::{BoxError, Result};
 use crate::event::RecordedEvent;
 use crate::store::Fence;
@@ -75,6 +76,20 @@ pub trait Projection: Send + Sync + 'static {
     /// Applies one event to `generation`. An error stops the projection on this event (or
     /// dead-letters it, per the manager's [`ErrorPolicy`]).
     async fn apply(&self, generation: u64, event: &RecordedEvent) -> Result<(), BoxError>;
+
+    /// A stream was deleted, truncated or archived (see [`ending`](crate::ending)): `event`
+    /// is the notice the stream's ending appended, in the stream's order after its events.
+    /// A read model that keeps rows per stream drops them here on a deletion. Called for
+    /// every notice, whatever [`handles`](Projection::handles) says; the default does nothing.
+    async fn notice(
+        &self,
+        generation: u64,
+        event: &RecordedEvent,
+        notice: StreamNotice,
+    ) -> Result<(), BoxError> {
+        let _ = (generation, event, notice);
+        Ok(())
+    }
 
     /// Called after each batch, before its checkpoint is saved: flush buffered writes here.
     async fn commit(&self, generation: u64) -> Result<(), BoxError> {
@@ -112,6 +127,20 @@ pub trait Projection: Send + Sync + 'static {
     async fn retire(&self, generation: u64) -> Result<(), BoxError> {
         let _ = generation;
         Ok(())
+    }
+}
+
+/// Hands `event` to `projection`: a stream notice to [`Projection::notice`], an event it
+/// [`handles`](Projection::handles) to [`Projection::apply`], any other to nothing.
+pub(crate) async fn deliver(
+    projection: &dyn Projection,
+    generation: u64,
+    event: &RecordedEvent,
+) -> Result<(), BoxError> {
+    match StreamNotice::of(event) {
+        Some(notice) => projection.notice(generation, event, notice?).await,
+        None if projection.handles(&event.event_type) => projection.apply(generation, event).await,
+        None => Ok(()),
     }
 }
 

@@ -378,6 +378,19 @@ impl<A: Aggregate> Repository<A> {
         let mut replayed = 0u64;
         while let Some(page) = pages.try_next().await? {
             for recorded in page.iter() {
+                if crate::ending::is_notice(&recorded.event_type) {
+                    // Keel's own: the aggregate never sees it; a closing one ends the load.
+                    let notice = crate::ending::StreamNotice::of(recorded).expect("a notice")?;
+                    if let Some(status) = notice.closed_status() {
+                        return Err(Error::StreamClosed {
+                            stream: stream.clone(),
+                            version: recorded.version,
+                            status,
+                        });
+                    }
+                    loaded.version = recorded.version;
+                    continue;
+                }
                 window.record(recorded.metadata.command_id);
                 let event: A::Event = self.inner.upcasters.decode(recorded)?;
                 loaded.state.apply(&event);

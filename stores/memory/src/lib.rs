@@ -33,8 +33,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use dashmap::DashMap;
 use futures::stream;
+use futures::StreamExt as _;
 #[cfg(feature = "encryption")]
 use keel::codec::{DataKey, KeyStore};
+use keel::ending::{Deletion, Ended, StreamInfo, StreamNotice, StreamStatus};
 use keel::projection::{DeadLetter, ProjectionStatus, ProjectionStore, Request};
 use keel::saga::{SagaRecord, SagaStore};
 use keel::{
@@ -69,6 +71,8 @@ impl Default for MaxEventBytes {
 
 struct Inner {
     streams: DashMap<StreamId, StreamLog, foldhash::fast::RandomState>,
+    /// Archived streams' events, by stream.
+    archive: DashMap<StreamId, Vec<RecordedEvent>>,
     /// One feed per slice, each numbered from 1 under its own lock.
     feed: Vec<RwLock<Chunks<ByPosition>>>,
     snapshots: DashMap<StreamId, Snapshot>,
@@ -92,6 +96,7 @@ impl Inner {
     fn with_slices(slices: u32) -> Self {
         Inner {
             streams: DashMap::default(),
+            archive: DashMap::default(),
             feed: (0..slices).map(|_| RwLock::default()).collect(),
             snapshots: DashMap::default(),
             checkpoints: DashMap::default(),
@@ -153,8 +158,58 @@ impl Numbering for ByPosition {
     }
 }
 
-/// One stream's events, by version.
-type StreamLog = Chunks<ByVersion>;
+/// One stream's events, by version, and how it ended.
+#[derive(Default)]
+struct StreamLog {
+    events: Chunks<ByVersion>,
+    /// The first version still held (1 unless events were removed).
+    first: u64,
+    /// Set once the stream is deleted or archived.
+    closed: Option<StreamStatus>,
+}
+
+impl StreamLog {
+    fn info(&self, stream: &StreamId) -> StreamInfo {
+        StreamInfo {
+            stream: stream.clone(),
+            version: self.events.len,
+            status: match self.closed {
+                Some(status) => status,
+                None if self.events.len == 0 => StreamStatus::Missing,
+                None => StreamStatus::Open,
+            },
+            first_version: self.first.max(1),
+        }
+    }
+
+    /// The error for a read from `from`, if the stream no longer holds it.
+    fn gone(&self, stream: &StreamId, from: u64) -> Option<Error> {
+        if from.max(1) >= self.first.max(1) {
+            return None;
+        }
+        Some(match self.closed {
+            Some(status) => Error::StreamClosed {
+                stream: stream.clone(),
+                version: self.events.len,
+                status,
+            },
+            None => Error::Truncated {
+                stream: stream.clone(),
+                from,
+                first_version: self.first,
+            },
+        })
+    }
+
+    /// Removes the events before `version`; gives how many were removed and the events.
+    fn remove_before(&mut self, version: u64) -> Vec<RecordedEvent> {
+        if version <= self.first.max(1) {
+            return Vec::new();
+        }
+        self.first = version;
+        self.events.remove_before(version)
+    }
+}
 
 impl<N> Default for Chunks<N> {
     fn default() -> Self {
@@ -173,17 +228,39 @@ impl<N: Numbering> Chunks<N> {
         self.chunks.push(chunk);
     }
 
-    /// The slice holding event `n` and the offset in it.
+    /// The slice holding event `n` and the offset in it (`n` at or after the first held).
     fn locate(&self, n: u64) -> Option<(usize, usize)> {
         let n = n.max(1);
-        if n > self.len {
+        if n > self.len || self.chunks.is_empty() {
             return None;
         }
-        if n == 1 {
+        if n <= N::number(&self.chunks[0][0]) {
             return Some((0, 0));
         }
         let chunk = self.chunks.partition_point(|c| N::number(&c[0]) <= n) - 1;
         Some((chunk, (n - N::number(&self.chunks[chunk][0])) as usize))
+    }
+
+    /// Drops the events numbered below `n` and hands them back (the numbering stays: `len`
+    /// is still the last number).
+    fn remove_before(&mut self, n: u64) -> Vec<RecordedEvent> {
+        let mut removed = Vec::new();
+        let mut kept = Vec::with_capacity(self.chunks.len());
+        for chunk in self.chunks.drain(..) {
+            let first = N::number(&chunk[0]);
+            let last = first + chunk.len() as u64 - 1;
+            if last < n {
+                removed.extend_from_slice(&chunk);
+            } else if first >= n {
+                kept.push(chunk);
+            } else {
+                let split = (n - first) as usize;
+                removed.extend_from_slice(&chunk[..split]);
+                kept.push(chunk[split..].into());
+            }
+        }
+        self.chunks = kept;
+        removed
     }
 
     /// Up to `max` events from event `n`, copied out.
@@ -275,6 +352,72 @@ impl MemoryStore {
     fn leases(&self) -> MutexGuard<'_, std::collections::HashMap<String, HeldLease>> {
         self.inner.leases.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Numbers `recorded` after the stream's last version and publishes it, the stream's
+    /// entry held (so that the feed gets one append's events together, in version order).
+    fn push(
+        &self,
+        stream: &StreamId,
+        entry: &mut StreamLog,
+        mut recorded: Arc<[RecordedEvent]>,
+    ) -> AppendResult {
+        let current = entry.events.len;
+        let count = recorded.len() as u64;
+        let slice = keel::feed::slice_of(stream, self.inner.slices());
+        let mut feed = write_lock(&self.inner.feed[slice as usize]);
+        let first_position = feed.len + 1;
+        let unshared = Arc::get_mut(&mut recorded).expect("not shared before it is pushed");
+        for (i, event) in unshared.iter_mut().enumerate() {
+            event.version = current + 1 + i as u64;
+            event.position = Some(first_position + i as u64);
+            event.slice = slice;
+        }
+        feed.push(recorded.clone());
+        entry.events.push(recorded);
+        if entry.first == 0 {
+            entry.first = 1;
+        }
+        AppendResult {
+            first_version: current + 1,
+            last_version: current + count,
+        }
+    }
+
+    /// Appends `notice` to the stream whose entry is held.
+    fn notice(&self, stream: &StreamId, entry: &mut StreamLog, notice: StreamNotice) -> u64 {
+        let event = RecordedEvent::record(stream.clone(), 0, None, notice.to_event());
+        let version = self
+            .push(stream, entry, Arc::from(vec![event]))
+            .last_version;
+        if let Some(status) = notice.closed_status() {
+            entry.closed = Some(status);
+        }
+        version
+    }
+
+    /// The entry of a stream that exists, for `operation`.
+    fn existing(
+        &self,
+        stream: &StreamId,
+        operation: &'static str,
+    ) -> Result<dashmap::mapref::one::RefMut<'_, StreamId, StreamLog>> {
+        match self.inner.streams.get_mut(stream) {
+            Some(entry) if entry.events.len > 0 => Ok(entry),
+            _ => Err(Error::Refused {
+                stream: stream.clone(),
+                operation,
+                reason: "no such stream".into(),
+            }),
+        }
+    }
+}
+
+fn ended(info: StreamInfo, removed: usize, noticed: bool) -> Ended {
+    Ended {
+        info,
+        removed: removed as u64,
+        noticed,
+    }
 }
 
 fn read_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -290,12 +433,21 @@ fn write_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 /// Reads a growing vector page by page, taking the lock once per page.
 fn paged<'a, F>(from_index: usize, page: F) -> EventStream<'a>
 where
-    F: Fn(usize) -> Vec<RecordedEvent> + Send + Sync + 'a,
+    F: Fn(usize) -> Result<Vec<RecordedEvent>> + Send + Sync + 'a,
 {
+    // `usize::MAX` marks a read that ended in an error.
     let pages = stream::unfold(from_index, move |at| {
-        let events = page(at);
-        let next = at + events.len();
-        async move { (!events.is_empty()).then(|| (stream::iter(events.into_iter().map(Ok)), next)) }
+        let page = (at != usize::MAX).then(|| page(at));
+        async move {
+            match page? {
+                Ok(events) => {
+                    let next = at + events.len();
+                    (!events.is_empty())
+                        .then(|| (stream::iter(events.into_iter().map(Ok)).left_stream(), next))
+                }
+                Err(e) => Some((stream::iter(vec![Err(e)]).right_stream(), usize::MAX)),
+            }
+        }
     });
     Box::pin(futures::StreamExt::flatten(pages))
 }
@@ -311,15 +463,19 @@ impl EventStore for MemoryStore {
         stream.validate()?;
         for event in &events {
             event.check_size(stream, self.max_event_bytes.0)?;
+            keel::ending::check_not_reserved(stream, &event.event_type)?;
         }
         // Recorded (stamped, allocated) before any lock is taken; only numbered under them.
         let count = events.len() as u64;
-        let mut recorded: Arc<[RecordedEvent]> = events
+        let recorded: Arc<[RecordedEvent]> = events
             .into_iter()
             .map(|event| RecordedEvent::record(stream.clone(), 0, None, event))
             .collect();
         let mut entry = self.inner.streams.entry(stream.clone()).or_default();
-        let current = entry.len;
+        if entry.closed.is_some() {
+            return Err(entry.info(stream).closed_error());
+        }
+        let current = entry.events.len;
         let actual = (current > 0).then_some(current);
         if !expected.accepts(actual) || count == 0 {
             let outcome = if expected.accepts(actual) {
@@ -336,38 +492,32 @@ impl EventStore for MemoryStore {
             };
             drop(entry);
             // Don't leave an empty entry behind for a stream that was never written.
-            self.inner.streams.remove_if(stream, |_, log| log.len == 0);
+            self.inner
+                .streams
+                .remove_if(stream, |_, log| log.events.len == 0);
             return outcome;
         }
-        let slice = keel::feed::slice_of(stream, self.inner.slices());
-        let mut feed = write_lock(&self.inner.feed[slice as usize]);
-        let first_position = feed.len + 1;
-        let unshared = Arc::get_mut(&mut recorded).expect("not shared before it is pushed");
-        for (i, event) in unshared.iter_mut().enumerate() {
-            event.version = current + 1 + i as u64;
-            event.position = Some(first_position + i as u64);
-            event.slice = slice;
-        }
-        feed.push(recorded.clone());
-        entry.push(recorded);
-        Ok(AppendResult {
-            first_version: current + 1,
-            last_version: current + count,
-        })
+        Ok(self.push(stream, &mut entry, recorded))
     }
 
     fn read_stream<'a>(&'a self, stream: &'a StreamId, from_version: u64) -> EventStream<'a> {
         let start = from_version.max(1) as usize;
         paged(start, move |at| match self.inner.streams.get(stream) {
-            Some(log) => log.copy_from(at as u64, PAGE),
-            None => Vec::new(),
+            Some(log) => match log.gone(stream, at as u64) {
+                Some(gone) => Err(gone),
+                None => Ok(log.events.copy_from(at as u64, PAGE)),
+            },
+            None => Ok(Vec::new()),
         })
     }
 
     fn read_stream_pages<'a>(&'a self, stream: &'a StreamId, from_version: u64) -> PageStream<'a> {
         // Taken at once: lending the shared slices needs no waiting.
         match self.inner.streams.get(stream) {
-            Some(log) => log.pages_from(from_version),
+            Some(log) => match log.gone(stream, from_version) {
+                Some(gone) => Box::pin(stream::once(std::future::ready(Err(gone)))),
+                None => log.events.pages_from(from_version),
+            },
             None => Box::pin(stream::empty()),
         }
     }
@@ -381,7 +531,7 @@ impl EventStore for MemoryStore {
             return Box::pin(stream::empty());
         };
         paged(from_position.max(1) as usize, move |at| {
-            read_lock(feed).copy_from(at as u64, PAGE)
+            Ok(read_lock(feed).copy_from(at as u64, PAGE))
         })
     }
 
@@ -390,7 +540,7 @@ impl EventStore for MemoryStore {
             .inner
             .streams
             .get(stream)
-            .map(|log| log.len)
+            .map(|log| log.events.len)
             .filter(|&v| v > 0))
     }
 
@@ -400,7 +550,11 @@ impl EventStore for MemoryStore {
             .inner
             .streams
             .get(stream)
-            .and_then(|log| log.copy_from(version.max(1), 1).into_iter().next())
+            // A removed event was in the feed before the first one still held.
+            .and_then(|log| {
+                let from = version.max(log.first).max(1);
+                log.events.copy_from(from, 1).into_iter().next()
+            })
             .and_then(|event| event.position))
     }
 
@@ -412,6 +566,123 @@ impl EventStore for MemoryStore {
             .enumerate()
             .map(|(slice, feed)| (slice as u32, read_lock(feed).len))
             .collect())
+    }
+
+    async fn stream_info(&self, stream: &StreamId) -> Result<StreamInfo> {
+        Ok(match self.inner.streams.get(stream) {
+            Some(log) => log.info(stream),
+            None => StreamInfo::open(stream, None),
+        })
+    }
+
+    async fn delete_stream(&self, stream: &StreamId, deletion: Deletion) -> Result<Ended> {
+        let mut entry = self.existing(stream, "delete")?;
+        let hard = deletion == Deletion::Hard;
+        let noticed = match entry.closed {
+            None | Some(StreamStatus::Deleted { hard: false }) if hard => {
+                self.notice(stream, &mut entry, StreamNotice::Deleted { hard });
+                true
+            }
+            None => {
+                self.notice(stream, &mut entry, StreamNotice::Deleted { hard });
+                true
+            }
+            Some(StreamStatus::Archived) => {
+                return Err(Error::Refused {
+                    stream: stream.clone(),
+                    operation: "delete",
+                    reason: "the stream is archived".into(),
+                })
+            }
+            Some(_) => false,
+        };
+        let removed = if entry.closed == Some(StreamStatus::Deleted { hard: true }) {
+            let last = entry.events.len;
+            entry.remove_before(last).len()
+        } else {
+            0
+        };
+        Ok(ended(entry.info(stream), removed, noticed))
+    }
+
+    async fn truncate_stream(&self, stream: &StreamId, before: u64) -> Result<Ended> {
+        let covered = self.inner.snapshots.get(stream).map(|s| s.version);
+        let mut entry = self.existing(stream, "truncate")?;
+        let refuse = |reason: String| Error::Refused {
+            stream: stream.clone(),
+            operation: "truncate",
+            reason,
+        };
+        if entry.closed.is_some() {
+            return Err(refuse(format!(
+                "the stream is {}",
+                entry.info(stream).status
+            )));
+        }
+        if before <= entry.first.max(1) {
+            return Ok(ended(entry.info(stream), 0, false));
+        }
+        let version = entry.events.len;
+        if before > version + 1 {
+            return Err(refuse(format!(
+                "version {before} is past the stream's version {version}"
+            )));
+        }
+        if covered.is_none_or(|v| v + 1 < before) {
+            return Err(refuse(format!(
+                "no snapshot includes version {} (the last one removed); the latest is {}",
+                before - 1,
+                covered.map_or("none".to_owned(), |v| format!("at version {v}"))
+            )));
+        }
+        self.notice(stream, &mut entry, StreamNotice::Truncated { before });
+        let removed = entry.remove_before(before).len();
+        Ok(ended(entry.info(stream), removed, true))
+    }
+
+    async fn archive_stream(&self, stream: &StreamId) -> Result<Ended> {
+        let mut entry = self.existing(stream, "archive")?;
+        let noticed = match entry.closed {
+            None | Some(StreamStatus::Deleted { hard: false }) => {
+                self.notice(stream, &mut entry, StreamNotice::Archived);
+                true
+            }
+            Some(StreamStatus::Archived) => false,
+            Some(_) => {
+                return Err(Error::Refused {
+                    stream: stream.clone(),
+                    operation: "archive",
+                    reason: "the stream was deleted hard: its events are gone".into(),
+                })
+            }
+        };
+        let last = entry.events.len;
+        let moved = entry.remove_before(last);
+        let removed = moved.len();
+        if !moved.is_empty() {
+            self.inner
+                .archive
+                .entry(stream.clone())
+                .or_default()
+                .extend(moved);
+        }
+        Ok(ended(entry.info(stream), removed, noticed))
+    }
+
+    fn read_archive<'a>(&'a self, stream: &'a StreamId, from_version: u64) -> EventStream<'a> {
+        let events: Vec<RecordedEvent> = self
+            .inner
+            .archive
+            .get(stream)
+            .map(|events| {
+                events
+                    .iter()
+                    .filter(|e| e.version >= from_version)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        Box::pin(stream::iter(events.into_iter().map(Ok)))
     }
 }
 

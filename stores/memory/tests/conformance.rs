@@ -10,6 +10,7 @@ async fn store() -> Arc<MemoryStore> {
 
 keel::conformance_tests!(events, store);
 keel::conformance_tests!(snapshots, store);
+keel::conformance_tests!(endings, store);
 keel::conformance_tests!(checkpoints, store);
 keel::conformance_tests!(leases, store);
 keel::conformance_tests!(projections, store);

@@ -4,6 +4,7 @@ mod common;
 
 keel::conformance_tests!(events, common::shared_store);
 keel::conformance_tests!(snapshots, common::shared_store);
+keel::conformance_tests!(endings, common::shared_store);
 keel::conformance_tests!(checkpoints, common::shared_store);
 keel::conformance_tests!(leases, common::shared_store);
 keel::conformance_tests!(projections, common::shared_store);
