@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::{self, BoxStream};
 use futures::TryStreamExt;
+use keel::ending::{Deletion, Ended, StreamInfo};
 use keel::{
     AppendResult, Error, EventPage, EventStore, EventStream, ExpectedVersion, Metadata, NewEvent,
     PageStream, RecordedEvent, Result, StreamId,
@@ -137,6 +138,24 @@ impl Lwt {
     }
 }
 
+/// Whether an append finds the stream sealed and whether it leaves it sealed: an
+/// application's append is neither; a closing notice seals.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Seal {
+    /// The head is stored negated now.
+    pub(crate) sealed: bool,
+    /// The append stores it negated.
+    pub(crate) seal: bool,
+}
+
+impl Seal {
+    /// An ordinary append.
+    pub(crate) const OPEN: Seal = Seal {
+        sealed: false,
+        seal: false,
+    };
+}
+
 /// How one append attempt ended.
 enum Attempt {
     /// Committed.
@@ -171,23 +190,31 @@ impl Shared {
 
     /// The stream's version: follows the static heads from bucket 0 to the last bucket.
     pub(crate) async fn current_version(&self, stream: &str) -> Result<Option<u64>> {
+        Ok(self.current_head(stream).await?.map(|(version, _)| version))
+    }
+
+    /// The stream's version and whether it is sealed: a closing notice (deleted, archived)
+    /// stores its bucket's head negated, so that no append's `IF head = n` can hold after it
+    /// (see `ending`).
+    pub(crate) async fn current_head(&self, stream: &str) -> Result<Option<(u64, bool)>> {
         let Some(mut head) = self.head(stream, 0, false).await? else {
             return Ok(None);
         };
         let mut bucket = 0;
         loop {
-            let next = head / self.bucket_size;
+            let next = head.abs() / self.bucket_size;
             if next == bucket {
-                return Ok(Some(head as u64));
+                break;
             }
             match self.head(stream, next, false).await? {
                 Some(h) => {
                     head = h;
                     bucket = next;
                 }
-                None => return Ok(Some(head as u64)),
+                None => break,
             }
         }
+        Ok(Some((head.unsigned_abs(), head < 0)))
     }
 
     /// Writes the feed marker for an append about to happen. When this process's feeder holds
@@ -336,23 +363,29 @@ impl Shared {
         Ok(row.map(|(id,)| id == Some(commit_id)))
     }
 
+    /// The error for a refused append: a conflict, or the stream's closing when a notice
+    /// sealed it.
     async fn conflict(&self, stream: &StreamId, expected: ExpectedVersion) -> Error {
+        let head = self.current_head(stream.as_str()).await.unwrap_or(None);
+        if let Some((version, true)) = head {
+            return self.closed(stream, version).await;
+        }
         self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("keel_scylla_conflicts_total").increment(1);
-        let actual = self.current_version(stream.as_str()).await.unwrap_or(None);
         Error::Conflict {
             stream: stream.clone(),
             expected,
-            actual,
+            actual: head.map(|(version, _)| version),
         }
     }
 
-    async fn append_exact(
+    pub(crate) async fn append_exact(
         &self,
         stream: &StreamId,
         expected: ExpectedVersion,
         n: i64,
         events: &[NewEvent],
+        seal: Seal,
     ) -> Result<AppendResult> {
         let s = stream.as_str();
         let count = events.len() as i64;
@@ -396,6 +429,9 @@ impl Shared {
         // A new stream, or the first append of a bucket whose predecessor is full, has no head
         // to guard on; the fresh path checks the predecessor instead.
         let mut fresh = n == 0 || (n % self.bucket_size == 0);
+        // The head as it must be, and as it will be: negated while sealed.
+        let guard = if seal.sealed { -n } else { n };
+        let new_head = if seal.seal { -last } else { last };
         self.write_marker(s).await?;
         let committed = AppendResult {
             first_version: first as u64,
@@ -410,13 +446,13 @@ impl Shared {
             // The fresh path: the stream must end at version n in the previous bucket. Once that
             // bucket's head reached n it cannot move any more (later versions belong here), so
             // this check and the conditional create of this bucket together are exact.
-            if fresh && n > 0 && self.head(s, bucket - 1, true).await? != Some(n) {
+            if fresh && n > 0 && self.head(s, bucket - 1, true).await? != Some(guard) {
                 return self
                     .conflict_unless_ours(stream, expected, bucket, first, commit_id, unsure)
                     .await
                     .map(|()| committed);
             }
-            match self.try_append(s, bucket, n, fresh, &rows, last).await? {
+            match self.try_append(s, bucket, guard, fresh, &rows, new_head).await? {
                 Attempt::Applied => {
                     self.record_commit(stream);
                     return Ok(committed);
@@ -590,6 +626,9 @@ impl Shared {
                         continue;
                     }
                     for (expected, event) in (next..).zip(&page) {
+                        if &*event.event_type == crate::ending::REMOVED {
+                            return Err(crate::ending::removed_error(stream, next as u64, event));
+                        }
                         if event.version as i64 != expected {
                             return Err(Error::Damaged {
                                 stream: stream.clone(),
@@ -646,6 +685,7 @@ impl EventStore for KeelScylla {
         stream.validate()?;
         for event in &events {
             event.check_size(stream, shared.max_event_bytes)?;
+            keel::ending::check_not_reserved(stream, &event.event_type)?;
         }
         if events.len() as i64 > shared.bucket_size {
             return Err(Error::Config {
@@ -661,7 +701,11 @@ impl EventStore for KeelScylla {
             tracing::debug_span!("keel_scylla.append", stream = %stream, events = events.len());
         async move {
             if events.is_empty() {
-                let actual = shared.current_version(stream.as_str()).await?;
+                let head = shared.current_head(stream.as_str()).await?;
+                if let Some((version, true)) = head {
+                    return Err(shared.closed(stream, version).await);
+                }
+                let actual = head.map(|(version, _)| version);
                 if !expected.accepts(actual) {
                     return Err(shared.conflict(stream, expected).await);
                 }
@@ -673,17 +717,22 @@ impl EventStore for KeelScylla {
             }
             match expected {
                 ExpectedVersion::NoStream => {
-                    shared.append_exact(stream, expected, 0, &events).await
+                    shared
+                        .append_exact(stream, expected, 0, &events, Seal::OPEN)
+                        .await
                 }
                 ExpectedVersion::Exact(n) => {
                     shared
-                        .append_exact(stream, expected, n as i64, &events)
+                        .append_exact(stream, expected, n as i64, &events, Seal::OPEN)
                         .await
                 }
                 ExpectedVersion::Any => loop {
                     // "Any" has no conflict to report: retry at the version just read.
                     let n = shared.current_version(stream.as_str()).await?.unwrap_or(0) as i64;
-                    match shared.append_exact(stream, expected, n, &events).await {
+                    match shared
+                        .append_exact(stream, expected, n, &events, Seal::OPEN)
+                        .await
+                    {
                         Err(e) if e.is_conflict() => tokio::task::yield_now().await,
                         other => return other,
                     }
@@ -724,5 +773,40 @@ impl EventStore for KeelScylla {
 
     async fn fed_position(&self, stream: &StreamId, version: u64) -> Result<Option<u64>> {
         self.shared.fed_position(stream, version).await
+    }
+
+    async fn stream_info(&self, stream: &StreamId) -> Result<StreamInfo> {
+        self.shared.stream_info(stream).await
+    }
+
+    async fn delete_stream(&self, stream: &StreamId, deletion: Deletion) -> Result<Ended> {
+        let wait = self.shared.ending_wait;
+        self.shared.delete_stream(stream, deletion, wait).await
+    }
+
+    async fn truncate_stream(&self, stream: &StreamId, before: u64) -> Result<Ended> {
+        let wait = self.shared.ending_wait;
+        self.shared.truncate_stream(stream, before, wait).await
+    }
+
+    async fn archive_stream(&self, stream: &StreamId) -> Result<Ended> {
+        self.archive_stream_with(stream, &|_| {}).await
+    }
+
+    fn read_archive<'a>(&'a self, stream: &'a StreamId, from_version: u64) -> EventStream<'a> {
+        self.shared.read_archive(stream, from_version)
+    }
+}
+
+impl KeelScylla {
+    /// [`archive_stream`](EventStore::archive_stream), calling `progress` with the number of
+    /// events moved so far (after each page): `keel stream archive` draws its bar from it.
+    pub async fn archive_stream_with(
+        &self,
+        stream: &StreamId,
+        progress: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<Ended> {
+        let wait = self.shared.ending_wait;
+        self.shared.archive_stream(stream, wait, progress).await
     }
 }

@@ -27,6 +27,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod ending;
 mod error;
 mod events;
 mod feed;
@@ -209,6 +210,7 @@ pub struct KeelScyllaBuilder {
     consistency: Consistency,
     read_page_size: i32,
     max_event_bytes: usize,
+    ending_wait: Duration,
     feeder: bool,
     feeder_id: String,
     feeder_lease_ttl: Duration,
@@ -242,6 +244,7 @@ impl Default for KeelScyllaBuilder {
             consistency: Consistency::LocalQuorum,
             read_page_size: events::PAGE,
             max_event_bytes: keel::event::DEFAULT_MAX_EVENT_BYTES,
+            ending_wait: Duration::from_secs(30),
             feeder: true,
             feeder_id: uuid::Uuid::new_v4().to_string(),
             feeder_lease_ttl: Duration::from_secs(10),
@@ -532,6 +535,15 @@ impl KeelScyllaBuilder {
         self
     }
 
+    /// How long a hard delete, a truncation or an archive waits for the feed to carry the
+    /// stream's events before it removes them (default 30 s). The feed is fed by whichever
+    /// process runs a feeder; when none does within this time, the operation says so and
+    /// removes nothing (its notice is appended: running it again finishes it).
+    pub fn ending_wait(mut self, wait: Duration) -> Self {
+        self.ending_wait = wait;
+        self
+    }
+
     /// Whether this store runs a feeder (default yes). Exactly one feeder per keyspace works
     /// at a time (a lease decides); turning it off suits short-lived tools.
     pub fn feeder(mut self, enabled: bool) -> Self {
@@ -761,6 +773,7 @@ impl KeelScyllaBuilder {
             previous_master_keys: self.previous_master_keys.clone(),
             read_page_size: self.read_page_size,
             max_event_bytes: self.max_event_bytes,
+            ending_wait: self.ending_wait,
             stuck: std::sync::Mutex::new(std::collections::HashMap::new()),
         });
         let feeder = if self.feeder {
@@ -816,6 +829,8 @@ pub(crate) struct Shared {
     pub(crate) read_page_size: i32,
     /// The largest event an append takes.
     pub(crate) max_event_bytes: usize,
+    /// How long an ending waits for the feed before it removes events.
+    pub(crate) ending_wait: Duration,
     /// Streams this process's feeder cannot carry past a damaged row: stream -> (version,
     /// reason). Also recorded as dead letters of [`feed::FEED_DEAD_LETTERS`].
     pub(crate) stuck: std::sync::Mutex<std::collections::HashMap<String, (u64, String)>>,
@@ -1034,6 +1049,12 @@ pub(crate) struct Statements {
     pub(crate) read_head: PreparedStatement,
     pub(crate) read_head_serial: PreparedStatement,
     pub(crate) read_events: PreparedStatement,
+    pub(crate) read_rows_below: PreparedStatement,
+    pub(crate) write_placeholder: PreparedStatement,
+    pub(crate) remove_below: PreparedStatement,
+    pub(crate) archive_insert: PreparedStatement,
+    pub(crate) read_archive: PreparedStatement,
+    pub(crate) snapshot_version: PreparedStatement,
     pub(crate) read_commit: PreparedStatement,
     pub(crate) insert_marker: PreparedStatement,
     pub(crate) scan_markers: PreparedStatement,
@@ -1149,6 +1170,24 @@ impl Statements {
                 "SELECT version, event_id, event_type, schema_version, payload, metadata, recorded_at \
                  FROM {ks}.events WHERE stream = ? AND bucket = ? AND version >= ? LIMIT ?"
             )).await?,
+            read_rows_below: prep(format!(
+                "SELECT version, event_id, event_type, schema_version, payload, metadata, recorded_at \
+                 FROM {ks}.events WHERE stream = ? AND bucket = ? AND version >= ? AND version < ? LIMIT ?"
+            )).await?,
+            write_placeholder: prep(format!(
+                "UPDATE {ks}.events SET event_id = ?, event_type = ?, schema_version = 1, payload = ?, metadata = null, \
+                 recorded_at = ?, commit_id = null WHERE stream = ? AND bucket = ? AND version = ?"
+            )).await?,
+            remove_below: prep(format!("DELETE FROM {ks}.events WHERE stream = ? AND bucket = ? AND version < ?")).await?,
+            archive_insert: prep(format!(
+                "INSERT INTO {ks}.events_archive (stream, bucket, version, event_id, event_type, schema_version, payload, metadata, recorded_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            )).await?,
+            read_archive: prep(format!(
+                "SELECT version, event_id, event_type, schema_version, payload, metadata, recorded_at \
+                 FROM {ks}.events_archive WHERE stream = ? AND bucket = ? AND version >= ? LIMIT ?"
+            )).await?,
+            snapshot_version: prep(format!("SELECT version FROM {ks}.snapshots WHERE stream = ? LIMIT 1")).await?,
             read_commit: serial_select(prep(format!(
                 "SELECT commit_id FROM {ks}.events WHERE stream = ? AND bucket = ? AND version = ?"
             )).await?),

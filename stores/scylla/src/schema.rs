@@ -15,7 +15,8 @@ use crate::error::Error;
 /// - 5: the feed in slices: `keel_schema.feed_slices` (a keyspace from before is migrated in
 ///   place as one slice: its feed is slice 0 of 1), `feed_meta` rows per slice, feed
 ///   partitions per slice, and `members`, the live feeders and projection workers.
-pub const SCHEMA_VERSION: i32 = 5;
+/// - 6: `events_archive`, where archived streams' events go (a new table: nothing to migrate).
+pub const SCHEMA_VERSION: i32 = 6;
 
 /// How a keyspace's data is laid out: fixed when the keyspace is created.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -239,6 +240,16 @@ const TABLES: &[(&str, &str)] = &[
             head bigint STATIC,
             event_id uuid, event_type text, schema_version int,
             payload blob, metadata blob, recorded_at timestamp, commit_id uuid,
+            PRIMARY KEY ((stream, bucket), version)
+        ) WITH CLUSTERING ORDER BY (version ASC)",
+    ),
+    (
+        // Archived streams' events, as they were in `events` (same buckets).
+        "events_archive",
+        "CREATE TABLE IF NOT EXISTS {ks}.events_archive (
+            stream text, bucket bigint, version bigint,
+            event_id uuid, event_type text, schema_version int,
+            payload blob, metadata blob, recorded_at timestamp,
             PRIMARY KEY ((stream, bucket), version)
         ) WITH CLUSTERING ORDER BY (version ASC)",
     ),

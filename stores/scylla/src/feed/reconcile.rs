@@ -81,7 +81,8 @@ impl Shared {
         let mut behind = std::pin::pin!(heads
             .map_ok(|(stream, _bucket, head)| async move {
                 let fed = self.fed_version(&stream).await?;
-                Ok::<_, keel::Error>((stream, head.unwrap_or(0), fed))
+                // A sealed (closed) stream's head is stored negated.
+                Ok::<_, keel::Error>((stream, head.unwrap_or(0).abs(), fed))
             })
             .try_buffer_unordered(crate::feed::IN_FLIGHT));
         while let Some((stream, head, fed)) = behind.try_next().await? {
