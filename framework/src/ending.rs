@@ -12,9 +12,9 @@
 //!
 //! | ending | appends afterwards | `read_stream` | its events |
 //! |---|---|---|---|
-//! | soft delete | refused, [`Error::StreamClosed`](crate::Error::StreamClosed) | every event, then the notice | kept |
-//! | hard delete | refused | [`Error::StreamClosed`](crate::Error::StreamClosed) from version 1; the notice alone | removed once in the feed |
-//! | truncate before `v` | accepted | from `v` on; earlier: [`Error::Truncated`](crate::Error::Truncated) | `1..v` removed once in the feed |
+//! | soft delete | refused, [`Error::StreamClosed`] | every event, then the notice | kept |
+//! | hard delete | refused | [`Error::StreamClosed`] from version 1; the notice alone | removed once in the feed |
+//! | truncate before `v` | accepted | from `v` on; earlier: [`Error::Truncated`] | `1..v` removed once in the feed |
 //! | archive | refused | as hard delete | moved to the archive ([`read_archive`](crate::EventStore::read_archive)) |
 //!
 //! Removal waits until the stream's events are in the feed: the feed is the history that

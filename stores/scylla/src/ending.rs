@@ -167,7 +167,13 @@ impl Shared {
             };
             let expected = ExpectedVersion::Exact(info.version);
             match self
-                .append_exact(stream, expected, info.version as i64, &[notice.to_event()], seal)
+                .append_exact(
+                    stream,
+                    expected,
+                    info.version as i64,
+                    &[notice.to_event()],
+                    seal,
+                )
                 .await
             {
                 Ok(done) => return Ok(Some(done.last_version)),
@@ -197,15 +203,23 @@ impl Shared {
         let info = self.existing(stream, "delete").await?;
         // Whether a notice is (still) needed on a stream in this state.
         let wanted = |info: &StreamInfo| match info.status {
-            StreamStatus::Archived => Err(refused(stream, "delete", "the stream is archived".into())),
+            StreamStatus::Archived => {
+                Err(refused(stream, "delete", "the stream is archived".into()))
+            }
             StreamStatus::Deleted { hard: true } => Ok(false),
             StreamStatus::Deleted { hard: false } => Ok(hard),
             _ => Ok(true),
         };
         let noticed = if wanted(&info)? {
-            self.append_notice(stream, info, StreamNotice::Deleted { hard }, "delete", wanted)
-                .await?
-                .is_some()
+            self.append_notice(
+                stream,
+                info,
+                StreamNotice::Deleted { hard },
+                "delete",
+                wanted,
+            )
+            .await?
+            .is_some()
         } else {
             false
         };
@@ -232,7 +246,11 @@ impl Shared {
     ) -> Result<Ended> {
         let info = self.existing(stream, "truncate").await?;
         if info.status.is_closed() {
-            return Err(refused(stream, "truncate", format!("the stream is {}", info.status)));
+            return Err(refused(
+                stream,
+                "truncate",
+                format!("the stream is {}", info.status),
+            ));
         }
         if before <= info.first_version {
             return Ok(Ended {
@@ -245,7 +263,10 @@ impl Shared {
             return Err(refused(
                 stream,
                 "truncate",
-                format!("version {before} is past the stream's version {}", info.version),
+                format!(
+                    "version {before} is past the stream's version {}",
+                    info.version
+                ),
             ));
         }
         let covered = self.snapshot_version(stream).await?;
@@ -313,7 +334,15 @@ impl Shared {
         };
         let info = self.stream_info(stream).await?;
         let removed = self
-            .remove(stream, &info, StreamNotice::Archived, info.version, true, wait, progress)
+            .remove(
+                stream,
+                &info,
+                StreamNotice::Archived,
+                info.version,
+                true,
+                wait,
+                progress,
+            )
             .await?;
         Ok(Ended {
             info: self.stream_info(stream).await?,
@@ -430,7 +459,12 @@ impl Shared {
         Ok(removed)
     }
 
-    async fn copy_to_archive(&self, stream: &StreamId, bucket: i64, rows: Vec<StoredRow>) -> Result<()> {
+    async fn copy_to_archive(
+        &self,
+        stream: &StreamId,
+        bucket: i64,
+        rows: Vec<StoredRow>,
+    ) -> Result<()> {
         let op = || format!("copy events of `{stream}` to the archive");
         stream::iter(rows)
             .map(|row| async move {
@@ -438,7 +472,17 @@ impl Shared {
                 self.session
                     .execute_unpaged(
                         &self.st.archive_insert,
-                        (stream.as_str(), bucket, version, id, event_type, schema, payload, metadata, at),
+                        (
+                            stream.as_str(),
+                            bucket,
+                            version,
+                            id,
+                            event_type,
+                            schema,
+                            payload,
+                            metadata,
+                            at,
+                        ),
                     )
                     .await
                     .map(|_| ())

@@ -452,7 +452,10 @@ impl Shared {
                     .await
                     .map(|()| committed);
             }
-            match self.try_append(s, bucket, guard, fresh, &rows, new_head).await? {
+            match self
+                .try_append(s, bucket, guard, fresh, &rows, new_head)
+                .await?
+            {
                 Attempt::Applied => {
                     self.record_commit(stream);
                     return Ok(committed);

@@ -56,7 +56,7 @@ use health::health;
 use leases::{leases, LeaseAction};
 use projections::{projections, ProjectionAction};
 use sagas::{sagas, SagaAction};
-use streams::{show_stream, StreamAction};
+use streams::StreamAction;
 use subjects::{master_keys_from_env, subjects, SubjectAction};
 
 #[derive(Parser)]
@@ -205,9 +205,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Projections { action } => projections(&store, action, cli.json).await,
         Command::Sagas { action } => sagas(&store, action, cli.json).await,
         Command::Health => health(&store, cli.json).await,
-        Command::Stream {
-            action: StreamAction::Show { id, from },
-        } => show_stream(&store, &id, from, cli.json).await,
+        Command::Stream { action } => streams::stream(&store, action, cli.json).await,
         Command::Subjects { action } => subjects(&store, action, cli.json).await,
         Command::Feed { action } => feed(&store, action, cli.json).await,
         Command::Leases { action } => leases(&store, action, cli.json).await,

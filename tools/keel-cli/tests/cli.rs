@@ -880,3 +880,127 @@ async fn dead_letters_are_listed_shown_replayed_and_skipped() {
     manager.stop().await;
     drop_keyspace(&store, &keyspace).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_are_deleted_truncated_and_archived() {
+    use keel::{Snapshot, SnapshotStore};
+    let keyspace = fresh_keyspace("keel_ends");
+    // This process feeds: removals wait until the feed has carried the stream.
+    let store = open(KeelScylla::builder().keyspace(&keyspace)).await;
+    let streams: Vec<StreamId> = ["soft", "hard", "archive", "trunc"]
+        .iter()
+        .map(|name| StreamId::new(format!("end-{name}")))
+        .collect();
+    for stream in &streams {
+        let events = (0..3)
+            .map(|i| NewEvent::new("Noted", 1, format!("{{\"n\":{i}}}").into_bytes()))
+            .collect();
+        store
+            .append(stream, ExpectedVersion::NoStream, events)
+            .await
+            .unwrap();
+    }
+    store
+        .save_snapshot(Snapshot {
+            stream: streams[3].clone(),
+            version: 2,
+            schema_version: 1,
+            payload: bytes::Bytes::from_static(b"{}"),
+            taken_at: 0,
+            recent_commands: None,
+        })
+        .await
+        .unwrap();
+
+    // Without --yes: bad arguments, and nothing happens.
+    let (code, _, err) = keel_code(&keyspace, &["stream", "delete", "end-soft"]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--yes"), "{err}");
+    let (ok, out, err) = keel(&keyspace, &["stream", "info", "end-soft"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("open, version 3"), "{out}");
+
+    let (ok, out, err) = keel(&keyspace, &["stream", "delete", "end-soft", "--yes"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("soft-deleted, version 4"), "{out}");
+    let (ok, out, _) = keel(&keyspace, &["--json", "stream", "info", "end-soft"]).await;
+    assert!(ok);
+    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(info["status"]["deleted"]["hard"], false, "{out}");
+    let refused = store
+        .append(
+            &streams[0],
+            ExpectedVersion::Exact(4),
+            vec![NewEvent::new("Noted", 1, &b"{}"[..])],
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(keel::Error::StreamClosed { .. })),
+        "{refused:?}"
+    );
+
+    let (ok, out, err) = keel(
+        &keyspace,
+        &["--json", "stream", "delete", "end-hard", "--hard", "--yes"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let ended: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(ended["removed"], 3, "{out}");
+    assert_eq!(ended["info"]["first_version"], 4, "{out}");
+    // Its events are gone from the stream: showing them says why.
+    let (code, _, err) = keel_code(&keyspace, &["stream", "show", "end-hard"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("hard-deleted"), "{err}");
+
+    // Truncation needs a snapshot that covers what goes.
+    let (code, out, _) = keel_code(
+        &keyspace,
+        &[
+            "--json",
+            "stream",
+            "truncate",
+            "end-archive",
+            "--before",
+            "3",
+            "--yes",
+        ],
+    )
+    .await;
+    assert_eq!(code, 1, "{out}");
+    let error: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no snapshot"),
+        "{out}"
+    );
+    let (ok, out, err) = keel(
+        &keyspace,
+        &["stream", "truncate", "end-trunc", "--before", "3", "--yes"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("holds versions from 3; 2 event(s) removed"),
+        "{out}"
+    );
+    let (ok, out, err) = keel(&keyspace, &["stream", "show", "end-trunc", "--from", "3"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("2 event(s)") && out.contains("$keel.stream-truncated"),
+        "{out}"
+    );
+
+    let (ok, out, err) = keel(&keyspace, &["stream", "archive", "end-archive", "--yes"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("archived, version 4"), "{out}");
+    assert!(out.contains("3 event(s) removed"), "{out}");
+    let (ok, out, err) = keel(&keyspace, &["--json", "stream", "archived", "end-archive"]).await;
+    assert!(ok, "{err}");
+    let events: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(events.len(), 3, "{out}");
+    assert_eq!(events[2]["payload"]["n"], 2, "{out}");
+    drop_keyspace(&store, &keyspace).await;
+}
