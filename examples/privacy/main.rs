@@ -1,6 +1,8 @@
 //! The right to be forgotten without rewriting history: customers' events are encrypted under
 //! a key per customer, and deleting that key (crypto-shredding) makes them unreadable for
-//! good, while the log, the other customers and the projections carry on.
+//! good, while the log, the other customers and the projections carry on. A customer who
+//! closes an account has the stream deleted instead: its events leave the stream's table and
+//! the directory hears of it through the deletion's notice.
 //!
 //! ```text
 //! cargo run --example privacy                    # in memory
@@ -12,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use keel::codec::Codec;
+use keel::ending::Deletion;
 use keel::projection::ProjectionManager;
-use keel::{Aggregate, RecordedEvent, Repository};
+use keel::{Aggregate, EventStore, RecordedEvent, Repository};
 use keel_examples::privacy::{subject_of, Customer, CustomerCommand, Directory};
 
 #[tokio::main]
@@ -39,6 +42,9 @@ async fn main() -> Result<(), keel::BoxError> {
         .await?;
     customers
         .execute("grace", register("Grace Hopper", "grace@example.com"))
+        .await?;
+    customers
+        .execute("linus", register("Linus Pauling", "linus@example.com"))
         .await?;
     customers
         .execute(
@@ -77,7 +83,7 @@ async fn main() -> Result<(), keel::BoxError> {
     // The ScyllaDB feed trails appends by a moment: catch up until all three events are in.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !lists(&directory).contains(&"Ada Lovelace <countess@example.com>".to_owned())
-        || lists(&directory).len() < 2
+        || lists(&directory).len() < 3
     {
         if Instant::now() > deadline {
             return Err("the directory did not catch up within 30 s".into());
@@ -99,7 +105,26 @@ async fn main() -> Result<(), keel::BoxError> {
         grace.name.unwrap_or_default()
     );
 
-    // Rebuild the directory from the full history: Ada's events are skipped, nothing fails.
+    // Linus closes his account: the stream is deleted hard. Appends are refused from now on,
+    // its events leave the stream's table once the feed has them, and the directory drops
+    // him when the deletion's notice reaches it.
+    let closed = events
+        .delete_stream(&Customer::stream_id("linus"), Deletion::Hard)
+        .await?;
+    println!(
+        "closed customer-linus: {}, {} event(s) removed",
+        closed.info.status, closed.removed
+    );
+    match customers
+        .execute("linus", register("Linus", "l@example.com"))
+        .await
+    {
+        Ok(_) => return Err("a deleted stream should refuse commands".into()),
+        Err(e) => println!("a command for linus now: {e}"),
+    }
+
+    // Rebuild the directory from the full history: Ada's events are skipped, Linus's deletion
+    // replayed after his events, nothing fails.
     let processed = manager.rebuild(directory_name()).await?;
     let status = manager.status(directory_name()).await?;
     println!(

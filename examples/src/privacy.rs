@@ -176,6 +176,23 @@ impl Projection for Directory {
         Ok(())
     }
 
+    async fn notice(
+        &self,
+        generation: u64,
+        event: &RecordedEvent,
+        notice: keel::ending::StreamNotice,
+    ) -> Result<(), BoxError> {
+        // A closed account: its entry goes, whatever its events said.
+        if let (Some(id), keel::ending::StreamNotice::Deleted { .. }) =
+            (event.stream.as_str().strip_prefix("customer-"), notice)
+        {
+            self.model.update(generation, |m| {
+                m.remove(id);
+            });
+        }
+        Ok(())
+    }
+
     async fn reset(&self, generation: u64) -> Result<(), BoxError> {
         self.model.reset(generation);
         Ok(())
