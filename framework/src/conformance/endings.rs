@@ -483,3 +483,51 @@ pub async fn projections_hear_of_stream_endings<S: super::ProjectionHost>(store:
     assert_eq!(projection.notices.lock().unwrap().len(), 3);
     m.stop().await;
 }
+
+/// A deletion racing appenders: every append that succeeded is before the notice (and in the
+/// feed once), every one after it is refused as closed, never lost or half-applied.
+pub async fn a_deletion_racing_appends_loses_nothing<S: EventStore>(store: Arc<S>) {
+    let stream = fresh_stream("conf-race-end");
+    store
+        .append(&stream, ExpectedVersion::NoStream, counter_events(&[1]))
+        .await
+        .unwrap();
+    let writers: Vec<_> = (0..4)
+        .map(|_| {
+            let store = store.clone();
+            let stream = stream.clone();
+            tokio::spawn(async move {
+                let mut committed = Vec::new();
+                for _ in 0..20 {
+                    match store
+                        .append(&stream, ExpectedVersion::Any, counter_events(&[1]))
+                        .await
+                    {
+                        Ok(done) => committed.push(done.first_version),
+                        Err(Error::StreamClosed { .. }) => return (committed, true),
+                        Err(e) => panic!("an append racing a deletion: {e}"),
+                    }
+                }
+                (committed, false)
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let ended = store.delete_stream(&stream, Deletion::Soft).await.unwrap();
+    let notice_at = ended.info.version;
+    let mut committed = vec![1];
+    for writer in writers {
+        let (versions, _) = writer.await.unwrap();
+        committed.extend(versions);
+    }
+    committed.sort_unstable();
+    assert_eq!(
+        committed,
+        (1..notice_at).collect::<Vec<_>>(),
+        "the appends that succeeded are exactly the versions before the notice"
+    );
+    let events = read(&*store, &stream, 1).await;
+    assert_eq!(events.len() as u64, notice_at);
+    assert!(crate::ending::is_notice(&events.last().unwrap().event_type));
+    feed_of(&*store, &stream, notice_at as usize).await;
+}

@@ -135,7 +135,7 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@section endings, $factory;
             soft_deleted_streams_refuse_appends, hard_deleted_streams_lose_their_events,
             truncated_streams_still_load, archived_streams_read_back,
-            endings_refuse_what_would_lose_data);
+            endings_refuse_what_would_lose_data, a_deletion_racing_appends_loses_nothing);
     };
     (checkpoints, $factory:expr) => {
         $crate::conformance_tests!(@section checkpoints, $factory;
