@@ -48,8 +48,12 @@ pub trait DomainEvent: Serialize + DeserializeOwned + Clone + Send + Sync + 'sta
 }
 
 /// The identity of an event stream: `"<aggregate type>-<id>"` for aggregates.
+///
+/// Ids of up to 23 bytes (most aggregate ids) are kept inline, longer ones shared: cloning one
+/// never allocates, and comparing the keys of a map of streams reads no other memory than
+/// the map's own.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct StreamId(Arc<str>);
+pub struct StreamId(smol_str::SmolStr);
 
 /// A stream id is its string, in JSON and every other serde format.
 impl serde::Serialize for StreamId {
@@ -109,7 +113,7 @@ impl StreamId {
     /// A stream id from any string (checked by the store at append: see
     /// [`validate`](Self::validate)).
     pub fn new(id: impl AsRef<str>) -> Self {
-        StreamId(Arc::from(id.as_ref()))
+        StreamId(smol_str::SmolStr::new(id.as_ref()))
     }
 
     /// `"<kind>-<id>"`, the stream of an aggregate (see
@@ -129,7 +133,7 @@ impl StreamId {
             buf[kind.len()] = b'-';
             buf[kind.len() + 1..len].copy_from_slice(id.as_bytes());
             if let Ok(joined) = std::str::from_utf8(&buf[..len]) {
-                return StreamId(Arc::from(joined));
+                return StreamId(smol_str::SmolStr::new(joined));
             }
         }
         StreamId::from(format!("{kind}-{id}"))
@@ -210,7 +214,7 @@ impl From<&str> for StreamId {
 
 impl From<String> for StreamId {
     fn from(s: String) -> Self {
-        StreamId(Arc::from(s))
+        StreamId(smol_str::SmolStr::from(s))
     }
 }
 

@@ -3,12 +3,14 @@
 //!
 //! Keeping state is safe because the append is exact: a command decided on a cached version
 //! that another process has moved past gets [`Error::Conflict`](crate::Error::Conflict), the
-//! entry is dropped, and the retry loads the stream. An entry is *taken* out of the cache for
-//! the length of a command and put back only when its outcome is known (appended, or nothing
-//! changed), so an unknown outcome, a failed append or a panic leaves no entry behind.
+//! entry is dropped, and the retry loads the stream. Each cached stream has a *slot*; a
+//! command takes the entry out of its slot for its length and puts it back only when its
+//! outcome is known (appended, or nothing changed), so an unknown outcome, a failed append or
+//! a panic leaves the slot empty. The slot itself stays in the cache: a command costs one
+//! lookup and no allocation, and the next one on the stream loads into the same slot.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use quick_cache::sync::Cache;
@@ -43,7 +45,10 @@ impl<K, V> Lifecycle<K, V> for CountEvictions {
     }
 }
 
-type Inner<A> = Cache<StreamId, Arc<Entry<A>>, UnitWeighter, DefaultHashBuilder, CountEvictions>;
+/// Where a stream's entry is kept; empty while a command has it, or after one failed.
+pub(crate) type Slot<A> = Arc<Mutex<Option<Entry<A>>>>;
+
+type Inner<A> = Cache<StreamId, Slot<A>, UnitWeighter, DefaultHashBuilder, CountEvictions>;
 
 /// At most `capacity` aggregates, least recently used (with scan resistance) evicted first.
 pub(crate) struct AggregateCache<A> {
@@ -73,20 +78,42 @@ impl<A> AggregateCache<A> {
         })
     }
 
-    /// Takes the entry of `stream` out, if one is kept and still good for `epoch`.
-    pub(crate) fn take(&self, stream: &StreamId, epoch: u64) -> Option<Entry<A>> {
-        let (_, entry) = self.entries.remove(stream)?;
-        let entry = Arc::into_inner(entry)?;
-        let fresh = entry.epoch == epoch
-            && self
-                .max_age
-                .is_none_or(|age| entry.loaded_at.elapsed() < age);
-        fresh.then_some(entry)
+    /// Takes the entry of `stream` out of its slot, if one is kept and still good for
+    /// `epoch`; gives the slot too (when the stream has one), to put the entry back into.
+    pub(crate) fn take(
+        &self,
+        stream: &StreamId,
+        epoch: u64,
+    ) -> (Option<Entry<A>>, Option<Slot<A>>) {
+        let Some(slot) = self.entries.get(stream) else {
+            return (None, None);
+        };
+        let entry = lock(&slot).take().filter(|entry| {
+            entry.epoch == epoch
+                && self
+                    .max_age
+                    .is_none_or(|age| entry.loaded_at.elapsed() < age)
+        });
+        (entry, Some(slot))
     }
 
-    /// Keeps `entry` for `stream`.
-    pub(crate) fn keep(&self, stream: StreamId, entry: Entry<A>) {
-        self.entries.insert(stream, Arc::new(entry));
+    /// Keeps `entry` for `stream`: in `slot` when the command took one (unless a concurrent
+    /// command left a later version there), else in a new slot.
+    pub(crate) fn keep(&self, stream: &StreamId, slot: Option<&Slot<A>>, entry: Entry<A>) {
+        match slot {
+            Some(slot) => {
+                let mut kept = lock(slot);
+                if kept
+                    .as_ref()
+                    .is_none_or(|other| other.loaded.version <= entry.loaded.version)
+                {
+                    *kept = Some(entry);
+                }
+            }
+            None => self
+                .entries
+                .insert(stream.clone(), Arc::new(Mutex::new(Some(entry)))),
+        }
     }
 
     /// Drops the entry of `stream`, if any.
@@ -99,7 +126,7 @@ impl<A> AggregateCache<A> {
         self.entries.clear();
     }
 
-    /// Entries kept now.
+    /// Streams with a slot now (an entry, or one being used or reloaded).
     pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }
@@ -108,4 +135,9 @@ impl<A> AggregateCache<A> {
     pub(crate) fn evictions(&self) -> u64 {
         self.evictions.0.load(Ordering::Relaxed)
     }
+}
+
+fn lock<T>(slot: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while a slot is locked (it is only moved in or out).
+    slot.lock().unwrap_or_else(|p| p.into_inner())
 }

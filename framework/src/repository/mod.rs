@@ -20,7 +20,7 @@ use crate::upcast::Upcasters;
 mod cache;
 mod window;
 
-use cache::{AggregateCache, Entry};
+use cache::{AggregateCache, Entry, Slot};
 
 pub use crate::config::DEFAULT_COMMAND_WINDOW;
 use window::CommandWindow;
@@ -569,22 +569,26 @@ impl<A: Aggregate> Repository<A> {
         }
     }
 
-    /// The aggregate from the cache, or loaded; `true` when it came from the cache.
+    /// The aggregate from the cache, or loaded; `true` when it came from the cache; the
+    /// stream's cache slot, when it has one.
     async fn take_or_load(
         &self,
         stream: &StreamId,
         metadata: &Metadata,
-    ) -> Result<(Entry<A>, bool)> {
+    ) -> Result<(Entry<A>, bool, Option<Slot<A>>)> {
         let epoch = self.inner.events.cache_epoch();
+        let mut slot = None;
         if let Some(cache) = &self.cache {
-            if let Some(entry) = cache.take(stream, epoch) {
+            let (entry, taken_from) = cache.take(stream, epoch);
+            if let Some(entry) = entry {
                 self.inner
                     .counters
                     .cache_hits
                     .fetch_add(1, Ordering::Relaxed);
                 self.inner.handles.cache_hits.increment(1);
-                return Ok((entry, true));
+                return Ok((entry, true, taken_from));
             }
+            slot = taken_from;
             self.inner
                 .counters
                 .cache_misses
@@ -600,13 +604,14 @@ impl<A: Aggregate> Repository<A> {
             epoch,
             loaded_at: Instant::now(),
         };
-        Ok((entry, false))
+        Ok((entry, false, slot))
     }
 
-    /// Puts an aggregate whose state is known back in the cache.
-    fn keep(&self, stream: &StreamId, entry: Entry<A>) {
+    /// Puts an aggregate whose state is known back in the cache (into `slot`, when the
+    /// command took it from one).
+    fn keep(&self, stream: &StreamId, slot: Option<&Slot<A>>, entry: Entry<A>) {
         if let Some(cache) = &self.cache {
-            cache.keep(stream.clone(), entry);
+            cache.keep(stream, slot, entry);
         }
     }
 
@@ -616,14 +621,15 @@ impl<A: Aggregate> Repository<A> {
         command: A::Command,
         metadata: &Metadata,
     ) -> Result<Executed<A::Event>> {
-        let (mut entry, cached) = self.take_or_load(stream, metadata).await?;
+        let (mut entry, cached, slot) = self.take_or_load(stream, metadata).await?;
+        let slot = slot.as_ref();
         let version = entry.loaded.version;
         if metadata
             .command_id
             .is_some_and(|id| entry.window.contains(id))
         {
             tracing::debug!(stream = %stream, command_id = ?metadata.command_id, "command already applied; skipped");
-            self.keep(stream, entry);
+            self.keep(stream, slot, entry);
             return Ok(Executed {
                 events: Vec::new(),
                 stream: stream.clone(),
@@ -634,7 +640,7 @@ impl<A: Aggregate> Repository<A> {
             Ok(events) => events,
             Err(e) => {
                 // Refused: the state did not change.
-                self.keep(stream, entry);
+                self.keep(stream, slot, entry);
                 return Err(Error::Rejected {
                     aggregate: A::TYPE,
                     source: Box::new(e),
@@ -642,7 +648,7 @@ impl<A: Aggregate> Repository<A> {
             }
         };
         if events.is_empty() {
-            self.keep(stream, entry);
+            self.keep(stream, slot, entry);
             return Ok(Executed {
                 events,
                 stream: stream.clone(),
@@ -684,7 +690,7 @@ impl<A: Aggregate> Repository<A> {
                 )
                 .await;
             }
-            self.keep(stream, entry);
+            self.keep(stream, slot, entry);
         }
         Ok(Executed {
             events,
