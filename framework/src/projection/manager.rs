@@ -1671,37 +1671,35 @@ impl Inner {
                 // gives up before it commits anything.
                 return Ok((i, position));
             }
-            if projection.handles(&event.event_type) || crate::ending::is_notice(&event.event_type)
-            {
-                if let Err(e) = super::deliver(&**projection, generation, event).await {
-                    if is_keel(&*e, Error::is_fenced) {
-                        // The read model refused a write under this lease: another manager
-                        // has it. Nothing of this batch is committed.
-                        Self::let_go(runner, &e);
-                        return Ok((i, position));
-                    }
-                    if event.is_shredded() || is_keel(&*e, Error::is_shredded) {
-                        // A forgotten subject: nothing to project, and nothing wrong.
-                        metrics::counter!(crate::metrics::PROJECTION_SHREDDED, "projection" => runner.name.clone()).increment(1);
-                        tracing::debug!(projection = %runner.name, stream = %event.stream,
-                            version = event.version, "shredded event skipped");
-                        next = position + 1;
-                        continue;
-                    }
-                    let failed = FailedEvent {
-                        stream: event.stream.to_string(),
-                        version: event.version,
-                        event_type: event.event_type.to_string(),
-                        position,
-                        slice: event.slice,
-                    };
-                    let error = format!(
-                        "`{}` failed on `{}` version {} ({}) at position {position} of slice {}: {e}",
-                        runner.name, failed.stream, failed.version, failed.event_type, failed.slice
-                    );
-                    if !self.poison(runner, failed, error).await? {
-                        return Ok((i, position));
-                    }
+            // `deliver` routes notices and skips events the projection does not handle.
+            if let Err(e) = super::deliver(&**projection, generation, event).await {
+                if is_keel(&*e, Error::is_fenced) {
+                    // The read model refused a write under this lease: another manager
+                    // has it. Nothing of this batch is committed.
+                    Self::let_go(runner, &e);
+                    return Ok((i, position));
+                }
+                if event.is_shredded() || is_keel(&*e, Error::is_shredded) {
+                    // A forgotten subject: nothing to project, and nothing wrong.
+                    metrics::counter!(crate::metrics::PROJECTION_SHREDDED, "projection" => runner.name.clone()).increment(1);
+                    tracing::debug!(projection = %runner.name, stream = %event.stream,
+                        version = event.version, "shredded event skipped");
+                    next = position + 1;
+                    continue;
+                }
+                let failed = FailedEvent {
+                    stream: event.stream.to_string(),
+                    version: event.version,
+                    event_type: event.event_type.to_string(),
+                    position,
+                    slice: event.slice,
+                };
+                let error = format!(
+                    "`{}` failed on `{}` version {} ({}) at position {position} of slice {}: {e}",
+                    runner.name, failed.stream, failed.version, failed.event_type, failed.slice
+                );
+                if !self.poison(runner, failed, error).await? {
+                    return Ok((i, position));
                 }
             }
             next = position + 1;

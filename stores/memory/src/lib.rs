@@ -579,14 +579,8 @@ impl EventStore for MemoryStore {
         let mut entry = self.existing(stream, "delete")?;
         let hard = deletion == Deletion::Hard;
         let noticed = match entry.closed {
-            None | Some(StreamStatus::Deleted { hard: false }) if hard => {
-                self.notice(stream, &mut entry, StreamNotice::Deleted { hard });
-                true
-            }
-            None => {
-                self.notice(stream, &mut entry, StreamNotice::Deleted { hard });
-                true
-            }
+            None => true,
+            Some(StreamStatus::Deleted { hard: false }) => hard,
             Some(StreamStatus::Archived) => {
                 return Err(Error::Refused {
                     stream: stream.clone(),
@@ -596,6 +590,9 @@ impl EventStore for MemoryStore {
             }
             Some(_) => false,
         };
+        if noticed {
+            self.notice(stream, &mut entry, StreamNotice::Deleted { hard });
+        }
         let removed = if entry.closed == Some(StreamStatus::Deleted { hard: true }) {
             let last = entry.events.len;
             entry.remove_before(last).len()

@@ -224,15 +224,20 @@ impl Shared {
             false
         };
         let info = self.stream_info(stream).await?;
-        let removed = if info.status == (StreamStatus::Deleted { hard: true }) {
-            let notice = StreamNotice::Deleted { hard: true };
-            self.remove(stream, &info, notice, info.version, false, wait, &|_| {})
-                .await?
-        } else {
-            0
-        };
+        if info.status != (StreamStatus::Deleted { hard: true }) {
+            return Ok(Ended {
+                info,
+                removed: 0,
+                noticed,
+            });
+        }
+        let notice = StreamNotice::Deleted { hard: true };
+        let boundary = info.version;
+        let removed = self
+            .remove(stream, &info, notice, boundary, false, wait, &|_| {})
+            .await?;
         Ok(Ended {
-            info: self.stream_info(stream).await?,
+            info: removed_below(info, boundary),
             removed,
             noticed,
         })
@@ -303,7 +308,7 @@ impl Shared {
             .remove(stream, &info, notice, before, false, wait, &|_| {})
             .await?;
         Ok(Ended {
-            info: self.stream_info(stream).await?,
+            info: removed_below(info, before),
             removed,
             noticed,
         })
@@ -333,19 +338,13 @@ impl Shared {
             false
         };
         let info = self.stream_info(stream).await?;
+        let boundary = info.version;
+        let notice = StreamNotice::Archived;
         let removed = self
-            .remove(
-                stream,
-                &info,
-                StreamNotice::Archived,
-                info.version,
-                true,
-                wait,
-                progress,
-            )
+            .remove(stream, &info, notice, boundary, true, wait, progress)
             .await?;
         Ok(Ended {
-            info: self.stream_info(stream).await?,
+            info: removed_below(info, boundary),
             removed,
             noticed,
         })
@@ -407,7 +406,7 @@ impl Shared {
             first_version: boundary,
         };
         let payload = serde_json::to_vec(&placeholder).expect("a placeholder serialises");
-        let last_bucket = self.bucket_of_version(boundary - 1);
+        let last_bucket = self.bucket_of(boundary as i64 - 1);
         let mut removed = 0u64;
         for bucket in 0..=last_bucket {
             let mut from = 1i64;
@@ -516,10 +515,6 @@ impl Shared {
             .collect()
     }
 
-    fn bucket_of_version(&self, version: u64) -> i64 {
-        (version as i64 - 1).max(0) / self.bucket_size
-    }
-
     /// The archived events of `stream` from `from` on, bucket by bucket.
     pub(crate) fn read_archive<'a>(
         &'a self,
@@ -533,7 +528,7 @@ impl Shared {
             let Some((version, _)) = self.current_head(stream.as_str()).await? else {
                 return Ok(None);
             };
-            let last_bucket = self.bucket_of_version(version);
+            let last_bucket = self.bucket_of(version as i64);
             let mut bucket = bucket;
             loop {
                 if bucket > last_bucket {
@@ -569,6 +564,14 @@ impl Shared {
             }
         });
         Box::pin(pages.try_flatten())
+    }
+}
+
+/// `info` once the versions below `boundary` are removed: the state needs no second read.
+fn removed_below(info: StreamInfo, boundary: u64) -> StreamInfo {
+    StreamInfo {
+        first_version: info.first_version.max(boundary),
+        ..info
     }
 }
 

@@ -169,7 +169,7 @@ enum Attempt {
 }
 
 impl Shared {
-    fn bucket_of(&self, version: i64) -> i64 {
+    pub(crate) fn bucket_of(&self, version: i64) -> i64 {
         (version - 1).max(0) / self.bucket_size
     }
 
